@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ghmpi",
+    version="0.1.0",
+    description="Offline LLM batch inference over MPI with attention offloaded from GPUs to CPU ranks",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ghmpi", "ghmpi.*"]),
+    install_requires=[
+        "mpi4py>=3.1",
+        "torch>=2.1",
+        "numpy",
+        "h5py",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-mpi", "transformers"],
+    },
+    entry_points={"console_scripts": ["ghmpi=ghmpi.cli:main"]},
+)
