@@ -12,6 +12,7 @@ MPI nor torch, so a bad file is reported before any communicator exists and ever
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Sequence
@@ -52,10 +53,15 @@ def _integer(lo: int | None = None) -> Check:
     return check
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _number(lo: float | None = None, lo_open: bool = False, hi: float | None = None) -> Check:
     """Float in [lo, ...) or (lo, ...), optionally with an inclusive upper bound hi."""
 
     def check(key: str, value: Any) -> float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigValueError(key, f"{key} must be a number, got {value!r}")
         value = float(value)
