@@ -60,13 +60,14 @@ def _number(lo: float | None = None, lo_open: bool = False, hi: float | None = N
     """Float in [lo, ...) or (lo, ...), optionally with an inclusive upper bound hi."""
 
     def check(key: str, value: Any) -> float:
+        given = value
         if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigValueError(key, f"{key} must be a number, got {value!r}")
         value = float(value)
         if not math.isfinite(value):
-            raise ConfigValueError(key, f"{key} must be a finite number, got {value!r}")
+            raise ConfigValueError(key, f"{key} must be a finite number, got {given!r}")
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         too_high = hi is not None and value > hi
         if too_low or too_high:
@@ -74,7 +75,7 @@ def _number(lo: float | None = None, lo_open: bool = False, hi: float | None = N
                 rng = f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}]"
             else:
                 rng = f"{'>' if lo_open else '>='} {_num(lo)}"
-            raise ConfigValueError(key, f"{key} must be {rng}, got {value!r}")
+            raise ConfigValueError(key, f"{key} must be {rng}, got {given!r}")
         return value
 
     return check
