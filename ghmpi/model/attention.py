@@ -1,0 +1,52 @@
+"""Attention: the only stage without weights, the one tier 2 runs.
+
+Scaling is 1/sqrt(head_dim) (SDPA's default, as HF). Grouped-query attention maps query head h to
+key/value head h // n_rep, as HF `repeat_kv`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one whole sequence.
+
+    q (L, n_heads, D), k/v (L, n_kv_heads, D) -> o (L, n_heads * D) in q.dtype.
+    """
+    L, n_heads, D = q.shape
+    n_rep = n_heads // k.shape[1]
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (L, n_heads, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # (1, n_heads, L, D)
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=True,
+    )  # (1, n_heads, L, D)
+    return o.squeeze(0).transpose(0, 1).reshape(L, n_heads * D)
+
+
+def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """One new token per row over its cached context.
+
+    q (B, n_heads, D); k_ctx/v_ctx (B, T, n_kv_heads, D) in any dtype (cast to q.dtype);
+    lengths (B,) long: row b attends over k_ctx[b, :lengths[b]]. -> o (B, n_heads * D) in q.dtype.
+
+    The query heads of one kv group are laid out as that group's "query positions", so K and V are
+    used once per kv head and never copied n_rep times: the CPU tier is bound by memory traffic.
+    """
+    B, n_heads, D = q.shape
+    T, n_kv = k_ctx.shape[1], k_ctx.shape[2]
+    n_rep = n_heads // n_kv
+    k = k_ctx.to(q.dtype).transpose(1, 2)  # (B, n_kv, T, D)
+    v = v_ctx.to(q.dtype).transpose(1, 2)
+    qg = q.reshape(B, n_kv, n_rep, D)  # (B, n_kv, n_rep, D): head h = group h // n_rep
+    keep = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep[:, None, None, :])  # (B, n_kv, n_rep, D)
+    return o.reshape(B, n_heads * D)

@@ -1,0 +1,78 @@
+"""The key/value cache: one preallocated buffer per layer, written in place.
+
+Allocated once at its largest size with `torch.empty`: on the CPU, the kernel commits a page only
+when it is first written, so a cache sized for the worst case costs memory only as it fills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ghmpi.model.attention import decode_attention
+
+
+class KVCache:
+    """KV cache for n_slots sequences x the given global layers, allocated once at its largest
+    size with torch.empty (on CPU the pages are committed only when touched), written in place."""
+
+    def __init__(self, layers: Sequence[int], n_slots: int, max_len: int, n_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        if n_slots <= 0 or max_len <= 0:
+            raise ValueError(f"KVCache needs n_slots > 0 and max_len > 0, got {n_slots}, {max_len}")
+        self.layers = tuple(layers)
+        self.n_slots = n_slots
+        self.max_len = max_len
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (n_slots, max_len, n_kv_heads, head_dim)
+        self.k = {layer: torch.empty(shape, dtype=dtype, device=self.device) for layer in self.layers}
+        self.v = {layer: torch.empty(shape, dtype=dtype, device=self.device) for layer in self.layers}
+
+    @staticmethod
+    def nbytes_for(n_layers: int, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> int:
+        """Bytes a full cache of this size holds (k and v)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * n_layers * n_slots * max_len * n_kv_heads * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.nbytes_for(len(self.layers), self.n_slots, self.max_len, self.n_kv_heads,
+                               self.head_dim, self.dtype)
+
+    def write(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v (L, n_kv, D) of one sequence at positions start .. start+L-1 of `slot`."""
+        L = k.shape[0]
+        if not (0 <= slot < self.n_slots) or start < 0 or start + L > self.max_len:
+            raise IndexError(f"KVCache.write: slot {slot}, positions {start}..{start + L - 1} "
+                             f"out of range ({self.n_slots} slots x {self.max_len} positions)")
+        self.k[layer][slot, start:start + L] = k
+        self.v[layer][slot, start:start + L] = v
+
+    def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first `length` cached positions of one slot: (length, n_kv, D) each."""
+        return self.k[layer][slot, :length], self.v[layer][slot, :length]
+
+    def decode(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor, ctx_len: int | None = None) -> torch.Tensor:
+        """Append one token per row and attend over the row's context.
+
+        slots, positions (B,) long (distinct slots); q (B, n_heads, D); k, v (B, n_kv, D) belong
+        at position positions[b] of slot slots[b]. Row b attends over [0, positions[b]] of its slot.
+        -> (B, n_heads * D) in q.dtype. Only the first max(positions)+1 positions are gathered;
+        pass `ctx_len` (>= that) to skip the host sync that computing the max costs on a GPU.
+        """
+        slots = slots.to(self.device)
+        positions = positions.to(self.device)
+        kc, vc = self.k[layer], self.v[layer]
+        kc[slots, positions] = k.to(self.dtype)
+        vc[slots, positions] = v.to(self.dtype)
+        T = int(positions.max()) + 1 if ctx_len is None else ctx_len
+        k_ctx = kc[:, :T][slots]  # (B, T, n_kv, D): slice first, so only T positions are copied
+        v_ctx = vc[:, :T][slots]
+        o = decode_attention(q.to(self.device), k_ctx, v_ctx, positions + 1)
+        return o.to(q.device)
