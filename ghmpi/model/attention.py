@@ -48,5 +48,9 @@ def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     v = v_ctx.to(q.dtype).transpose(1, 2)
     qg = q.reshape(B, n_kv, n_rep, D)  # (B, n_kv, n_rep, D): head h = group h // n_rep
     keep = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
+    # Positions past a row's length hold whatever the (lazily committed, never cleared) cache
+    # holds, NaN included; 0 * NaN is NaN, so zero them rather than rely on the mask alone.
+    k = k.masked_fill(~keep[:, None, :, None], 0)
+    v = v.masked_fill(~keep[:, None, :, None], 0)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep[:, None, None, :])  # (B, n_kv, n_rep, D)
     return o.reshape(B, n_heads * D)

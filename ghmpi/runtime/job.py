@@ -1,0 +1,278 @@
+"""The batch job: check everything on rank 0, agree, then run the roles until done.
+
+Rank 0 checks the whole job before any work (model, prompts, output, rank count, memory) and
+broadcasts one verdict, so a bad input ends every rank with the same one-line error and no rank
+waits forever. Then COMM_WORLD is split into tier 1 and tier 2 and each rank runs its loop. An
+exception on any rank prints one line naming the rank and role and aborts the whole job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mpi4py import MPI
+
+import ghmpi
+from ghmpi.comm.topology import Layout, auto_batches
+from ghmpi.config import Config, config_to_yaml
+from ghmpi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GhmpiError
+from ghmpi.io.completions import CompletionStore
+from ghmpi.io.prompts import PromptFile
+from ghmpi.model.args import ModelArgs
+from ghmpi.model.kvcache import KVCache
+from ghmpi.model.loader import check_checkpoint
+from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime.progress import Progress
+from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP, Scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What rank 0 found and every rank needs (broadcast once)."""
+
+    args: ModelArgs
+    layout: Layout
+    max_len: int  # KV capacity per slot: longest prompt + most new tokens, within the context
+    n_prompts: int
+    n_done: int  # already persisted by an earlier run of this job
+    job_id: str
+    on_gpu: bool
+
+
+def model_identity(path: str) -> str:
+    """Digest of a checkpoint's config and tensor headers (names, dtypes, shapes, sizes):
+    cheap for a 70B model, and it changes when the architecture or files change."""
+    h = hashlib.sha256(os.path.abspath(path).encode())
+    folder = Path(path)
+    h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + fh.read(min(n, 100_000_000)))
+        h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def job_identity(cfg: Config, prompts_sha: str, model_id: str) -> str:
+    """What a completion depends on: prompts, model, compute dtype, generation settings."""
+    gen = json.dumps({"generation": cfg.generation.__repr__(), "dtype": cfg.model.dtype})
+    return hashlib.sha256("\n".join([prompts_sha, model_id, gen]).encode()).hexdigest()
+
+
+def _cuda_wanted(cfg: Config) -> bool:
+    return cfg.topology.device == "cuda" or (cfg.topology.device == "auto" and torch.cuda.is_available())
+
+
+def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore]:
+    """Check everything checkable before work starts (rank 0). Raises GhmpiError."""
+    args = check_checkpoint(cfg.model.path)
+    for t in cfg.generation.stop_token_ids:
+        if t >= args.vocab_size:
+            raise ConfigError(f"generation.stop_token_ids: {t} is not below the model's vocab size "
+                              f"{args.vocab_size}")
+    with PromptFile(cfg.io.prompts) as pf:
+        stats = pf.validate(args.vocab_size, args.max_seq_len)
+    if cfg.topology.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("topology.device is cuda but no CUDA device is visible on rank 0")
+    job_id = job_identity(cfg, stats.sha256, model_identity(cfg.model.path))
+    store = CompletionStore(cfg.io.output, stats.n_prompts, job_id, overwrite=cfg.io.overwrite,
+                            flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds)
+    on_gpu = _cuda_wanted(cfg)
+    t = cfg.topology
+    if t.slices > world_size:  # before auto_batches: say it in the user's terms
+        raise ConfigError(f"topology.slices is {t.slices} but the MPI world has only {world_size} "
+                          f"rank(s); start at least {t.slices} ranks or lower topology.slices")
+    mbs, size = auto_batches(world_size, t.slices, stats.n_prompts - store.n_done,
+                             t.micro_batches, t.micro_batch_size, on_gpu)
+    layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
+    most_new = max(cfg.generation.max_new_tokens, stats.max_max_new_tokens or 0)
+    max_len = min(args.max_seq_len, stats.max_prompt_len + most_new)
+    _check_memory(cfg, args, layout, max_len)
+    plan = JobPlan(args, layout, max_len, stats.n_prompts, store.n_done, job_id, on_gpu)
+    return plan, store
+
+
+def _check_memory(cfg: Config, args: ModelArgs, layout: Layout, max_len: int) -> None:
+    budget = cfg.topology.kv_memory_gb * 2**30
+    kv = DTYPES[cfg.kv_dtype]
+    holders = [(r, layout.owned_slots(r), [l for j in layout.slices_served(r)
+                                            for l in layout.slice_layers(j)])
+               for r in range(layout.slices, layout.world_size)]
+    local = layout.local_slots()
+    holders += [(j, local, list(layout.slice_layers(j))) for j in range(layout.slices) if local]
+    for rank, slots, layers in holders:
+        need = KVCache.nbytes_for(len(layers), len(slots), max_len, args.n_kv_heads,
+                                  args.head_dim, kv)
+        if need > budget:
+            raise ConfigError(
+                f"the KV cache of rank {rank} ({layout.role(rank)}: {len(slots)} slots x "
+                f"{len(layers)} layers x {max_len} tokens) needs {need / 2**30:.2f} GiB, over "
+                f"topology.kv_memory_gb={cfg.topology.kv_memory_gb}; add tier-2 ranks, lower "
+                f"topology.micro_batches/micro_batch_size or raise the budget")
+
+
+def _threads(cfg: Config, local_size: int) -> int:
+    if cfg.runtime.torch_threads:
+        return cfg.runtime.torch_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(local_size, 1))
+
+
+def _device(cfg: Config, world: MPI.Comm, node: MPI.Comm, is_tier1: bool) -> torch.device:
+    """Tier-1 ranks take the node's GPUs in turn; tier 2 always computes on the CPU."""
+    flags = node.allgather(is_tier1)
+    if not is_tier1 or not _cuda_wanted(cfg):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("topology.device is cuda but this node has no visible CUDA device")
+    local = sum(flags[:node.Get_rank()])
+    return torch.device("cuda", local % torch.cuda.device_count())
+
+
+class _Signals:
+    """SIGTERM/SIGUSR1 (scancel, Slurm's --signal before the time limit) ask for a clean stop."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+
+def run(cfg: Config, config_path: str | os.PathLike | None = None) -> int:
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    signals = _Signals()
+    started = time.time()
+    verdict: tuple[str, object] = ("ok", None)
+    store = None
+    if rank == 0:
+        try:
+            plan, store = plan_job(cfg, world.Get_size())
+            verdict = ("complete", plan) if store.complete else ("ok", plan)
+        except GhmpiError as e:
+            verdict = ("error", str(e))
+        except Exception as e:  # a bug, not bad input: still end every rank, with a reason
+            traceback.print_exc()
+            verdict = ("failed", f"{type(e).__name__}: {e}")
+    kind, payload = world.bcast(verdict, root=0)
+    if kind in ("error", "failed"):
+        if rank == 0:
+            print(f"ghmpi: error: {payload}", file=sys.stderr, flush=True)
+        return EXIT_USAGE if kind == "error" else EXIT_FAILURE
+    plan: JobPlan = payload
+    if kind == "complete":
+        if rank == 0:
+            print(f"ghmpi: {cfg.io.output} is already complete ({plan.n_prompts} prompts); "
+                  f"nothing to do", flush=True)
+        return EXIT_OK
+    layout = plan.layout
+    is_tier1 = layout.is_tier1(rank)
+    tier = world.Split(0 if is_tier1 else 1, rank)  # the two groups of DESIGN.md
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        torch.set_num_threads(_threads(cfg, node.Get_size()))
+        device = _device(cfg, world, node, is_tier1)
+        if rank == 0:
+            _announce(cfg, plan, world.Get_size(), device)
+        status = _run_role(cfg, plan, world, rank, device, store, signals, started)
+    except Exception as e:
+        role = layout.role(rank)
+        print(f"ghmpi: error: rank {rank} ({role}) failed: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        if os.environ.get("GHMPI_DEBUG"):
+            traceback.print_exc()
+        world.Abort(EXIT_FAILURE)
+        return EXIT_FAILURE  # not reached
+    tier.Free()
+    node.Free()
+    return status
+
+
+def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device) -> None:
+    l = plan.layout
+    print("ghmpi: resolved config:\n" + config_to_yaml(cfg).rstrip(), flush=True)
+    print(f"ghmpi: {world_size} ranks: {l.slices} tier-1 ({device}), {l.n_tier2} tier-2; "
+          f"{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
+          f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}; "
+          f"{plan.n_prompts} prompts, {plan.n_done} already done", flush=True)
+
+
+def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,
+              store: CompletionStore | None, signals: _Signals, started: float) -> int:
+    from ghmpi.model.llama import Transformer  # loading weights: tier 1 only
+    from ghmpi.runtime.tier1 import SamplingParams, Tier1
+    from ghmpi.runtime.tier2 import Tier2
+    from ghmpi.runtime.wire import WireFormat
+
+    layout, args = plan.layout, plan.args
+    wire = WireFormat(DTYPES[cfg.model.dtype], pinned=device.type == "cuda")
+    kv_dtype = DTYPES[cfg.kv_dtype]
+    faults = FaultInjector(rank, cfg.faults.rank, cfg.faults.after_steps)
+    if not layout.is_tier1(rank):
+        return Tier2(world, layout, args, wire, kv_dtype, plan.max_len, faults).run()
+
+    j = rank
+    layers = layout.slice_layers(j)
+    model = Transformer.load(cfg.model.path, layers=layers, embed=j == 0,
+                             head=j == layout.slices - 1, device=device,
+                             dtype=DTYPES[cfg.model.dtype])
+    g = cfg.generation
+    sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.seed)
+    if j != 0:
+        return Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, sampling, faults).run()
+
+    prompts = PromptFile(cfg.io.prompts)
+    scheduler = Scheduler(prompts.iter_prompts(skip=store.done),
+                          [layout.micro_batch_slots(m) for m in range(layout.micro_batches)],
+                          g.max_new_tokens, args.eos_token_ids, g.stop_token_ids, g.ignore_eos,
+                          plan.max_len, cfg.topology.prefill_tokens)
+    progress = Progress(plan.n_prompts, plan.n_done, cfg.runtime.progress_seconds)
+
+    def on_finished(finished: list) -> None:
+        for f in finished:
+            store.add(f.index, f.tokens, f.reason)
+        progress.finished(finished)
+
+    tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults,
+                  scheduler=scheduler, on_finished=on_finished,
+                  should_drain=lambda: signals.received is not None, tick=progress.tick)
+    status = tier1.run()
+    prompts.close()
+    store.flush()
+    wall = time.time() - started
+    if status == EXIT_OK and store.n_done == plan.n_prompts:
+        store.finalize({
+            "config": config_to_yaml(cfg),
+            "ghmpi_version": ghmpi.__version__,
+            "model_path": cfg.model.path,
+            "prompts": plan.n_prompts,
+            "generated_tokens": progress.tokens,
+            "wall_time_s": wall,
+            "tokens_per_s": progress.tokens / wall if wall > 0 else 0.0,
+        })
+        progress.summary(wall, cfg.io.output)
+        return EXIT_OK
+    name = signal.Signals(signals.received).name if signals.received else "a stop request"
+    print(f"ghmpi: interrupted by {name}: {store.n_done} of {plan.n_prompts} prompts are saved "
+          f"in {cfg.io.output}.parts; run the same job again to resume", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED if status != EXIT_OK else EXIT_FAILURE
+
+
+__all__ = ["run", "plan_job", "JobPlan", "FINISH_STOP", "FINISH_LENGTH"]

@@ -1,0 +1,50 @@
+"""Rank 0's progress line and final summary: for people watching a job at 3 a.m."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP
+
+
+def _clock(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total: int, done_before: int, interval: float):
+        self.total, self.done_before, self.interval = total, done_before, interval
+        self.start = time.monotonic()
+        self.last = self.start
+        self.done = 0  # prompts finished in this run
+        self.tokens = 0  # tokens of those completions
+        self.reasons: Counter[int] = Counter()
+
+    def finished(self, finished: list) -> None:
+        for f in finished:
+            self.done += 1
+            self.tokens += len(f.tokens)
+            self.reasons[f.reason] += 1
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        done = self.done_before + self.done
+        rate = self.done / elapsed
+        eta = _clock((self.total - done) / rate) if rate > 0 else "?"
+        return (f"ghmpi: progress: {done}/{self.total} prompts ({100 * done / max(self.total, 1):.1f}%), "
+                f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tokens/s, "
+                f"elapsed {_clock(elapsed)}, ETA {eta}")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self.line(), flush=True)
+
+    def summary(self, wall: float, output: str) -> None:
+        print(f"ghmpi: done: {self.done_before + self.done} prompts ({self.done} in this run), "
+              f"{self.tokens} tokens generated in {wall:.1f} s, {self.tokens / max(wall, 1e-9):.1f} "
+              f"tokens/s; finished on stop token {self.reasons[FINISH_STOP]}, on length "
+              f"{self.reasons[FINISH_LENGTH]}; wrote {output}", flush=True)

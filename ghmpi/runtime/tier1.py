@@ -1,0 +1,284 @@
+"""Tier 1: one pipeline slice of layers on a GPU (or CPU), many micro-batches in flight.
+
+Per layer a micro-batch runs pre-attention, ships q/k/v of its decode rows to the tier-2 ranks
+owning those slots (and the new prompts' K/V for their caches), and, while those answer, the
+rank works on other micro-batches: it always advances the ready one that is furthest along.
+Prompts are prefilled here in whole causal passes; only q/k/v and attention outputs cross tiers,
+the residual stream stays on this device. After the slice's last layer the hidden states go to
+the next slice; the last slice samples and the tokens return to slice 0, closing the ring.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from ghmpi.comm import transport as tp
+from ghmpi.comm.topology import LOCAL, Layout
+from ghmpi.errors import EXIT_INTERRUPTED
+from ghmpi.model.attention import prefill_attention
+from ghmpi.model.kvcache import KVCache
+from ghmpi.model.llama import Transformer
+from ghmpi.model.sampling import sample
+from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime.scheduler import Row, Scheduler
+from ghmpi.runtime.wire import WireFormat, encode_work, rows_from_header, rows_header
+
+
+@dataclass
+class Pass:
+    """A micro-batch on its way through this slice."""
+
+    mb: int
+    rows: list[Row]
+    x: torch.Tensor  # (n, dim) residual stream, n = sum of the rows' token counts
+    positions: torch.Tensor  # (n,) long
+    layer: int  # global index of the next layer to run (or of the one awaiting replies)
+    o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
+    waits: list[tuple[MPI.Request, np.ndarray, torch.Tensor]] = field(default_factory=list)
+    # (reply request, reply buffer, token indices of the rows it answers)
+
+
+@dataclass
+class SamplingParams:
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+
+
+class Tier1:
+    def __init__(self, world: MPI.Comm, layout: Layout, j: int, model: Transformer,
+                 wire: WireFormat, kv_dtype: torch.dtype, max_len: int,
+                 sampling: SamplingParams, faults: FaultInjector,
+                 scheduler: Scheduler | None = None,
+                 on_finished: Callable[[list], None] | None = None,
+                 should_drain: Callable[[], bool] | None = None,
+                 tick: Callable[[], None] | None = None):
+        self.world, self.layout, self.j, self.model, self.wire = world, layout, j, model, wire
+        self.args = model.args
+        self.layers = layout.slice_layers(j)
+        self.first, self.last = j == 0, j == layout.slices - 1
+        self.device = model.device
+        self.sampling, self.faults = sampling, faults
+        self.scheduler, self.on_finished = scheduler, on_finished
+        self.should_drain, self.tick = should_drain, tick
+        self.outbox = tp.Outbox(world)
+        # Slots whose KV cache stays here (hybrid mode, or no tier 2 at all), packed densely.
+        local = layout.local_slots()
+        self.local_index = np.full(layout.n_slots, -1, dtype=np.int64)
+        self.local_index[local] = np.arange(len(local))
+        self.cache = (KVCache(list(self.layers), len(local), max_len, self.args.n_kv_heads,
+                              self.args.head_dim, kv_dtype, self.device) if local else None)
+        self.owner = np.array([layout.owner(s, j) for s in range(layout.n_slots)], dtype=np.int64)
+        self.group = layout.tier2_group(j)
+        self.ready: list[Pass] = []
+        self.waiting: list[Pass] = []
+        self.home: set[int] = set()  # slice 0: micro-batches out on the ring
+        self.plans: dict[int, list[Row]] = {}  # slice 0: rows of each micro-batch's pass in flight
+        self.generated = 0  # tokens sampled (slice 0 counts)
+
+    # -- passes ------------------------------------------------------------------------------
+    def _new_pass(self, mb: int, rows: list[Row], x: torch.Tensor | None) -> Pass:
+        positions = torch.from_numpy(np.concatenate(
+            [np.arange(r.start, r.start + r.ntok) for r in rows])).to(self.device)
+        if x is None:  # slice 0: embed the tokens
+            tokens = torch.from_numpy(np.concatenate([r.tokens for r in rows])).to(self.device)
+            x = self.model.embed(tokens)
+        return Pass(mb, rows, x, positions, self.layers.start)
+
+    def _start_layer(self, p: Pass) -> None:
+        """Pre-attention of p's next layer; local attention; ship the rest to tier 2."""
+        self.faults.step()
+        l, H, D = p.layer, self.args.n_heads, self.args.head_dim
+        q, k, v = self.model.pre_attention(l, p.x, p.positions)  # (n, H, D), (n, KV, D) x2
+        o = torch.empty(q.shape[0], H * D, dtype=q.dtype, device=q.device)
+        fills: dict[int, list[tuple[int, slice]]] = {}  # owner -> (slot, token range) to store
+        decodes: dict[int, list[int]] = {}  # owner -> token indices of decode rows
+        at = 0
+        for r in p.rows:
+            span = slice(at, at + r.ntok)
+            owner = int(self.owner[r.slot])
+            if r.prefill:
+                o[span] = prefill_attention(q[span], k[span], v[span])
+                if owner == LOCAL:
+                    self.cache.write(l, int(self.local_index[r.slot]), 0, k[span], v[span])
+                else:
+                    fills.setdefault(owner, []).append((r.slot, span))
+            else:
+                decodes.setdefault(owner, []).append(at)
+            at += r.ntok
+        local_idx = decodes.pop(LOCAL, None)
+        if local_idx:
+            idx = torch.tensor(local_idx, device=self.device)
+            rows = [r for r in p.rows if not r.prefill and self.owner[r.slot] == LOCAL]
+            slots = torch.tensor([int(self.local_index[r.slot]) for r in rows], device=self.device)
+            o[idx] = self.cache.decode(l, slots, p.positions[idx], q[idx], k[idx], v[idx])
+        p.o = o
+        self._ship(p, q, k, v, decodes, fills)
+        if not p.waits:
+            self._finish_layer(p)
+
+    def _ship(self, p: Pass, q, k, v, decodes: dict[int, list[int]],
+              fills: dict[int, list[tuple[int, slice]]]) -> None:
+        """Send each owner one message with its decode rows' q/k/v and the prompts' K/V."""
+        row_at, at = {}, 0
+        for r in p.rows:
+            row_at[at] = r
+            at += r.ntok
+        for owner in sorted(set(decodes) | set(fills)):
+            dec, fil = decodes.get(owner, []), fills.get(owner, [])
+            idx = torch.tensor(dec, dtype=torch.long, device=self.device)
+            if dec:  # post the receive before the request goes out
+                buf = np.empty(len(dec) * self.args.n_heads * self.args.head_dim
+                               * self.wire.itemsize, dtype=np.uint8)
+                req = self.world.Irecv([buf, MPI.BYTE], source=owner, tag=tp.TAG_REPLY + p.mb)
+                p.waits.append((req, buf, idx))
+            msg = encode_work(self.wire, p.mb, p.layer,
+                              [row_at[i].slot for i in dec], [row_at[i].start for i in dec],
+                              [slot for slot, _ in fil], [s.stop - s.start for _, s in fil],
+                              q[idx], k[idx], v[idx], [k[s] for _, s in fil], [v[s] for _, s in fil])
+            self.outbox.send(msg, owner, tp.TAG_WORK)
+
+    def _replies_in(self, p: Pass) -> bool:
+        return all(req.Test() for req, _, _ in p.waits)
+
+    def _finish_layer(self, p: Pass) -> None:
+        hd = self.args.n_heads * self.args.head_dim
+        for _, buf, idx in p.waits:
+            p.o[idx] = self.wire.from_bytes(buf, (len(idx), hd), self.device)
+        p.waits = []
+        p.x = self.model.post_attention(p.layer, p.x, p.o)
+        p.o = None
+        p.layer += 1
+        if p.layer < self.layers.stop:
+            self.ready.append(p)
+        else:
+            self._leave_slice(p)
+
+    def _leave_slice(self, p: Pass) -> None:
+        if not self.last:
+            header = rows_header(p.mb, p.rows)
+            self.outbox.send(tp.pack(header, [self.wire.to_bytes([p.x])]), self.j + 1, tp.TAG_RING)
+            return
+        ends = torch.tensor(np.cumsum([r.ntok for r in p.rows]) - 1, device=self.device)
+        logits = self.model.classify(p.x[ends])  # (rows, vocab) float32
+        index = torch.tensor([r.index for r in p.rows], device=self.device)
+        position = torch.tensor([r.next_position for r in p.rows], device=self.device)
+        s = self.sampling
+        tokens = sample(logits, index, position, s.temperature, s.top_k, s.top_p, s.seed).cpu().numpy()
+        if self.first:
+            self._commit(p.mb, tokens)
+        else:
+            self.outbox.send(tp.pack([p.mb, len(tokens), *tokens.tolist()]), 0, tp.TAG_TOKENS)
+
+    # -- slice 0: the scheduler's side of the ring -------------------------------------------
+    def _launch(self, mb: int) -> None:
+        rows = self.scheduler.plan(mb)
+        if rows:
+            self.plans[mb] = rows
+            self.home.add(mb)
+            self.ready.append(self._new_pass(mb, rows, None))
+
+    def _commit(self, mb: int, tokens: np.ndarray) -> None:
+        rows = self.plans.pop(mb)
+        self.home.discard(mb)
+        self.generated += len(rows)
+        finished = self.scheduler.commit(rows, tokens)
+        if finished:
+            self.on_finished(finished)
+        if self.should_drain is not None and self.should_drain():
+            self.scheduler.draining = True
+        self._launch(mb)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _poll_messages(self) -> int | None:
+        """Take in ring, token and stop messages. Returns an exit status on STOP."""
+        tags = (tp.TAG_STOP, tp.TAG_RING) if not self.first else (tp.TAG_TOKENS,)
+        while True:
+            msg = next((m for m in (tp.try_recv(self.world, tag=t) for t in tags) if m), None)
+            if msg is None:
+                return None
+            buf, source, tag = msg
+            header, payload = tp.unpack(buf)
+            if tag == tp.TAG_STOP:
+                return int(header[0])
+            if tag == tp.TAG_RING:
+                mb, rows = rows_from_header(header)
+                n = sum(r.ntok for r in rows)
+                x = self.wire.from_bytes(payload, (n, self.args.dim), self.device)
+                self.ready.append(self._new_pass(mb, rows, x))
+            elif tag == tp.TAG_TOKENS:
+                mb, count = int(header[0]), int(header[1])
+                self._commit(mb, header[2:2 + count])
+            else:
+                raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
+
+    def run(self) -> int:
+        """Serve until done (slice 0 decides) and return the job's exit status."""
+        if self.first:
+            for mb in range(self.layout.micro_batches):
+                self._launch(mb)
+        backoff = tp.Backoff()
+        status = None
+        while status is None:
+            busy = False
+            still = []
+            for p in self.waiting:
+                if self._replies_in(p):
+                    self._finish_layer(p)
+                    busy = True
+                else:
+                    still.append(p)
+            self.waiting = still
+            if self.layout.world_size > 1:
+                status = self._poll_messages()
+            if self.ready:
+                # Furthest along first: it frees its slots (and the ring) soonest.
+                p = max(self.ready, key=lambda q: q.layer)
+                self.ready.remove(p)
+                self._start_layer(p)
+                if p.waits:
+                    self.waiting.append(p)
+                busy = True
+            self.outbox.poll()
+            if self.tick is not None:
+                self.tick()
+            if self.first and not self.home:
+                if self.should_drain is not None and self.should_drain():
+                    self.scheduler.draining = True
+                if self.scheduler.draining or self.scheduler.queue_empty:
+                    status = EXIT_INTERRUPTED if self.scheduler.draining and not self._all_done() else 0
+                    self._stop_all(status)
+                    break
+                if not self.ready:
+                    # Every micro-batch idle with prompts left can only mean empty plans
+                    # (cannot happen with >= 1 slot); guard against a silent spin.
+                    raise RuntimeError("scheduler stalled with prompts left and nothing in flight")
+            if busy:
+                backoff.reset()
+            else:
+                backoff.idle()
+        if not self.first:
+            self._stop_tier2(status)
+        return status
+
+    def _all_done(self) -> bool:
+        return self.scheduler.queue_empty and not self.scheduler.active
+
+    def _stop_all(self, status: int) -> None:
+        for j in range(1, self.layout.slices):
+            self.outbox.send(tp.pack([status]), j, tp.TAG_STOP)
+        self._stop_tier2(status)
+
+    def _stop_tier2(self, status: int) -> None:
+        # Our earlier WORK messages are ahead of STOP on each link (MPI keeps per-pair order);
+        # tier 2 leaves once every slice it serves has said STOP.
+        for r in self.group:
+            self.outbox.send(tp.pack([status]), r, tp.TAG_STOP)
+        self.outbox.drain()

@@ -1,0 +1,73 @@
+"""Tier 2: a CPU rank holding the KV cache of its slots, computing their attention.
+
+It holds no weights. It serves every message in arrival order: store a new prompt's K/V, or
+append one decode step's k/v and attend over the slot's context, then send the output back
+nonblocking. It never blocks in a send, so it can never deadlock with tier 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from ghmpi.comm import transport as tp
+from ghmpi.comm.topology import Layout
+from ghmpi.model.args import ModelArgs
+from ghmpi.model.kvcache import KVCache
+from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime.wire import WireFormat, decode_work
+
+
+class Tier2:
+    def __init__(self, world: MPI.Comm, layout: Layout, args: ModelArgs, wire: WireFormat,
+                 kv_dtype: torch.dtype, max_len: int, faults: FaultInjector):
+        self.world, self.layout, self.args, self.wire, self.faults = world, layout, args, wire, faults
+        rank = world.Get_rank()
+        self.served = layout.slices_served(rank)
+        layers = [l for j in self.served for l in layout.slice_layers(j)]
+        owned = layout.owned_slots(rank)
+        self.index = np.full(layout.n_slots, -1, dtype=np.int64)  # slot -> row of our cache
+        self.index[owned] = np.arange(len(owned))
+        self.cache = KVCache(layers, max(len(owned), 1), max_len, args.n_kv_heads, args.head_dim,
+                             kv_dtype, "cpu")
+        self.outbox = tp.Outbox(world)
+
+    def _serve(self, buf: np.ndarray, source: int) -> None:
+        self.faults.step()
+        a = self.args
+        w = decode_work(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
+        at = 0
+        for slot, length in zip(w.fill_slots, w.fill_len):
+            length = int(length)
+            self.cache.write(w.layer, int(self.index[slot]), 0, w.kf[at:at + length],
+                             w.vf[at:at + length])
+            at += length
+        if len(w.dec_slots):
+            slots = torch.from_numpy(self.index[w.dec_slots])
+            positions = torch.from_numpy(np.ascontiguousarray(w.dec_pos))
+            # attention in float32 whatever the wire and cache dtypes
+            o = self.cache.decode(w.layer, slots, positions, w.q.float(), w.k, w.v)  # (n_dec, H*D)
+            self.outbox.send(self.wire.to_bytes([o]), source, tp.TAG_REPLY + w.mb)
+
+    def run(self) -> int:
+        """Serve until every slice we serve has sent STOP; return the job's exit status."""
+        stops, status = 0, 0
+        backoff = tp.Backoff()
+        while stops < len(self.served):
+            msg = tp.try_recv(self.world)
+            self.outbox.poll()
+            if msg is None:
+                backoff.idle()
+                continue
+            backoff.reset()
+            buf, source, tag = msg
+            if tag == tp.TAG_STOP:
+                stops += 1
+                status = int(tp.unpack(buf)[0][0])
+            elif tag == tp.TAG_WORK:
+                self._serve(buf, source)
+            else:
+                raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
+        self.outbox.drain()
+        return status

@@ -1,0 +1,112 @@
+"""The tier protocol at any world size: framing round trips, and real tier-2 ranks answering
+attention requests exactly as a local KV cache would. Run under mpirun with --with-mpi."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from ghmpi.comm import transport as tp
+from ghmpi.comm.topology import Layout
+from ghmpi.model.kvcache import KVCache
+from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime.tier2 import Tier2
+from ghmpi.runtime.wire import WireFormat, encode_work
+
+
+def _recv(comm, source, tag):
+    backoff = tp.Backoff()
+    while (msg := tp.try_recv(comm, source=source, tag=tag)) is None:
+        backoff.idle()
+    return msg
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ring_round_trip_of_framed_tensors(dtype):
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    wire = WireFormat(dtype)
+    g = torch.Generator().manual_seed(rank)
+    mine = torch.randn(rank + 2, 3, generator=g).to(dtype)
+    out = tp.Outbox(comm)
+    out.send(tp.pack([rank, *mine.shape], [wire.to_bytes([mine])]), (rank + 1) % size, tp.TAG_RING)
+    buf, source, tag = _recv(comm, (rank - 1) % size, tp.TAG_RING)
+    header, payload = tp.unpack(buf)
+    got = wire.from_bytes(payload, tuple(int(x) for x in header[1:]), "cpu")
+    left = (rank - 1) % size
+    expect = torch.randn(left + 2, 3, generator=torch.Generator().manual_seed(left)).to(dtype)
+    assert int(header[0]) == left == source and tag == tp.TAG_RING
+    assert torch.equal(got, expect)
+    out.drain()
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("slices", [1, 2])
+def test_tier2_ranks_attend_like_a_local_cache(slices):
+    """World rank 0 drives the protocol for every slice; the other tier-2 ranks run the real loop.
+    Ranks 1..slices-1 (if any) only idle as the other tier-1 slices would."""
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size <= slices:
+        pytest.skip("needs at least one tier-2 rank")
+    args = SimpleNamespace(n_heads=4, n_kv_heads=2, head_dim=8)
+    lay = Layout(size, slices, n_layers=2 * slices, micro_batches=2, micro_batch_size=3, hybrid_slots=0)
+    wire = WireFormat(torch.float32)
+    max_len = 16
+    if not lay.is_tier1(rank):
+        status = Tier2(comm, lay, args, wire, torch.float32, max_len, FaultInjector(rank, -1, 0)).run()
+        assert status == 0
+        comm.Barrier()
+        return
+    if rank != 0:
+        comm.Barrier()
+        return
+    g = torch.Generator().manual_seed(0)
+    ref = KVCache(list(range(lay.n_layers)), lay.n_slots, max_len, 2, 8, torch.float32)
+    out = tp.Outbox(comm)
+    H, KV, D = 4, 2, 8
+    lengths = {s: 2 + s % 4 for s in range(lay.n_slots)}
+    for j in range(slices):
+        for layer in lay.slice_layers(j):
+            for s, L in lengths.items():  # prompt K/V to the owners
+                k, v = torch.randn(L, KV, D, generator=g), torch.randn(L, KV, D, generator=g)
+                ref.write(layer, s, 0, k, v)
+                out.send(encode_work(wire, 0, layer, [], [], [s], [L], torch.empty(0, H, D),
+                                     torch.empty(0, KV, D), torch.empty(0, KV, D), [k], [v]),
+                         lay.owner(s, j), tp.TAG_WORK)
+    for step in range(3):
+        for j in range(slices):
+            for layer in lay.slice_layers(j):
+                for mb in range(lay.micro_batches):
+                    slots = list(lay.micro_batch_slots(mb))
+                    pos = [lengths[s] + step for s in slots]
+                    q = torch.randn(len(slots), H, D, generator=g)
+                    k = torch.randn(len(slots), KV, D, generator=g)
+                    v = torch.randn(len(slots), KV, D, generator=g)
+                    expect = ref.decode(layer, torch.tensor(slots), torch.tensor(pos), q, k, v)
+                    got = torch.empty_like(expect)
+                    by_owner = {}
+                    for i, s in enumerate(slots):
+                        by_owner.setdefault(lay.owner(s, j), []).append(i)
+                    reqs = []
+                    for owner, rows in by_owner.items():
+                        buf = np.empty(len(rows) * H * D * 4, dtype=np.uint8)
+                        reqs.append((comm.Irecv([buf, MPI.BYTE], source=owner, tag=tp.TAG_REPLY + mb),
+                                     buf, rows))
+                        out.send(encode_work(wire, mb, layer, [slots[i] for i in rows],
+                                             [pos[i] for i in rows], [], [], q[rows], k[rows],
+                                             v[rows], [], []), owner, tp.TAG_WORK)
+                    for req, buf, rows in reqs:
+                        req.Wait()
+                        got[rows] = wire.from_bytes(buf, (len(rows), H * D), "cpu")
+                    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+    # STOP from "every slice": rank 0 speaks for all of them here
+    for r in range(lay.slices, size):
+        for _ in lay.slices_served(r):
+            out.send(tp.pack([0]), r, tp.TAG_STOP)
+    out.drain()
+    comm.Barrier()

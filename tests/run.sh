@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite: the pytest-mpi protocol tests under mpirun at several world sizes (each
+# bounded by `timeout`), then the unit, end-to-end and Slurm tests in one pytest run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+MPIRUN=${MPIRUN:-$(dirname "$PY")/mpirun}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_mpi_yield_when_idle=1 PMIX_MCA_psec=native
+status=0
+log=$(mktemp)
+for n in 1 2 3 5; do
+  if timeout 300 "$MPIRUN" --oversubscribe -n "$n" "$PY" -m pytest -q -p no:cacheprovider \
+       --with-mpi tests/mpi >"$log" 2>&1; then
+    echo "tests/mpi at $n rank(s): $(grep -m1 -E '[0-9]+ passed' "$log")"
+  else
+    cat "$log"; echo "tests/mpi at $n rank(s): FAILED"; status=1
+  fi
+done
+rm -f "$log"
+"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/e2e tests/slurm "$@" || status=1
+exit $status

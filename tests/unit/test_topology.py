@@ -1,0 +1,85 @@
+"""Slot -> rank maps and slice layouts, as pure functions at many world sizes (no MPI)."""
+
+import pytest
+
+from ghmpi.comm.topology import LOCAL, Layout, auto_batches, split_evenly
+from ghmpi.errors import ConfigError
+
+
+def layout(world, slices=1, layers=8, mbs=2, size=4, hybrid=0):
+    return Layout(world, slices, layers, mbs, size, hybrid)
+
+
+@pytest.mark.parametrize("n,parts", [(8, 1), (8, 3), (5, 5), (7, 2), (0, 3)])
+def test_split_evenly_covers_contiguously(n, parts):
+    ranges = split_evenly(n, parts)
+    assert [i for r in ranges for i in r] == list(range(n))
+    sizes = [len(r) for r in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("world,slices", [(1, 1), (2, 1), (3, 1), (9, 1), (3, 2), (4, 2), (5, 2),
+                                          (7, 3), (4, 3), (12, 4)])
+def test_every_slot_has_one_owner_per_slice_and_layers_partition(world, slices):
+    lay = layout(world, slices, layers=9, mbs=3, size=5)
+    assert [l for j in range(slices) for l in lay.slice_layers(j)] == list(range(9))
+    for j in range(slices):
+        group = lay.tier2_group(j)
+        assert all(not lay.is_tier1(r) for r in group)
+        for s in range(lay.n_slots):
+            owner = lay.owner(s, j)
+            if world == slices:
+                assert owner == LOCAL
+            else:
+                assert owner in group
+                assert s in lay.owned_slots(owner)
+    # every tier-2 rank serves at least one slice; ownership is the same index in every group
+    for r in range(slices, world):
+        assert lay.slices_served(r)
+    if world > slices:
+        for s in range(lay.n_slots):
+            idx = {lay.tier2_group(j).index(lay.owner(s, j)) % min(len(lay.tier2_group(j)) for j in range(slices))
+                   for j in range(slices)}
+            assert len(idx) == 1
+
+
+def test_tier2_spread_over_slices_evenly():
+    lay = layout(7, slices=2)  # 5 tier-2 ranks over 2 slices
+    assert lay.tier2_group(0) == [2, 3, 4] and lay.tier2_group(1) == [5, 6]
+    lay = layout(3, slices=2)  # 1 tier-2 rank serves both slices
+    assert lay.tier2_group(0) == lay.tier2_group(1) == [2]
+    assert lay.slices_served(2) == [0, 1]
+
+
+def test_slots_spread_round_robin_over_group():
+    lay = layout(9, mbs=2, size=8)  # 8 tier-2 ranks, 16 slots
+    owners = [lay.owner(s, 0) for s in range(16)]
+    assert owners == [1, 2, 3, 4, 5, 6, 7, 8] * 2
+    assert all(len(lay.owned_slots(r)) == 2 for r in range(1, 9))
+
+
+def test_hybrid_slots_stay_local():
+    lay = layout(3, mbs=2, size=4, hybrid=1)
+    assert lay.local_slots() == [0, 4]
+    assert [lay.owner(s, 0) for s in range(8)] == [LOCAL, 1, 2, 1, LOCAL, 2, 1, 2]
+
+
+def test_single_rank_keeps_everything_local():
+    lay = layout(1)
+    assert lay.n_tier2 == 0 and lay.local_slots() == list(range(lay.n_slots))
+
+
+def test_bad_layouts_are_config_errors():
+    with pytest.raises(ConfigError, match="slices is 3 but the MPI world has only 2"):
+        layout(2, slices=3)
+    with pytest.raises(ConfigError, match="only 2 layers"):
+        layout(4, slices=3, layers=2)
+    with pytest.raises(ConfigError, match="hybrid_slots"):
+        layout(3, size=2, hybrid=3)
+
+
+def test_auto_batches():
+    assert auto_batches(1, 1, 100, 0, 0, on_gpu=False) == (1, 64)
+    assert auto_batches(9, 1, 100, 0, 0, on_gpu=False) == (2, 50)
+    assert auto_batches(9, 2, 10, 0, 0, on_gpu=True) == (4, 3)
+    assert auto_batches(9, 1, 0, 3, 5, on_gpu=False) == (3, 5)
