@@ -95,7 +95,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_io: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; with_io=False leaves out prepare/export (and their h5py import)."""
     parser = _Parser(
         prog="ghmpi",
         description="Offline LLM batch inference as an MPI job: the GPU ranks (tier 1) run the "
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     run.set_defaults(func=run_command)
-    _register_io(subparsers)
+    if with_io:
+        _register_io(subparsers)
     return parser
 
 
@@ -148,8 +150,10 @@ def _with_default_command(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m ghmpi` and the `ghmpi` script; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(_with_default_command(args_list))  # usage errors: SystemExit(2)
+    args_list = _with_default_command(args_list)
+    # `run` needs nothing of prepare/export: every rank of a job is spared importing them.
+    parser = build_parser(with_io=args_list[0] != "run")
+    args = parser.parse_args(args_list)  # usage errors: SystemExit(2)
     try:
         return int(args.func(args))
     except GhmpiError as exc:
