@@ -98,10 +98,17 @@ class ModelArgs:
                 raise ModelError(f"{where}: key {key!r} must be {kind.__name__}, got {value!r}")
             return value
 
+        def optional(key: str, default: int) -> int:
+            if cfg.get(key) is None:
+                return default
+            return need(key)
+
         dim = need("hidden_size")
         n_heads = need("num_attention_heads")
-        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-        head_dim = cfg.get("head_dim") or dim // n_heads
+        if n_heads <= 0:
+            raise ModelError(f"{where}: num_attention_heads must be positive, got {n_heads}")
+        n_kv_heads = optional("num_key_value_heads", n_heads)
+        head_dim = optional("head_dim", dim // n_heads)
         max_seq_len = need("max_position_embeddings")
 
         act = cfg.get("hidden_act", "silu")
@@ -128,13 +135,13 @@ class ModelArgs:
         if isinstance(bos, list):  # a few configs give a list; the first is the one used
             bos = bos[0] if bos else None
 
-        return cls(
+        fields = dict(
             model_type=model_type,
             dim=dim,
             n_layers=need("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(n_kv_heads),
-            head_dim=int(head_dim),
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
             hidden_dim=need("intermediate_size"),
             vocab_size=need("vocab_size"),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -147,6 +154,10 @@ class ModelArgs:
             bos_token_id=bos,
             o_bias=o_bias,
         )
+        try:
+            return cls(**fields)
+        except ModelError as e:  # __post_init__ checks: name the file
+            raise ModelError(f"{where}: {e}") from None
 
 
 def _read_json(file: Path) -> dict[str, Any]:
