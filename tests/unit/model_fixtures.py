@@ -27,13 +27,14 @@ SPECS: dict[str, tuple[type, type, dict[str, Any], dict[str, Any]]] = {
     "llama_gqa": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
         num_hidden_layers=3, eos_token_id=[2, 3], **_COMMON), {}),
-    # Llama 3.1 rope scaling (small original context so every band of the scaling is exercised),
+    # Llama 3.1 rope scaling (original context 64 puts one of the 8 frequencies in each band:
+    # kept (wavelength < 16), smoothed (16..64, here 32.5), divided by factor (> 64)),
     # tied embeddings (no lm_head.weight in the file)
     "llama3_rope": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96,
         num_hidden_layers=2, tie_word_embeddings=True, eos_token_id=2, rope_theta=500000.0,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=32),
+                          high_freq_factor=4.0, original_max_position_embeddings=64),
         **_COMMON), {}),
     # linear rope scaling, head_dim given explicitly (24 != 32 // 4), attention_bias (q/k/v/o)
     "llama_linear_hd": (LlamaConfig, LlamaForCausalLM, dict(

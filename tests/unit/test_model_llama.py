@@ -109,3 +109,16 @@ def test_bf16_weights_and_cache_stay_close() -> None:
     assert logits16.dtype == torch.float32
     logits32 = m32.forward(torch.tensor(tokens))[-1]
     assert (logits16[0] - logits32).abs().max() < 0.1 * logits32.abs().max()
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_linear_hd", "qwen2"])
+def test_rope_frequencies_match_hf(name: str) -> None:
+    from ghmpi.model.rope import inv_freq
+
+    args = Transformer.load(checkpoint(name), layers=range(0, 0), embed=False, head=False).args
+    ours = inv_freq(args)
+    assert torch.equal(ours, hf_model(name).model.rotary_emb.inv_freq)
+    if name == "llama3_rope":  # every band of the llama3 scaling is present
+        plain = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+        ratio = plain / ours
+        assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1) & (ratio < 8)).any()

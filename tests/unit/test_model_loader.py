@@ -45,7 +45,7 @@ def test_args_of_every_kind() -> None:
     a = ModelArgs.from_folder(checkpoint("llama3_rope"))
     assert a.tie_word_embeddings and a.rope_theta == 500000.0 and a.n_kv_heads == 1
     assert a.rope_scaling == dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                  high_freq_factor=4.0, original_max_position_embeddings=32)
+                                  high_freq_factor=4.0, original_max_position_embeddings=64)
 
     a = ModelArgs.from_folder(checkpoint("llama_linear_hd"))
     assert a.head_dim == 24 and a.qkv_bias and a.o_bias
