@@ -1,0 +1,366 @@
+"""Completions: persisted as they finish (crash-safe, resumable), assembled in prompt order at the end.
+
+While a job runs, finished completions are buffered and written as small HDF5 *shards* into
+`<output>.parts/`, next to a `job.json` naming the job. A shard is written as `*.tmp`, fsynced,
+then renamed, and the folder fsynced: a job killed at any moment (SIGKILL, node failure) leaves
+only whole shards, and loses at most the completions still buffered. A new `CompletionStore` over
+the same folder finds what is done; `finalize` writes the final file (DESIGN.md, "Completions
+file") in prompt order from the shards. The final file's datasets depend only on the completions,
+so a job run in one go and the same job resumed after kills produce identical datasets.
+
+Shard layout: `index` int64 (k,) prompt indices, `offsets` int64 (k+1,), `tokens` int32 (flat),
+`finish_reason` uint8 (k,).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from ghmpi.errors import InputError
+
+__all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions"]
+
+FINISH_STOP = 1  # stopped on EOS or a stop token (that token is the last id)
+FINISH_LENGTH = 2  # reached max_new_tokens or the model's context limit
+JOB_FILE = "job.json"
+_SHARD = re.compile(r"^shard-(\d{8})\.h5$")
+_WRITE_BLOCK_TOKENS = 1 << 22  # tokens held in memory at once while finalizing
+_CHUNK = 1 << 16  # HDF5 chunk length of the final file's datasets
+
+
+class CompletionStore:
+    """Completions of one job: persisted as they come, resumable, finalized in prompt order.
+
+    Only rank 0 uses it. A store over an output that belongs to another job (a different
+    `job_id`) refuses to start unless `overwrite`, which discards the other job's parts; the other
+    job's final output is only replaced by `finalize`, so a failed run never damages it.
+    """
+
+    def __init__(self, output: str | os.PathLike, n_prompts: int, job_id: str,
+                 overwrite: bool = False, flush_every: int = 256, flush_seconds: float = 5.0) -> None:
+        self.output = os.fspath(output)
+        self.parts = self.output + ".parts"
+        self.n_prompts = int(n_prompts)
+        self.job_id = str(job_id)
+        self.flush_every = max(1, int(flush_every))
+        self.flush_seconds = float(flush_seconds)
+        self.ignored_shards: list[str] = []  # unreadable shards found on open (names)
+
+        # -- checks first: nothing is created or removed unless they all pass --
+        folder = os.path.dirname(os.path.abspath(self.output))
+        if not os.path.isdir(folder):
+            raise InputError(f"output {self.output}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"output {self.output}: folder {folder} is not writable")
+        if os.path.isdir(self.output):
+            raise InputError(f"output {self.output} is a folder, not a file")
+        if os.path.exists(self.parts) and not os.path.isdir(self.parts):
+            raise InputError(f"{self.parts} is in the way: it should be this job's parts folder")
+        self.complete = False
+        if os.path.exists(self.output):
+            final_job, final_n = _final_identity(self.output)
+            if final_job == self.job_id:
+                if final_n != self.n_prompts:
+                    raise InputError(f"output {self.output} has job id {self.job_id} but holds "
+                                     f"{final_n} completions, not {self.n_prompts}; is it damaged?")
+                self.complete = True
+            elif not overwrite:
+                raise InputError(f"output {self.output} belongs to another job (job id "
+                                 f"{final_job or 'unknown'}); set io.overwrite: true to start afresh "
+                                 "(it is replaced when the new job finishes)")
+        parts_ours = True
+        if os.path.isdir(self.parts) and not self.complete:
+            parts_ours = self._parts_are_ours()
+            if not parts_ours and not overwrite:
+                raise InputError(f"{self.parts} holds the partial results of another job; set "
+                                 "io.overwrite: true to discard them and start afresh")
+
+        # -- act --
+        if self.complete:
+            if os.path.isdir(self.parts):  # left over from a kill right after the final rename
+                shutil.rmtree(self.parts)
+            self.done = np.ones(self.n_prompts, dtype=np.bool_)
+        else:
+            if not parts_ours:
+                shutil.rmtree(self.parts)
+            os.makedirs(self.parts, exist_ok=True)
+            if not os.path.isfile(os.path.join(self.parts, JOB_FILE)):
+                _write_atomic(os.path.join(self.parts, JOB_FILE),
+                              json.dumps({"job_id": self.job_id, "n_prompts": self.n_prompts},
+                                         indent=2).encode() + b"\n")
+            self.done = self._scan_shards()
+        self._taken = self.done.copy()  # done or buffered: add() refuses these
+        self._buffer: list[tuple[int, np.ndarray, int]] = []
+        self._last_flush = time.monotonic()
+
+    @property
+    def n_done(self) -> int:
+        return int(np.count_nonzero(self.done))
+
+    # ---- opening ------------------------------------------------------------------------------
+
+    def _parts_are_ours(self) -> bool:
+        try:
+            with open(os.path.join(self.parts, JOB_FILE), encoding="utf-8") as f:
+                meta = json.load(f)
+            return meta.get("job_id") == self.job_id and meta.get("n_prompts") == self.n_prompts
+        except (OSError, ValueError, AttributeError):
+            # No readable job.json: ours only if nothing was ever persisted there.
+            return not any(_SHARD.match(name) for name in os.listdir(self.parts))
+
+    def _shard_names(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.parts) if _SHARD.match(name))
+
+    def _scan_shards(self) -> np.ndarray:
+        for name in os.listdir(self.parts):
+            if name.endswith(".tmp"):  # a write cut short: never renamed, never counted
+                os.remove(os.path.join(self.parts, name))
+        done = np.zeros(self.n_prompts, dtype=np.bool_)
+        names = self._shard_names()
+        self._next_shard = int(_SHARD.match(names[-1]).group(1)) + 1 if names else 0
+        for name in names:
+            try:
+                index, _, _ = self._read_shard(name, tokens=False)
+            except (OSError, KeyError, ValueError):
+                self.ignored_shards.append(name)
+                continue
+            done[index] = True
+        return done
+
+    def _read_shard(self, name: str, tokens: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(index, offsets, tokens or None) of a shard, checked; ValueError when inconsistent."""
+        with h5py.File(os.path.join(self.parts, name), "r") as f:
+            index = np.asarray(f["index"][:], dtype=np.int64)
+            offsets = np.asarray(f["offsets"][:], dtype=np.int64)
+            reasons = f["finish_reason"]
+            if (offsets.shape != (index.shape[0] + 1,) or reasons.shape != index.shape
+                    or offsets[0] != 0 or offsets[-1] != f["tokens"].shape[0]
+                    or (index.size and (index.min() < 0 or index.max() >= self.n_prompts))):
+                raise ValueError(f"shard {name} is inconsistent")
+            return index, offsets, (np.asarray(f["tokens"][:], dtype=np.int32) if tokens else None)
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def add(self, index: int, tokens: Sequence[int] | np.ndarray, finish_reason: int) -> None:
+        """Record prompt `index`'s completion; persisted at the next (possibly automatic) flush."""
+        if not 0 <= index < self.n_prompts:
+            raise ValueError(f"prompt index {index} out of range [0, {self.n_prompts})")
+        if self._taken[index]:
+            raise ValueError(f"prompt {index} already has a completion")
+        if finish_reason not in (FINISH_STOP, FINISH_LENGTH):
+            raise ValueError(f"finish_reason must be {FINISH_STOP} or {FINISH_LENGTH}, "
+                             f"got {finish_reason}")
+        self._taken[index] = True
+        self._buffer.append((int(index), np.asarray(tokens, dtype=np.int32).reshape(-1),
+                             int(finish_reason)))
+        if (len(self._buffer) >= self.flush_every
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Persist the buffered completions as one new shard (atomically, durably)."""
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        index = np.array([b[0] for b in self._buffer], dtype=np.int64)
+        lengths = np.array([b[1].size for b in self._buffer], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (k+1,)
+        tokens = np.concatenate([b[1] for b in self._buffer]).astype(np.int32)
+        reasons = np.array([b[2] for b in self._buffer], dtype=np.uint8)
+        name = f"shard-{self._next_shard:08d}.h5"
+        path = os.path.join(self.parts, name)
+        with h5py.File(path + ".tmp", "w") as f:
+            for key, value in (("index", index), ("offsets", offsets), ("tokens", tokens),
+                               ("finish_reason", reasons)):
+                f.create_dataset(key, data=value, track_times=False)
+        _fsync_path(path + ".tmp")
+        os.rename(path + ".tmp", path)
+        _fsync_path(self.parts)
+        self._next_shard += 1
+        self.done[index] = True
+        self._buffer = []
+
+    def finalize(self, attrs: Mapping[str, str | int | float]) -> None:
+        """Write the final file in prompt order, replace the output with it, drop the parts.
+
+        Needs every prompt done. A no-op when the output was already complete.
+        """
+        if self.complete:
+            return
+        self.flush()
+        if self.n_done != self.n_prompts:
+            missing = np.flatnonzero(~self.done)
+            raise RuntimeError(f"finalize with {missing.size} prompts not done "
+                               f"(first: {int(missing[0])})")
+        shard_of, start, lengths, reasons = self._locate()
+        names = self._shard_names()
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (N+1,)
+        total = int(offsets[-1])
+        tmp = self.output + ".tmp"
+        opts = dict(compression="gzip", shuffle=True, track_times=False)
+        with h5py.File(tmp, "w") as f:
+            tok_ds = f.create_dataset("tokens", (total,), np.int32,
+                                      chunks=(max(1, min(total, _CHUNK)),), **opts)
+            f.create_dataset("offsets", data=offsets, chunks=(min(offsets.size, _CHUNK),), **opts)
+            f.create_dataset("finish_reason", data=reasons,
+                             chunks=(max(1, min(reasons.size, _CHUNK)),), **opts)
+            for a, b in _blocks(offsets, _WRITE_BLOCK_TOKENS):
+                buf = np.empty(int(offsets[b] - offsets[a]), dtype=np.int32)
+                for s in np.unique(shard_of[a:b]):
+                    _, _, shard_tokens = self._read_shard(names[s])
+                    for i in a + np.flatnonzero(shard_of[a:b] == s):
+                        dst = int(offsets[i] - offsets[a])
+                        buf[dst:dst + lengths[i]] = shard_tokens[start[i]:start[i] + lengths[i]]
+                tok_ds[int(offsets[a]):int(offsets[b])] = buf
+            for key, value in {**attrs, "job_id": self.job_id}.items():
+                f.attrs[key] = value
+        _fsync_path(tmp)
+        os.replace(tmp, self.output)
+        _fsync_path(os.path.dirname(os.path.abspath(self.output)))
+        shutil.rmtree(self.parts)
+        self.complete = True
+
+    def _locate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per prompt: shard number, token start in that shard, length, finish reason.
+
+        O(N) index arrays; the first shard (in name order) holding a prompt wins.
+        """
+        n = self.n_prompts
+        shard_of = np.full(n, -1, dtype=np.int32)
+        start = np.zeros(n, dtype=np.int64)
+        lengths = np.zeros(n, dtype=np.int64)
+        reasons = np.zeros(n, dtype=np.uint8)
+        for s, name in enumerate(self._shard_names()):
+            if name in self.ignored_shards:
+                continue
+            index, offsets, _ = self._read_shard(name, tokens=False)
+            with h5py.File(os.path.join(self.parts, name), "r") as f:
+                shard_reasons = np.asarray(f["finish_reason"][:], dtype=np.uint8)
+            new = shard_of[index] < 0
+            index = index[new]
+            shard_of[index] = s
+            start[index] = offsets[:-1][new]
+            lengths[index] = np.diff(offsets)[new]
+            reasons[index] = shard_reasons[new]
+        if (shard_of < 0).any():  # a shard vanished since it was counted
+            raise RuntimeError(f"prompt {int(np.flatnonzero(shard_of < 0)[0])} is in no shard "
+                               f"of {self.parts}")
+        return shard_of, start, lengths, reasons
+
+    def close(self) -> None:
+        """Persist whatever is buffered (finished completions are never thrown away)."""
+        if not self.complete:
+            self.flush()
+
+    def __enter__(self) -> "CompletionStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _blocks(offsets: np.ndarray, max_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive prompt ranges [a, b) of at most max_tokens tokens (one prompt at least)."""
+    n = offsets.size - 1
+    a = 0
+    while a < n:
+        b = int(np.searchsorted(offsets, offsets[a] + max_tokens, side="right")) - 1
+        b = min(max(b, a + 1), n)
+        yield a, b
+        a = b
+
+
+def _final_identity(path: str) -> tuple[str | None, int | None]:
+    """(job_id, number of completions) of an existing final file; (None, None) if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            job = f.attrs.get("job_id")
+            n = f["finish_reason"].shape[0] if "finish_reason" in f else None
+    except (OSError, KeyError):
+        return None, None
+    if isinstance(job, bytes):
+        job = job.decode()
+    return (str(job) if job is not None else None), n
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(path + ".tmp", path)
+    _fsync_path(os.path.dirname(path))
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file (after h5py closed it) or a folder (to make a rename durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CompletionFile:
+    """A final completions file opened for reading (streaming). Context manager."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise InputError(f"completions file {self.path}: no such file")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise InputError(f"completions file {self.path}: not a readable HDF5 file ({e})") from None
+        try:
+            missing = [k for k in ("tokens", "offsets", "finish_reason") if k not in self._f]
+            if missing:
+                raise InputError(f"completions file {self.path}: no dataset {', '.join(missing)}")
+            self._tokens, self._offsets = self._f["tokens"], self._f["offsets"]
+            self._reasons = self._f["finish_reason"]
+            self.n = int(self._reasons.shape[0])
+            if self._offsets.shape != (self.n + 1,):
+                raise InputError(f"completions file {self.path}: 'offsets' has shape "
+                                 f"{self._offsets.shape}, expected ({self.n + 1},)")
+        except BaseException:
+            self._f.close()
+            raise
+        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._f.attrs.items()}
+
+    def iter_completions(self, chunk_prompts: int = 65536
+                         ) -> Iterator[tuple[int, np.ndarray, int]]:
+        """Yield (index, int32 generated ids, finish_reason) in prompt order."""
+        for a in range(0, self.n, chunk_prompts):
+            b = min(a + chunk_prompts, self.n)
+            off = np.asarray(self._offsets[a:b + 1], dtype=np.int64)  # (b-a+1,)
+            reasons = np.asarray(self._reasons[a:b])
+            for s, e in _blocks(off - off[0], _WRITE_BLOCK_TOKENS):
+                flat = np.asarray(self._tokens[int(off[s]):int(off[e])], dtype=np.int32)
+                for i in range(s, e):
+                    yield a + i, flat[off[i] - off[s]:off[i + 1] - off[s]], int(reasons[i])
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "CompletionFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_completions(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray]:
+    """(per-prompt generated ids, finish_reason uint8 (N,)) of a final completions file."""
+    with CompletionFile(path) as cf:
+        tokens = [t.copy() for _, t, _ in cf.iter_completions()]
+        reasons = np.asarray(cf._reasons[:], dtype=np.uint8)
+    return tokens, reasons

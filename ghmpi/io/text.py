@@ -1,0 +1,305 @@
+"""`ghmpi prepare` (text -> prompts HDF5) and `ghmpi export` (completions HDF5 -> JSONL with text).
+
+Tokenizers come from the model folder through transformers (`AutoTokenizer`, local files only).
+transformers and torch are imported only when a command runs, so `python -m ghmpi --help` stays
+light.
+
+Input formats of `prepare`:
+- `.txt`: one prompt per line, taken verbatim without its line break; blank lines are skipped.
+- `.jsonl`: one JSON object per non-blank line, with either `"prompt": "text"` or
+  `"messages": [{"role": ..., "content": ...}, ...]`, and optionally `"max_new_tokens": N`.
+  Other keys are ignored.
+
+`messages`, and every prompt when `--chat` is given, go through the chat template of the model's
+tokenizer_config.json (with the generation prompt added); a plain prompt under `--chat` becomes
+one user message. Otherwise text is encoded the way `tokenizer(text)` does it, so prompts start
+with BOS exactly when the model's own tokenizer adds one. `--add-bos` makes every prompt start
+with BOS (added once, never doubled); `--no-add-bos` makes none start with it.
+
+Per-prompt `max_new_tokens` go into the `max_new_tokens` dataset. Lines without one take
+`--max-new-tokens`; without that flag, either every line has one or none does (then the file has
+no such dataset and the job's generation.max_new_tokens applies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ghmpi.errors import InputError, ModelError
+from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP, CompletionFile
+from ghmpi.io.prompts import PromptFile, PromptStats, PromptWriter
+
+__all__ = ["register", "prepare", "export", "load_tokenizer", "read_source", "SourcePrompt"]
+
+FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePrompt:
+    line: int  # 1-based line number in the input file
+    text: str | None  # a plain prompt, or None when messages are given
+    messages: list[dict[str, Any]] | None  # chat messages, or None
+    max_new_tokens: int | None  # per-prompt limit, or None
+
+
+# ---- reading the input ---------------------------------------------------------------------------
+
+def read_source(path: str | os.PathLike) -> Iterator[SourcePrompt]:
+    """Prompts of a .txt or .jsonl file, in order. InputError names the file and line."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".txt", ".jsonl"):
+        raise InputError(f"input {path}: unknown format '{ext or '(no extension)'}'; "
+                         "use a .txt (one prompt per line) or .jsonl file")
+    if not os.path.isfile(path):
+        raise InputError(f"input {path}: no such file")
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            for n, raw in enumerate(f, start=1):
+                line = raw.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if ext == ".txt":
+                    yield SourcePrompt(n, line, None, None)
+                else:
+                    yield _parse_json_line(path, n, line)
+        except UnicodeDecodeError as e:
+            raise InputError(f"input {path}: not UTF-8 text ({e.reason} after line {n})") from None
+
+
+def _parse_json_line(path: str, n: int, line: str) -> SourcePrompt:
+    where = f"input {path}, line {n}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise InputError(f"{where}: needs exactly one of \"prompt\" or \"messages\"")
+    text, messages = obj.get("prompt"), obj.get("messages")
+    if has_prompt and not isinstance(text, str):
+        raise InputError(f"{where}: \"prompt\" must be a string")
+    if has_messages:
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages)
+        if not ok:
+            raise InputError(f"{where}: \"messages\" must be a non-empty list of "
+                             "{\"role\": str, \"content\": str} objects")
+    mnt = obj.get("max_new_tokens")
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1):
+        raise InputError(f"{where}: \"max_new_tokens\" must be an integer >= 1, got {mnt!r}")
+    return SourcePrompt(n, text, messages, mnt)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The Hugging Face tokenizer of a local model folder (no network)."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"model folder {model_dir}: no such folder")
+    if not any(os.path.isfile(os.path.join(model_dir, f))
+               for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelError(f"model folder {model_dir}: no tokenizer (tokenizer.json) in it")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ModelError("prepare and export need the transformers package "
+                         "(pip install transformers)") from None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises many types; all mean "cannot use this folder"
+        raise ModelError(f"model folder {model_dir}: cannot load its tokenizer ({e})") from None
+
+
+class _Encoder:
+    """Text or messages -> token ids, with the BOS policy of `prepare`."""
+
+    def __init__(self, tok: Any, model_dir: str, chat: bool, add_bos: bool | None) -> None:
+        self.tok, self.model_dir, self.chat, self.add_bos = tok, model_dir, chat, add_bos
+        self.bos = tok.bos_token_id
+        if add_bos is not None and self.bos is None:
+            raise ModelError(f"model folder {model_dir}: its tokenizer has no BOS token, "
+                             f"so --{'' if add_bos else 'no-'}add-bos has no meaning")
+
+    def __call__(self, src: SourcePrompt, where: str) -> list[int]:
+        if src.messages is not None or self.chat:
+            messages = src.messages or [{"role": "user", "content": src.text}]
+            text = self._render(messages, where)
+            special = False  # the template writes its own special tokens, as HF does
+        else:
+            text = src.text
+            special = self.add_bos is not False
+        ids = list(self.tok(text, add_special_tokens=special)["input_ids"])
+        if self.add_bos and (not ids or ids[0] != self.bos):
+            ids.insert(0, self.bos)
+        elif self.add_bos is False and ids and ids[0] == self.bos:
+            ids.pop(0)
+        if not ids:
+            raise InputError(f"{where}: the prompt encodes to no tokens")
+        return ids
+
+    def _render(self, messages: list[dict[str, Any]], where: str) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise ModelError(f"model folder {self.model_dir}: tokenizer_config.json has no "
+                             f"chat_template (needed for {where})")
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja2 errors from the template itself
+            raise InputError(f"{where}: the chat template failed ({e})") from None
+
+
+# ---- prepare -----------------------------------------------------------------------------------
+
+def prepare(input: str | os.PathLike, model_dir: str | os.PathLike, output: str | os.PathLike,
+            chat: bool = False, max_new_tokens: int | None = None, add_bos: bool | None = None,
+            source_name: str | None = None, tokenizer_name: str | None = None) -> PromptStats:
+    """Tokenize a .txt/.jsonl file into a prompts file (flat layout). Returns its stats.
+
+    source_name / tokenizer_name: what the `source` / `tokenizer` attributes record
+    (default: the paths as given).
+    """
+    input, model_dir, output = os.fspath(input), os.fspath(model_dir), os.fspath(output)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    _check_output(output)
+    with_mnt = _needs_max_new_tokens(input, max_new_tokens)
+    tok = load_tokenizer(model_dir)
+    encode = _Encoder(tok, model_dir, chat, add_bos)
+    attrs = {"source": source_name or input, "tokenizer": tokenizer_name or model_dir,
+             "chat": int(chat), "add_bos": {None: "auto", True: "yes", False: "no"}[add_bos]}
+    with PromptWriter(output, with_max_new_tokens=with_mnt, attrs=attrs) as w:
+        for src in read_source(input):
+            where = f"input {input}, line {src.line}"
+            mnt = src.max_new_tokens if src.max_new_tokens is not None else max_new_tokens
+            w.add(encode(src, where), mnt if with_mnt else None)
+        if w.n == 0:
+            raise InputError(f"input {input}: holds no prompts")
+    with PromptFile(output) as pf:
+        return pf.validate(vocab_size=len(tok), context_len=1 << 62)
+
+
+def _needs_max_new_tokens(input: str, flag: int | None) -> bool:
+    """Whether the output gets a max_new_tokens dataset (first, cheap pass over the input)."""
+    first_with = first_without = None
+    for src in read_source(input):
+        if src.max_new_tokens is None:
+            first_without = first_without or src.line
+        else:
+            first_with = first_with or src.line
+    if first_with is None:
+        return flag is not None
+    if first_without is not None and flag is None:
+        raise InputError(f"input {input}, line {first_without}: no \"max_new_tokens\" while line "
+                         f"{first_with} has one; give it on every line or pass --max-new-tokens "
+                         "for the lines without")
+    return True
+
+
+def _check_output(output: str) -> None:
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise InputError(f"output {output}: folder {folder} does not exist")
+    if os.path.isdir(output):
+        raise InputError(f"output {output} is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output {output}: folder {folder} is not writable")
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def export(completions: str | os.PathLike, prompts: str | os.PathLike,
+           model_dir: str | os.PathLike, output: str | os.PathLike) -> int:
+    """Write one JSON line per prompt with prompt and completion text. Returns the line count.
+
+    Texts are decoded without special tokens (BOS, EOS); `token_ids` keeps every generated id.
+    """
+    completions, prompts, output = os.fspath(completions), os.fspath(prompts), os.fspath(output)
+    _check_output(output)
+    with PromptFile(prompts) as pf:
+        with CompletionFile(completions) as cf:
+            if cf.n != pf.n:
+                raise InputError(f"completions {completions} hold {cf.n} prompts but prompts file "
+                                 f"{prompts} has {pf.n}: not the same job")
+            tok = load_tokenizer(model_dir)
+            return _write_jsonl(pf, cf, tok, output)
+
+
+def _write_jsonl(pf: PromptFile, cf: CompletionFile, tok: Any, output: str) -> int:
+    """Write to `<output>.tmp`, then rename: a failed export leaves no half file."""
+    tmp = output + ".tmp"
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for (i, p_ids, _), (j, c_ids, reason) in zip(pf.iter_prompts(), cf.iter_completions()):
+                assert i == j == n, (i, j, n)
+                record = {
+                    "index": i,
+                    "prompt": tok.decode(p_ids.tolist(), skip_special_tokens=True),
+                    "completion": tok.decode(c_ids.tolist(), skip_special_tokens=True),
+                    "token_ids": c_ids.tolist(),
+                    "finish_reason": FINISH_NAMES.get(reason, str(reason)),
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    stats = prepare(args.input, args.model, args.output, chat=args.chat,
+                    max_new_tokens=args.max_new_tokens, add_bos=args.add_bos)
+    print(f"wrote {args.output}: {stats.n_prompts} prompts, {stats.n_tokens} tokens "
+          f"(longest {stats.max_prompt_len}), sha256 {stats.sha256}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    n = export(args.completions, args.prompts, args.model, args.output)
+    print(f"wrote {args.output}: {n} lines")
+    return 0
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add the `prepare` and `export` subcommands to the ghmpi command line."""
+    p = subparsers.add_parser(
+        "prepare", help="tokenize .txt/.jsonl prompts into a prompts HDF5 file",
+        description="Tokenize prompts with the model's own tokenizer into the HDF5 prompts file "
+                    "the job reads.\n\n" + __doc__[__doc__.index("Input formats"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="prompts: .txt (one per line) or .jsonl")
+    p.add_argument("-m", "--model", required=True, help="model folder holding the tokenizer")
+    p.add_argument("-o", "--output", required=True, help="prompts HDF5 file to write")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the model's chat template to every prompt")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="per-prompt limit stored in the file for lines without their own")
+    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="force (or forbid) a leading BOS token; default: as the tokenizer does")
+    p.set_defaults(func=_cmd_prepare)
+
+    e = subparsers.add_parser(
+        "export", help="write completions as JSONL with decoded text",
+        description="One JSON line per prompt: index, prompt (text), completion (text), "
+                    "token_ids, finish_reason (\"stop\" or \"length\"). Special tokens are "
+                    "left out of the texts.")
+    e.add_argument("completions", help="completions HDF5 file written by a job")
+    e.add_argument("-p", "--prompts", required=True, help="the job's prompts HDF5 file")
+    e.add_argument("-m", "--model", required=True, help="model folder holding the tokenizer")
+    e.add_argument("-o", "--output", required=True, help="JSONL file to write")
+    e.set_defaults(func=_cmd_export)
+
