@@ -86,6 +86,12 @@ def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore]:
     if cfg.topology.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("topology.device is cuda but no CUDA device is visible on rank 0")
     job_id = job_identity(cfg, stats.sha256, model_identity(cfg.model.path))
+    out_dir = os.path.dirname(os.path.abspath(cfg.io.output))
+    if not os.path.exists(out_dir):  # like `mkdir -p`: the default job writes into out/
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise GhmpiError(f"io.output {cfg.io.output}: cannot create folder {out_dir} ({e.strerror})")
     store = CompletionStore(cfg.io.output, stats.n_prompts, job_id, overwrite=cfg.io.overwrite,
                             flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds)
     on_gpu = _cuda_wanted(cfg)
@@ -254,6 +260,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                   scheduler=scheduler, on_finished=on_finished,
                   should_drain=lambda: signals.received is not None, tick=progress.tick)
     status = tier1.run()
+    progress.sampled = tier1.generated
     prompts.close()
     store.flush()
     wall = time.time() - started
@@ -265,7 +272,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
             "prompts": plan.n_prompts,
             "generated_tokens": progress.tokens,
             "wall_time_s": wall,
-            "tokens_per_s": progress.tokens / wall if wall > 0 else 0.0,
+            "tokens_per_s": progress.sampled / wall if wall > 0 else 0.0,
         })
         progress.summary(wall, cfg.io.output)
         return EXIT_OK

@@ -20,6 +20,7 @@ class Progress:
         self.last = self.start
         self.done = 0  # prompts finished in this run
         self.tokens = 0  # tokens of those completions
+        self.sampled = 0  # every token sampled in this run, unfinished sequences' too
         self.reasons: Counter[int] = Counter()
 
     def finished(self, finished: list) -> None:
@@ -34,10 +35,11 @@ class Progress:
         rate = self.done / elapsed
         eta = _clock((self.total - done) / rate) if rate > 0 else "?"
         return (f"ghmpi: progress: {done}/{self.total} prompts ({100 * done / max(self.total, 1):.1f}%), "
-                f"{self.tokens} tokens, {self.tokens / elapsed:.1f} tokens/s, "
+                f"{self.sampled} tokens, {self.sampled / elapsed:.1f} tokens/s, "
                 f"elapsed {_clock(elapsed)}, ETA {eta}")
 
-    def tick(self) -> None:
+    def tick(self, sampled: int) -> None:
+        self.sampled = sampled
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
@@ -45,6 +47,6 @@ class Progress:
 
     def summary(self, wall: float, output: str) -> None:
         print(f"ghmpi: done: {self.done_before + self.done} prompts ({self.done} in this run), "
-              f"{self.tokens} tokens generated in {wall:.1f} s, {self.tokens / max(wall, 1e-9):.1f} "
+              f"{self.tokens} tokens generated in {wall:.1f} s, {self.sampled / max(wall, 1e-9):.1f} "
               f"tokens/s; finished on stop token {self.reasons[FINISH_STOP]}, on length "
               f"{self.reasons[FINISH_LENGTH]}; wrote {output}", flush=True)

@@ -59,7 +59,7 @@ class Tier1:
                  scheduler: Scheduler | None = None,
                  on_finished: Callable[[list], None] | None = None,
                  should_drain: Callable[[], bool] | None = None,
-                 tick: Callable[[], None] | None = None):
+                 tick: Callable[[int], None] | None = None):
         self.world, self.layout, self.j, self.model, self.wire = world, layout, j, model, wire
         self.args = model.args
         self.layers = layout.slice_layers(j)
@@ -248,7 +248,7 @@ class Tier1:
                 busy = True
             self.outbox.poll()
             if self.tick is not None:
-                self.tick()
+                self.tick(self.generated)
             if self.first and not self.home:
                 if self.should_drain is not None and self.should_drain():
                     self.scheduler.draining = True
