@@ -128,7 +128,7 @@ class CompletionStore:
         self._next_shard = int(_SHARD.match(names[-1]).group(1)) + 1 if names else 0
         for name in names:
             try:
-                index, _, _ = self._read_shard(name, tokens=False)
+                index = self._read_shard(name, tokens=False)[0]
             except (OSError, KeyError, ValueError):
                 self.ignored_shards.append(name)
                 continue
@@ -136,17 +136,19 @@ class CompletionStore:
         return done
 
     def _read_shard(self, name: str, tokens: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(index, offsets, tokens or None) of a shard, checked; ValueError when inconsistent."""
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(index, offsets, finish_reason, tokens or None) of a shard, checked for consistency
+        (ValueError); one file open."""
         with h5py.File(os.path.join(self.parts, name), "r") as f:
-            index = np.asarray(f["index"][:], dtype=np.int64)
-            offsets = np.asarray(f["offsets"][:], dtype=np.int64)
-            reasons = f["finish_reason"]
+            index = np.asarray(f["index"][:], dtype=np.int64)  # (k,)
+            offsets = np.asarray(f["offsets"][:], dtype=np.int64)  # (k+1,)
+            reasons = np.asarray(f["finish_reason"][:], dtype=np.uint8)  # (k,)
             if (offsets.shape != (index.shape[0] + 1,) or reasons.shape != index.shape
                     or offsets[0] != 0 or offsets[-1] != f["tokens"].shape[0]
                     or (index.size and (index.min() < 0 or index.max() >= self.n_prompts))):
                 raise ValueError(f"shard {name} is inconsistent")
-            return index, offsets, (np.asarray(f["tokens"][:], dtype=np.int32) if tokens else None)
+            flat = np.asarray(f["tokens"][:], dtype=np.int32) if tokens else None
+        return index, offsets, reasons, flat
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class CompletionStore:
             for a, b in _blocks(offsets, _WRITE_BLOCK_TOKENS):
                 buf = np.empty(int(offsets[b] - offsets[a]), dtype=np.int32)
                 for s in np.unique(shard_of[a:b]):
-                    _, _, shard_tokens = self._read_shard(names[s])
+                    shard_tokens = self._read_shard(names[s])[3]
                     for i in a + np.flatnonzero(shard_of[a:b] == s):
                         dst = int(offsets[i] - offsets[a])
                         buf[dst:dst + lengths[i]] = shard_tokens[start[i]:start[i] + lengths[i]]
@@ -242,9 +244,7 @@ class CompletionStore:
         for s, name in enumerate(self._shard_names()):
             if name in self.ignored_shards:
                 continue
-            index, offsets, _ = self._read_shard(name, tokens=False)
-            with h5py.File(os.path.join(self.parts, name), "r") as f:
-                shard_reasons = np.asarray(f["finish_reason"][:], dtype=np.uint8)
+            index, offsets, shard_reasons, _ = self._read_shard(name, tokens=False)
             new = shard_of[index] < 0
             index = index[new]
             shard_of[index] = s
