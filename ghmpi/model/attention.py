@@ -32,11 +32,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 
 def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+                     lengths: torch.Tensor, compute_dtype: torch.dtype | None = None
+                     ) -> torch.Tensor:
     """One new token per row over its cached context.
 
-    q (B, n_heads, D); k_ctx/v_ctx (B, T, n_kv_heads, D) in any dtype (cast to q.dtype);
+    q (B, n_heads, D); k_ctx/v_ctx (B, T, n_kv_heads, D) in any dtype, may be strided views;
     lengths (B,) long: row b attends over k_ctx[b, :lengths[b]]. -> o (B, n_heads * D) in q.dtype.
+    The math runs in `compute_dtype`, default q.dtype (K/V are cast to it). Passing the cache's
+    dtype instead skips materialising an upcast copy of the whole context, which on a CPU costs
+    far more than the attention itself; SDPA still accumulates reduced types in float32.
 
     The query heads of one kv group are laid out as that group's "query positions", so K and V are
     used once per kv head and never copied n_rep times: the CPU tier is bound by memory traffic.
@@ -44,13 +48,10 @@ def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     B, n_heads, D = q.shape
     T, n_kv = k_ctx.shape[1], k_ctx.shape[2]
     n_rep = n_heads // n_kv
-    k = k_ctx.to(q.dtype).transpose(1, 2)  # (B, n_kv, T, D)
-    v = v_ctx.to(q.dtype).transpose(1, 2)
-    qg = q.reshape(B, n_kv, n_rep, D)  # (B, n_kv, n_rep, D): head h = group h // n_rep
+    dtype = q.dtype if compute_dtype is None else compute_dtype
+    k = k_ctx.to(dtype).transpose(1, 2)  # (B, n_kv, T, D)
+    v = v_ctx.to(dtype).transpose(1, 2)
+    qg = q.to(dtype).reshape(B, n_kv, n_rep, D)  # (B, n_kv, n_rep, D): head h = group h // n_rep
     keep = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
-    # Positions past a row's length hold whatever the (lazily committed, never cleared) cache
-    # holds, NaN included; 0 * NaN is NaN, so zero them rather than rely on the mask alone.
-    k = k.masked_fill(~keep[:, None, :, None], 0)
-    v = v.masked_fill(~keep[:, None, :, None], 0)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep[:, None, None, :])  # (B, n_kv, n_rep, D)
-    return o.reshape(B, n_heads * D)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep.view(B, 1, 1, T))  # (B, n_kv, n_rep, D)
+    return o.reshape(B, n_heads * D).to(q.dtype)

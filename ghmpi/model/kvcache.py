@@ -2,6 +2,13 @@
 
 Allocated once at its largest size with `torch.empty`: on the CPU, the kernel commits a page only
 when it is first written, so a cache sized for the worst case costs memory only as it fills.
+
+Batched decode attends every row over the same number of positions T and masks each row's tail.
+A masked position still enters SDPA's `p @ V` with p = 0, and 0 * NaN is NaN, so the tail must hold
+finite numbers, never allocator garbage. On the CPU each (layer, slot) keeps a high-water mark of
+positions ever written or zeroed, and the gap up to T is zeroed (in chunks) before it is read:
+every position is zeroed at most once, and pages are still committed only as contexts grow. Other
+devices commit everything at allocation anyway, so there the cache starts zeroed.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from ghmpi.model.attention import decode_attention
+
+_ZERO_CHUNK = 64  # positions zeroed at a time ahead of a slot's high-water mark
 
 
 class KVCache:
@@ -29,8 +38,12 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (n_slots, max_len, n_kv_heads, head_dim)
-        self.k = {layer: torch.empty(shape, dtype=dtype, device=self.device) for layer in self.layers}
-        self.v = {layer: torch.empty(shape, dtype=dtype, device=self.device) for layer in self.layers}
+        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.k = {layer: alloc(shape, dtype=dtype, device=self.device) for layer in self.layers}
+        self.v = {layer: alloc(shape, dtype=dtype, device=self.device) for layer in self.layers}
+        # per layer, per slot: positions [0, mark) hold written or zeroed values (CPU only)
+        initial = 0 if self.device.type == "cpu" else max_len
+        self._mark = {layer: [initial] * n_slots for layer in self.layers}
 
     @staticmethod
     def nbytes_for(n_layers: int, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int,
@@ -50,29 +63,56 @@ class KVCache:
         if not (0 <= slot < self.n_slots) or start < 0 or start + L > self.max_len:
             raise IndexError(f"KVCache.write: slot {slot}, positions {start}..{start + L - 1} "
                              f"out of range ({self.n_slots} slots x {self.max_len} positions)")
+        mark = self._mark[layer]
+        if start > mark[slot]:
+            self._zero(layer, slot, start)
         self.k[layer][slot, start:start + L] = k
         self.v[layer][slot, start:start + L] = v
+        mark[slot] = max(mark[slot], start + L)
+
+    def _zero(self, layer: int, slot: int, upto: int) -> None:
+        """Make positions [mark, upto) of a slot finite, rounding up to whole chunks."""
+        mark = self._mark[layer]
+        end = min(self.max_len, -(-upto // _ZERO_CHUNK) * _ZERO_CHUNK)
+        self.k[layer][slot, mark[slot]:end] = 0
+        self.v[layer][slot, mark[slot]:end] = 0
+        mark[slot] = end
 
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first `length` cached positions of one slot: (length, n_kv, D) each."""
         return self.k[layer][slot, :length], self.v[layer][slot, :length]
 
     def decode(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor, ctx_len: int | None = None) -> torch.Tensor:
+               k: torch.Tensor, v: torch.Tensor, ctx_len: int | None = None,
+               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Append one token per row and attend over the row's context.
 
         slots, positions (B,) long (distinct slots); q (B, n_heads, D); k, v (B, n_kv, D) belong
         at position positions[b] of slot slots[b]. Row b attends over [0, positions[b]] of its slot.
-        -> (B, n_heads * D) in q.dtype. Only the first max(positions)+1 positions are gathered;
+        -> (B, n_heads * D) in q.dtype. Only the first max(positions)+1 positions are read;
         pass `ctx_len` (>= that) to skip the host sync that computing the max costs on a GPU.
+        `compute_dtype`: see `decode_attention` (default q.dtype).
         """
         slots = slots.to(self.device)
         positions = positions.to(self.device)
         kc, vc = self.k[layer], self.v[layer]
+        T = int(positions.max()) + 1 if ctx_len is None else ctx_len
+        first = None
+        if self.device.type == "cpu":
+            ids = slots.tolist()
+            mark = self._mark[layer]
+            for s in ids:
+                if mark[s] < T:
+                    self._zero(layer, s, T)
+            first = ids[0] if ids == list(range(ids[0], ids[0] + len(ids))) else None
         kc[slots, positions] = k.to(self.dtype)
         vc[slots, positions] = v.to(self.dtype)
-        T = int(positions.max()) + 1 if ctx_len is None else ctx_len
-        k_ctx = kc[:, :T][slots]  # (B, T, n_kv, D): slice first, so only T positions are copied
-        v_ctx = vc[:, :T][slots]
-        o = decode_attention(q.to(self.device), k_ctx, v_ctx, positions + 1)
+        if first is not None:  # slots first..first+B-1 in order: a view, nothing copied
+            k_ctx = kc[first:first + len(slots), :T]  # (B, T, n_kv, D)
+            v_ctx = vc[first:first + len(slots), :T]
+        else:  # slice first, so only T positions of each row are gathered
+            k_ctx = kc[:, :T].index_select(0, slots)  # (B, T, n_kv, D)
+            v_ctx = vc[:, :T].index_select(0, slots)
+        o = decode_attention(q.to(self.device), k_ctx, v_ctx, positions + 1, compute_dtype)
         return o.to(q.device)
+

@@ -75,25 +75,35 @@ def test_decode_path_matches_hf(name: str) -> None:
             torch.testing.assert_close(logits[b], refs[b][len(p) + step], atol=ATOL, rtol=0)
 
 
-def test_kvcache_decode_reads_only_what_it_needs() -> None:
-    """decode() writes at [slot, pos] and attends over [0, pos]; positions past pos (garbage from
-    torch.empty, here NaN) never leak into the result."""
+def test_kvcache_decode_masks_garbage_and_any_slot_order() -> None:
+    """Rows of different lengths in one decode batch: each attends over exactly [0, pos] of its
+    slot. The cache starts as garbage (here NaN, as torch.empty may hand out): the masked tail of
+    a shorter row must not leak into its output (0 * NaN would). Contiguous slot runs (a view) and
+    scattered slots (a gather) give the same answer."""
     torch.manual_seed(0)
     n_kv, D, H = 2, 8, 4
-    cache = KVCache([7], n_slots=3, max_len=16, n_kv_heads=n_kv, head_dim=D, dtype=torch.float32)
-    cache.k[7].fill_(float("nan"))
-    cache.v[7].fill_(float("nan"))
-    L = 5
-    q_all = torch.randn(L + 1, H, D)
-    k_all, v_all = torch.randn(L + 1, n_kv, D), torch.randn(L + 1, n_kv, D)
-    cache.write(7, 1, 0, k_all[:L], v_all[:L])
-    o = cache.decode(7, torch.tensor([1]), torch.tensor([L]), q_all[L:], k_all[L:], v_all[L:])
-    full = prefill_attention(q_all, k_all, v_all)
-    torch.testing.assert_close(o[0], full[L], atol=1e-5, rtol=0)
-    assert cache.nbytes == KVCache.nbytes_for(1, 3, 16, n_kv, D, torch.float32) == 2 * 3 * 16 * 2 * 8 * 4
+    lengths = [5, 2, 9]
+    seqs = [(torch.randn(L + 1, H, D), torch.randn(L + 1, n_kv, D), torch.randn(L + 1, n_kv, D))
+            for L in lengths]
+    expected = torch.stack([prefill_attention(q, k, v)[-1] for q, k, v in seqs])  # (3, H*D)
+    for slots in ([1, 2, 3], [3, 0, 2]):
+        cache = KVCache([7], n_slots=4, max_len=80, n_kv_heads=n_kv, head_dim=D,
+                        dtype=torch.float32)
+        cache.k[7].fill_(float("nan"))
+        cache.v[7].fill_(float("nan"))
+        for slot, L, (q, k, v) in zip(slots, lengths, seqs):
+            cache.write(7, slot, 0, k[:L], v[:L])
+        o = cache.decode(7, torch.tensor(slots), torch.tensor(lengths),
+                         torch.stack([q[-1] for q, _, _ in seqs]),
+                         torch.stack([k[-1] for _, k, _ in seqs]),
+                         torch.stack([v[-1] for _, _, v in seqs]))
+        torch.testing.assert_close(o, expected, atol=1e-5, rtol=0)
+        for slot, L, (q, k, v) in zip(slots, lengths, seqs):  # stored in place, readable back
+            torch.testing.assert_close(cache.read(7, slot, L + 1)[0], k)
+    assert cache.nbytes == KVCache.nbytes_for(1, 4, 80, n_kv, D, torch.float32) == 2 * 4 * 80 * 2 * 8 * 4
     assert KVCache.nbytes_for(4, 2, 10, 2, 8, torch.bfloat16) == 2 * 4 * 2 * 10 * 2 * 8 * 2
     with pytest.raises(IndexError):
-        cache.write(7, 0, 14, k_all[:3], v_all[:3])
+        cache.write(7, 0, 78, seqs[0][1][:3], seqs[0][2][:3])
 
 
 def test_bf16_weights_and_cache_stay_close() -> None:
