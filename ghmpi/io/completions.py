@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from ghmpi.errors import InputError
+from ghmpi.io.prompts import ragged_blocks
 
 __all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions"]
 
@@ -215,7 +216,7 @@ class CompletionStore:
             f.create_dataset("offsets", data=offsets, chunks=(min(offsets.size, _CHUNK),), **opts)
             f.create_dataset("finish_reason", data=reasons,
                              chunks=(max(1, min(reasons.size, _CHUNK)),), **opts)
-            for a, b in _blocks(offsets, _WRITE_BLOCK_TOKENS):
+            for a, b in ragged_blocks(offsets, _WRITE_BLOCK_TOKENS):
                 buf = np.empty(int(offsets[b] - offsets[a]), dtype=np.int32)
                 for s in np.unique(shard_of[a:b]):
                     shard_tokens = self._read_shard(names[s])[3]
@@ -266,17 +267,6 @@ class CompletionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _blocks(offsets: np.ndarray, max_tokens: int) -> Iterator[tuple[int, int]]:
-    """Consecutive prompt ranges [a, b) of at most max_tokens tokens (one prompt at least)."""
-    n = offsets.size - 1
-    a = 0
-    while a < n:
-        b = int(np.searchsorted(offsets, offsets[a] + max_tokens, side="right")) - 1
-        b = min(max(b, a + 1), n)
-        yield a, b
-        a = b
 
 
 def _final_identity(path: str) -> tuple[str | None, int | None]:
@@ -343,7 +333,7 @@ class CompletionFile:
             b = min(a + chunk_prompts, self.n)
             off = np.asarray(self._offsets[a:b + 1], dtype=np.int64)  # (b-a+1,)
             reasons = np.asarray(self._reasons[a:b])
-            for s, e in _blocks(off - off[0], _WRITE_BLOCK_TOKENS):
+            for s, e in ragged_blocks(off - off[0], _WRITE_BLOCK_TOKENS):
                 flat = np.asarray(self._tokens[int(off[s]):int(off[e])], dtype=np.int32)
                 for i in range(s, e):
                     yield a + i, flat[off[i] - off[s]:off[i + 1] - off[s]], int(reasons[i])

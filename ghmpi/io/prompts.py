@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import h5py
@@ -20,11 +20,13 @@ import numpy as np
 
 from ghmpi.errors import InputError
 
-__all__ = ["PromptFile", "PromptStats", "PromptWriter", "write_prompts", "DIGEST_VERSION"]
+__all__ = ["PromptFile", "PromptStats", "PromptWriter", "write_prompts", "ragged_blocks",
+           "DIGEST_VERSION"]
 
 # Changing how the digest is computed changes every job id: bump the tag when you do.
 DIGEST_VERSION = b"ghmpi-prompts-v1"
 MAX_BLOCK_TOKENS = 1 << 22  # tokens read at once by iter_prompts, whatever chunk_prompts says
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,128 +108,113 @@ class PromptFile:
         if not np.issubdtype(dtype, np.integer):
             raise self._error(f"dataset '{name}' must hold integers, has dtype {dtype}")
 
-    def _offsets_block(self, a: int, b: int) -> np.ndarray:
-        """offsets[a:b+1] of prompts a..b-1 as int64, for either layout (vlen: only while
-        iterating, where the caller passes lengths itself)."""
-        assert self._offsets is not None
-        return np.asarray(self._offsets[a:b + 1], dtype=np.int64)
-
     # ---- validation ----------------------------------------------------------------------------
 
     def validate(self, vocab_size: int, context_len: int, chunk_tokens: int = 1 << 22) -> PromptStats:
-        """Check every prompt against the model, streaming; InputError at the first bad prompt."""
-        h_off, h_tok = hashlib.sha256(), hashlib.sha256()
-        if self._vlen is not None:
-            n_tokens, max_len = self._validate_vlen(vocab_size, context_len, chunk_tokens, h_off, h_tok)
-        else:
-            n_tokens, max_len = self._validate_flat(vocab_size, context_len, chunk_tokens, h_off, h_tok)
-        max_mnt, h_mnt = self._validate_max_new_tokens(chunk_tokens)
+        """Check every prompt against the model, streaming in blocks of about chunk_tokens ids.
+
+        InputError names the file and the first offending prompt (in index order, whatever the
+        kind of fault) and the offending value.
+        """
+        if self.n == 0:
+            raise self._error("holds no prompts")
+        chunk_tokens = max(1, int(chunk_tokens))
+        h_off, h_tok, h_mnt = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        h_off.update(np.zeros(1, "<i8").tobytes())  # offsets[0]
+        n_tokens = max_len = max_mnt = 0
+        if self._vlen is None:
+            assert self._offsets is not None
+            if int(self._offsets[0]) != 0:
+                raise self._error(f"offsets[0] must be 0, is {int(self._offsets[0])}")
+        for a, lengths, id_slices in self._length_blocks(chunk_tokens):
+            b = a + lengths.size
+            mnt = np.asarray(self._max_new[a:b]) if self._max_new is not None else None
+            bad_len = _first(lengths <= 0) if self._vlen is not None else _first(
+                (lengths <= 0) | (n_tokens + np.cumsum(lengths) > self._n_flat_tokens()))
+            bad_len = min(bad_len, _first(lengths >= context_len))
+            bad_mnt = _first((mnt < 1) | (mnt > INT32_MAX)) if mnt is not None else lengths.size
+            ok = min(bad_len, bad_mnt)  # prompts a..a+ok-1 are well formed: check their ids
+            for first, ids, lens in id_slices(ok):
+                j = _first((ids < 0) | (ids >= vocab_size))
+                if j < ids.size:
+                    ends = np.cumsum(lens)
+                    k = int(np.searchsorted(ends, j, side="right"))
+                    at = j - (int(ends[k - 1]) if k else 0)
+                    raise self._error(f"prompt {first + k} has token id {int(ids[j])} (position "
+                                      f"{at} of the prompt) outside the model's vocabulary "
+                                      f"[0, {vocab_size})")
+                h_tok.update(ids.astype("<i4").tobytes())
+            if ok < lengths.size:
+                if bad_len == ok:
+                    self._length_error(a + ok, int(lengths[ok]), n_tokens + int(lengths[:ok].sum()),
+                                       context_len)
+                raise self._error(f"prompt {a + ok} has max_new_tokens {int(mnt[ok])}; "
+                                  f"it must be in [1, {INT32_MAX}]")
+            h_off.update((n_tokens + np.cumsum(lengths)).astype("<i8").tobytes())
+            n_tokens += int(lengths.sum())
+            max_len = max(max_len, int(lengths.max()))
+            if mnt is not None:
+                max_mnt = max(max_mnt, int(mnt.max()))
+                h_mnt.update(mnt.astype("<i4").tobytes())
+        if self._vlen is None and n_tokens != self._n_flat_tokens():
+            raise self._error(f"offsets[{self.n}] is {n_tokens} but 'tokens' holds "
+                              f"{self._n_flat_tokens()} ids")
         digest = hashlib.sha256(DIGEST_VERSION)
         digest.update(np.int64(self.n).astype("<i8").tobytes())
-        for h in (h_off, h_tok):
-            digest.update(h.digest())
-        digest.update(h_mnt.digest() if h_mnt is not None else b"no-max-new-tokens")
-        return PromptStats(self.n, n_tokens, max_len, max_mnt, digest.hexdigest())
+        digest.update(h_off.digest())
+        digest.update(h_tok.digest())
+        digest.update(h_mnt.digest() if self._max_new is not None else b"no-max-new-tokens")
+        return PromptStats(self.n, n_tokens, max_len,
+                           max_mnt if self._max_new is not None else None, digest.hexdigest())
 
-    def _check_lengths(self, first: int, lengths: np.ndarray, context_len: int) -> None:
-        """lengths of prompts first, first+1, ...: none empty, none >= context_len."""
-        bad = np.flatnonzero((lengths <= 0) | (lengths >= context_len))
-        if bad.size:
-            i = int(bad[0])
-            n = int(lengths[i])
-            if n < 0:
-                raise self._error(f"offsets decrease at prompt {first + i} (offsets[{first + i}] > "
-                                  f"offsets[{first + i + 1}])")
-            if n == 0:
-                raise self._error(f"prompt {first + i} is empty")
-            raise self._error(f"prompt {first + i} has {n} tokens; the model's context is "
-                              f"{context_len} tokens, so a prompt may have at most {context_len - 1}")
+    def _n_flat_tokens(self) -> int:
+        assert self._tokens is not None
+        return int(self._tokens.shape[0])
 
-    def _check_ids(self, ids: np.ndarray, vocab_size: int) -> int:
-        """Index into ids of the first id outside [0, vocab_size), or -1."""
-        bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
-        return int(bad[0]) if bad.size else -1
+    def _length_error(self, i: int, length: int, start: int, context_len: int) -> None:
+        """Raise the error for prompt i, whose length (or end offset start+length) is bad."""
+        if length < 0:
+            raise self._error(f"offsets decrease at prompt {i} (offsets[{i}] > offsets[{i + 1}])")
+        if length == 0:
+            raise self._error(f"prompt {i} is empty")
+        if self._vlen is None and start + length > self._n_flat_tokens():
+            raise self._error(f"offsets[{i + 1}] is {start + length}, beyond the "
+                              f"{self._n_flat_tokens()} ids of 'tokens' (prompt {i})")
+        raise self._error(f"prompt {i} has {length} tokens; the model's context is {context_len} "
+                          f"tokens, so a prompt may have at most {context_len - 1}")
 
-    def _validate_flat(self, vocab_size, context_len, chunk, h_off, h_tok) -> tuple[int, int]:
+    def _length_blocks(self, chunk_tokens: int) -> Iterator[tuple[
+            int, np.ndarray, "Callable[[int], Iterator[tuple[int, np.ndarray, np.ndarray]]]"]]:
+        """Blocks (first prompt a, lengths (k,), id_slices) covering all prompts in order.
+
+        id_slices(m) yields (first prompt, flat ids, lengths) over prompts a..a+m-1 in pieces of
+        about chunk_tokens ids; only called on prompts whose lengths are valid.
+        """
+        if self._vlen is not None:
+            step = max(1, min(65536, chunk_tokens // 16))
+            for a in range(0, self.n, step):
+                rows = [np.asarray(r) for r in self._vlen[a:a + step]]
+                lengths = np.fromiter((r.shape[0] for r in rows), np.int64, len(rows))
+
+                def vlen_slices(m: int, a: int = a, rows: list[np.ndarray] = rows,
+                                lengths: np.ndarray = lengths):
+                    off = np.concatenate([[0], np.cumsum(lengths[:m])])  # (m+1,)
+                    for s, e in ragged_blocks(off, chunk_tokens):
+                        yield a + s, np.concatenate(rows[s:e]), lengths[s:e]
+
+                yield a, lengths, vlen_slices
+            return
         assert self._offsets is not None and self._tokens is not None
-        n_tok_ds = int(self._tokens.shape[0])
-        first = int(self._offsets[0])
-        if first != 0:
-            raise self._error(f"offsets[0] must be 0, is {first}")
-        max_len = 0
-        for a in range(0, self.n, chunk):
-            b = min(a + chunk, self.n)
-            off = self._offsets_block(a, b)  # (b-a+1,)
-            lengths = np.diff(off)
-            self._check_lengths(a, lengths, context_len)
-            max_len = max(max_len, int(lengths.max()))
-            h_off.update((off[1:] if a else off).astype("<i8").tobytes())
-        last = int(self._offsets[self.n])
-        if last != n_tok_ds:
-            raise self._error(f"offsets[{self.n}] is {last} but 'tokens' holds {n_tok_ds} ids")
-        for a in range(0, n_tok_ds, chunk):
-            ids = np.asarray(self._tokens[a:a + chunk])
-            j = self._check_ids(ids, vocab_size)
-            if j >= 0:
-                pos = a + j
-                raise self._error(f"prompt {self._prompt_of(pos)} has token id {int(ids[j])} "
-                                  f"(at tokens[{pos}]) outside the model's vocabulary [0, {vocab_size})")
-            h_tok.update(ids.astype("<i4").tobytes())
-        return n_tok_ds, max_len
+        for a in range(0, self.n, chunk_tokens):
+            off = np.asarray(self._offsets[a:min(a + chunk_tokens, self.n) + 1], dtype=np.int64)
+            lengths = np.diff(off)  # (k,)
 
-    def _prompt_of(self, pos: int) -> int:
-        """Index of the prompt holding tokens[pos]: binary search reading single offsets."""
-        assert self._offsets is not None
-        lo, hi = 0, self.n  # invariant: offsets[lo] <= pos < offsets[hi]
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if int(self._offsets[mid]) <= pos:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+            def flat_slices(m: int, a: int = a, off: np.ndarray = off):
+                for s, e in ragged_blocks(off[:m + 1] - off[0], chunk_tokens):
+                    ids = np.asarray(self._tokens[int(off[s]):int(off[e])])
+                    yield a + s, ids, np.diff(off[s:e + 1])
 
-    def _validate_vlen(self, vocab_size, context_len, chunk, h_off, h_tok) -> tuple[int, int]:
-        assert self._vlen is not None
-        total, max_len = 0, 0
-        h_off.update(np.zeros(1, "<i8").tobytes())
-        for a, rows in self._vlen_blocks(chunk):
-            lengths = np.fromiter((r.shape[0] for r in rows), np.int64, len(rows))
-            self._check_lengths(a, lengths, context_len)
-            max_len = max(max_len, int(lengths.max()))
-            h_off.update((total + np.cumsum(lengths)).astype("<i8").tobytes())
-            total += int(lengths.sum())
-            for i, row in enumerate(rows):
-                j = self._check_ids(row, vocab_size)
-                if j >= 0:
-                    raise self._error(f"prompt {a + i} has token id {int(row[j])} (at position {j}) "
-                                      f"outside the model's vocabulary [0, {vocab_size})")
-            h_tok.update(np.concatenate(rows).astype("<i4").tobytes())
-        return total, max_len
-
-    def _vlen_blocks(self, chunk_tokens: int) -> Iterator[tuple[int, list[np.ndarray]]]:
-        """(first index, rows) of the vlen dataset, about chunk_tokens ids per block."""
-        assert self._vlen is not None
-        step = max(1, min(65536, chunk_tokens // 64))
-        for a in range(0, self.n, step):
-            yield a, [np.asarray(r) for r in self._vlen[a:a + step]]
-
-    def _validate_max_new_tokens(self, chunk: int) -> tuple[int | None, "hashlib._Hash | None"]:
-        if self._max_new is None:
-            return None, None
-        h = hashlib.sha256()
-        best = 0
-        for a in range(0, self.n, chunk):
-            v = np.asarray(self._max_new[a:a + chunk])
-            bad = np.flatnonzero(v < 1)
-            if bad.size:
-                i = int(bad[0])
-                raise self._error(f"prompt {a + i} has max_new_tokens {int(v[i])}; it must be >= 1")
-            if int(v.max()) > np.iinfo(np.int32).max:
-                raise self._error(f"max_new_tokens of a prompt in [{a}, {a + len(v)}) exceeds int32")
-            best = max(best, int(v.max()))
-            h.update(v.astype("<i4").tobytes())
-        return (best if self.n else None), h
+            yield a, lengths, flat_slices
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -255,21 +242,15 @@ class PromptFile:
                 if skip is None or not skip[i]:
                     yield i, np.asarray(row, dtype=np.int32)
             return
-        assert self._tokens is not None
-        off = self._offsets_block(a, b)  # (b-a+1,)
-        i = a
-        while i < b:
-            # Cut the block so that no read exceeds MAX_BLOCK_TOKENS (one prompt at least).
-            limit = off[i - a] + MAX_BLOCK_TOKENS
-            j = max(i + 1, a + int(np.searchsorted(off, limit, side="right")) - 1)
-            j = min(j, b)
-            if skip is None or not skip[i:j].all():
-                base = int(off[i - a])
-                flat = np.asarray(self._tokens[base:int(off[j - a])], dtype=np.int32)
-                for k in range(i, j):
-                    if skip is None or not skip[k]:
-                        yield k, flat[int(off[k - a]) - base:int(off[k - a + 1]) - base]
-            i = j
+        assert self._offsets is not None and self._tokens is not None
+        off = np.asarray(self._offsets[a:b + 1], dtype=np.int64)  # (b-a+1,)
+        for s, e in ragged_blocks(off, MAX_BLOCK_TOKENS):
+            if skip is not None and skip[a + s:a + e].all():
+                continue
+            flat = np.asarray(self._tokens[int(off[s]):int(off[e])], dtype=np.int32)
+            for k in range(s, e):
+                if skip is None or not skip[a + k]:
+                    yield a + k, flat[int(off[k] - off[s]):int(off[k + 1] - off[s])]
 
     def close(self) -> None:
         self._f.close()
@@ -365,6 +346,24 @@ class PromptWriter:
             self.close()
         else:
             self.abort()
+
+
+def _first(mask: np.ndarray) -> int:
+    """Index of the first True in a 1-D mask, or its length when none is."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else int(mask.shape[0])
+
+
+def ragged_blocks(offsets: np.ndarray, max_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges [s, e) of the sequences whose offsets (N+1,) are given, each holding at
+    most max_tokens ids (one sequence at least): how ragged data is read in bounded memory."""
+    n = offsets.shape[0] - 1
+    s = 0
+    while s < n:
+        e = int(np.searchsorted(offsets, offsets[s] + max_tokens, side="right")) - 1
+        e = min(max(e, s + 1), n)
+        yield s, e
+        s = e
 
 
 def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
