@@ -58,18 +58,18 @@ def read_source(path: str | os.PathLike) -> Iterator[SourcePrompt]:
                          "use a .txt (one prompt per line) or .jsonl file")
     if not os.path.isfile(path):
         raise InputError(f"input {path}: no such file")
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            for n, raw in enumerate(f, start=1):
-                line = raw.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if ext == ".txt":
-                    yield SourcePrompt(n, line, None, None)
-                else:
-                    yield _parse_json_line(path, n, line)
-        except UnicodeDecodeError as e:
-            raise InputError(f"input {path}: not UTF-8 text ({e.reason} after line {n})") from None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:  # line by line, so that a bad byte is reported with its line
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise InputError(f"input {path}, line {n}: not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            if ext == ".txt":
+                yield SourcePrompt(n, line, None, None)
+            else:
+                yield _parse_json_line(path, n, line)
 
 
 def _parse_json_line(path: str, n: int, line: str) -> SourcePrompt:
