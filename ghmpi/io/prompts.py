@@ -222,10 +222,10 @@ class PromptFile:
                      ) -> Iterator[tuple[int, np.ndarray, int | None]]:
         """Yield (index, int32 tokens, max_new_tokens or None) in index order, skipping skip[i]."""
         if skip is not None:
-            skip = np.asarray(skip)
             if skip.dtype != np.bool_ or skip.shape != (self.n,):
                 raise ValueError(f"skip must be a bool array of shape ({self.n},), "
                                  f"got {skip.dtype} {skip.shape}")
+            skip = skip.copy()  # the caller may mark prompts done while we iterate
         chunk_prompts = max(1, int(chunk_prompts))
         for a in range(0, self.n, chunk_prompts):
             b = min(a + chunk_prompts, self.n)
