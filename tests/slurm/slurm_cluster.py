@@ -12,8 +12,8 @@ stopped by PID too.
 
 Usable without pytest, for debugging::
 
-    python tests/slurm/cluster.py /tmp/slurm-dev        # starts, prints `export SLURM_CONF=...`
-    python tests/slurm/cluster.py /tmp/slurm-dev --stop
+    python tests/slurm/slurm_cluster.py /tmp/slurm-dev        # starts, prints `export SLURM_CONF=...`
+    python tests/slurm/slurm_cluster.py /tmp/slurm-dev --stop
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 CONF_TEMPLATE = HERE / "slurm.conf.in"
 INSTALL_SCRIPT = HERE / "install_slurm.sh"
 MARKER = "GHMPI_SLURM_FIXTURE"
@@ -307,6 +309,72 @@ class SlurmCluster:
             if f.exists():
                 out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-n_chars:]}")
         return "\n".join(out)
+
+
+class SlurmClient:
+    """Thin helpers over the Slurm client commands, bound to one test cluster."""
+
+    def __init__(self, cluster: SlurmCluster):
+        self.cluster = cluster
+        self.env = cluster.env
+        # the scripts use this interpreter (its venv has ghmpi's dependencies)
+        self.env["GHMPI_PYTHON"] = sys.executable
+
+    def run(self, args: Sequence[str], timeout: float = 120, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        exe = which(args[0]) or args[0]
+        return subprocess.run([exe, *args[1:]], env={**self.env, **(env or {})}, cwd=cwd or REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def sbatch_wait(self, args: Sequence[str], timeout: float = 240,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Literally `sbatch --wait ...`: returns with the job's exit status. Slurm 22.05's sbatch
+        polls at 2, 4, 8, .. 32 s, so it can return up to ~30 s after the job ended: use it for
+        short jobs, and submit_and_wait for long ones."""
+        try:
+            return self.run(["sbatch", "--wait", *args], timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            self.cluster.cancel_all()
+            raise
+
+    def submit_and_wait(self, args: Sequence[str], timeout: float = 240,
+                        env: dict[str, str] | None = None) -> int:
+        """sbatch, then poll the job every 0.3 s; returns the batch script's exit status."""
+        job_id = self.submit(args, env=env)
+        try:
+            state = self.wait_ended(job_id, timeout=timeout)
+        except AssertionError:
+            self.run(["scancel", job_id], timeout=30)
+            raise
+        rc, _, sig = (self.job_field(job_id, "ExitCode") or "").partition(":")
+        assert rc.isdigit(), f"job {job_id} ended {state} without an exit code"
+        return int(rc) if not int(sig or 0) else 128 + int(sig)
+
+    def submit(self, args: Sequence[str], env: dict[str, str] | None = None) -> str:
+        p = self.run(["sbatch", "--parsable", *args], timeout=60, env=env)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip().split(";")[0]
+
+    def job_field(self, job_id: str, name: str) -> str | None:
+        """One field of `scontrol show job` (kept MinJobAge=300 s after the end)."""
+        p = self.run(["scontrol", "show", "job", job_id], timeout=30)
+        for tok in p.stdout.split():
+            if tok.startswith(name + "="):
+                return tok.split("=", 1)[1]
+        return None
+
+    def job_state(self, job_id: str) -> str:
+        return self.job_field(job_id, "JobState") or "GONE"
+
+    def wait_ended(self, job_id: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+                return state
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} still {self.job_state(job_id)} after {timeout} s")
+
 
 
 def main(argv: list[str] | None = None) -> int:
