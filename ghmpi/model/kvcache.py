@@ -89,30 +89,50 @@ class KVCache:
 
         slots, positions (B,) long (distinct slots); q (B, n_heads, D); k, v (B, n_kv, D) belong
         at position positions[b] of slot slots[b]. Row b attends over [0, positions[b]] of its slot.
-        -> (B, n_heads * D) in q.dtype. Only the first max(positions)+1 positions are read;
-        pass `ctx_len` (>= that) to skip the host sync that computing the max costs on a GPU.
+        -> (B, n_heads * D) in q.dtype, on q's device. Only the first max(positions)+1
+        positions are read. On a GPU, pass `ctx_len` (>= that) to skip the host sync that computing
+        the max costs; on the CPU it is ignored.
         `compute_dtype`: see `decode_attention` (default q.dtype).
         """
+        out_device = q.device
         slots = slots.to(self.device)
         positions = positions.to(self.device)
+        q = q.to(self.device)
         kc, vc = self.k[layer], self.v[layer]
-        T = int(positions.max()) + 1 if ctx_len is None else ctx_len
-        first = None
-        if self.device.type == "cpu":
-            ids = slots.tolist()
-            mark = self._mark[layer]
-            for s in ids:
+        if self.device.type != "cpu":
+            T = int(positions.max()) + 1 if ctx_len is None else ctx_len
+            kc[slots, positions] = k.to(self.dtype)
+            vc[slots, positions] = v.to(self.dtype)
+            k_ctx = kc[:, :T].index_select(0, slots)  # (B, T, n_kv, D): slice first, then gather
+            v_ctx = vc[:, :T].index_select(0, slots)
+            o = decode_attention(q, k_ctx, v_ctx, positions + 1, compute_dtype)
+            return o.to(out_device)
+
+        # CPU: no gather at all. Rows whose slots run consecutively attend on a view of the cache;
+        # a gathered copy would cost more than the attention (fresh pages, twice the traffic).
+        ids, pos = slots.tolist(), positions.tolist()
+        runs: list[tuple[int, int, int]] = []  # (row a, row b, T): slots ids[a], ids[a]+1, ...
+        for b, s in enumerate(ids):
+            if runs and ids[b - 1] + 1 == s:
+                a, _, T = runs[-1]
+                runs[-1] = (a, b + 1, max(T, pos[b] + 1))
+            else:
+                runs.append((b, b + 1, pos[b] + 1))
+        mark = self._mark[layer]
+        for a, b, T in runs:  # every position a row's view covers must be finite
+            for s in ids[a:b]:
                 if mark[s] < T:
                     self._zero(layer, s, T)
-            first = ids[0] if ids == list(range(ids[0], ids[0] + len(ids))) else None
         kc[slots, positions] = k.to(self.dtype)
         vc[slots, positions] = v.to(self.dtype)
-        if first is not None:  # slots first..first+B-1 in order: a view, nothing copied
-            k_ctx = kc[first:first + len(slots), :T]  # (B, T, n_kv, D)
-            v_ctx = vc[first:first + len(slots), :T]
-        else:  # slice first, so only T positions of each row are gathered
-            k_ctx = kc[:, :T].index_select(0, slots)  # (B, T, n_kv, D)
-            v_ctx = vc[:, :T].index_select(0, slots)
-        o = decode_attention(q.to(self.device), k_ctx, v_ctx, positions + 1, compute_dtype)
-        return o.to(q.device)
-
+        lengths = positions + 1
+        if len(runs) == 1:
+            o = decode_attention(q, kc[ids[0]:ids[0] + len(ids), :runs[0][2]],
+                                 vc[ids[0]:ids[0] + len(ids), :runs[0][2]], lengths, compute_dtype)
+            return o.to(out_device)
+        o = torch.empty(len(ids), q.shape[1] * q.shape[2], dtype=q.dtype)
+        for a, b, T in runs:
+            first = ids[a]
+            o[a:b] = decode_attention(q[a:b], kc[first:first + b - a, :T],
+                                      vc[first:first + b - a, :T], lengths[a:b], compute_dtype)
+        return o.to(out_device)

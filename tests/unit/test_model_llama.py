@@ -82,12 +82,12 @@ def test_kvcache_decode_masks_garbage_and_any_slot_order() -> None:
     scattered slots (a gather) give the same answer."""
     torch.manual_seed(0)
     n_kv, D, H = 2, 8, 4
-    lengths = [5, 2, 9]
+    lengths = [70, 2, 9]  # a long row beside short ones: their masked tails cross a zeroing chunk
     seqs = [(torch.randn(L + 1, H, D), torch.randn(L + 1, n_kv, D), torch.randn(L + 1, n_kv, D))
             for L in lengths]
     expected = torch.stack([prefill_attention(q, k, v)[-1] for q, k, v in seqs])  # (3, H*D)
-    for slots in ([1, 2, 3], [3, 0, 2]):
-        cache = KVCache([7], n_slots=4, max_len=80, n_kv_heads=n_kv, head_dim=D,
+    for slots in ([1, 2, 3], [3, 0, 2], [0, 2, 3]):  # one run, no run, runs of 1 and 2
+        cache = KVCache([7], n_slots=4, max_len=160, n_kv_heads=n_kv, head_dim=D,
                         dtype=torch.float32)
         cache.k[7].fill_(float("nan"))
         cache.v[7].fill_(float("nan"))
@@ -100,10 +100,10 @@ def test_kvcache_decode_masks_garbage_and_any_slot_order() -> None:
         torch.testing.assert_close(o, expected, atol=1e-5, rtol=0)
         for slot, L, (q, k, v) in zip(slots, lengths, seqs):  # stored in place, readable back
             torch.testing.assert_close(cache.read(7, slot, L + 1)[0], k)
-    assert cache.nbytes == KVCache.nbytes_for(1, 4, 80, n_kv, D, torch.float32) == 2 * 4 * 80 * 2 * 8 * 4
+    assert cache.nbytes == KVCache.nbytes_for(1, 4, 160, n_kv, D, torch.float32) == 2 * 4 * 160 * 2 * 8 * 4
     assert KVCache.nbytes_for(4, 2, 10, 2, 8, torch.bfloat16) == 2 * 4 * 2 * 10 * 2 * 8 * 2
     with pytest.raises(IndexError):
-        cache.write(7, 0, 78, seqs[0][1][:3], seqs[0][2][:3])
+        cache.write(7, 0, 158, seqs[0][1][:3], seqs[0][2][:3])
 
 
 def test_bf16_weights_and_cache_stay_close() -> None:
