@@ -219,10 +219,9 @@ class CompletionStore:
             for a, b in ragged_blocks(offsets, _WRITE_BLOCK_TOKENS):
                 buf = np.empty(int(offsets[b] - offsets[a]), dtype=np.int32)
                 for s in np.unique(shard_of[a:b]):
-                    shard_tokens = self._read_shard(names[s])[3]
-                    for i in a + np.flatnonzero(shard_of[a:b] == s):
-                        dst = int(offsets[i] - offsets[a])
-                        buf[dst:dst + lengths[i]] = shard_tokens[start[i]:start[i] + lengths[i]]
+                    idx = a + np.flatnonzero(shard_of[a:b] == s)  # prompts of this block in shard s
+                    src, dst = _segments(start[idx], offsets[idx] - offsets[a], lengths[idx])
+                    buf[dst] = self._read_shard(names[s])[3][src]
                 tok_ds[int(offsets[a]):int(offsets[b])] = buf
             for key, value in {**attrs, "job_id": self.job_id}.items():
                 f.attrs[key] = value
@@ -267,6 +266,14 @@ class CompletionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _segments(src_starts: np.ndarray, dst_starts: np.ndarray, lengths: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Element positions (source, destination) of segments copied between flat arrays."""
+    total = int(lengths.sum())
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # (total,)
+    return np.repeat(src_starts, lengths) + within, np.repeat(dst_starts, lengths) + within
 
 
 def _final_identity(path: str) -> tuple[str | None, int | None]:
