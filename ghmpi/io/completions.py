@@ -77,23 +77,25 @@ class CompletionStore:
                 raise InputError(f"output {self.output} belongs to another job (job id "
                                  f"{final_job or 'unknown'}); set io.overwrite: true to start afresh "
                                  "(it is replaced when the new job finishes)")
-        parts_ours = True
-        if os.path.isdir(self.parts) and not self.complete:
-            parts_ours = self._parts_are_ours()
-            if not parts_ours and not overwrite:
-                raise InputError(f"{self.parts} holds the partial results of another job; set "
-                                 "io.overwrite: true to discard them and start afresh")
+        has_parts = os.path.isdir(self.parts)
+        meta = self._read_job_file() if has_parts else None
+        meta_ok = meta == {"job_id": self.job_id, "n_prompts": self.n_prompts}
+        # Parts without a readable job.json are ours only if nothing was ever persisted there.
+        parts_ours = not has_parts or meta_ok or (meta is None and not self._shard_names())
+        if not parts_ours and not overwrite and not self.complete:
+            raise InputError(f"{self.parts} holds the partial results of another job; set "
+                             "io.overwrite: true to discard them and start afresh")
 
         # -- act --
         if self.complete:
-            if os.path.isdir(self.parts):  # left over from a kill right after the final rename
+            if has_parts and parts_ours:  # left over from a kill right after the final rename
                 shutil.rmtree(self.parts)
             self.done = np.ones(self.n_prompts, dtype=np.bool_)
         else:
             if not parts_ours:
                 shutil.rmtree(self.parts)
             os.makedirs(self.parts, exist_ok=True)
-            if not os.path.isfile(os.path.join(self.parts, JOB_FILE)):
+            if not meta_ok:
                 _write_atomic(os.path.join(self.parts, JOB_FILE),
                               json.dumps({"job_id": self.job_id, "n_prompts": self.n_prompts},
                                          indent=2).encode() + b"\n")
@@ -108,14 +110,14 @@ class CompletionStore:
 
     # ---- opening ------------------------------------------------------------------------------
 
-    def _parts_are_ours(self) -> bool:
+    def _read_job_file(self) -> dict | None:
+        """The parts folder's job.json as {job_id, n_prompts}, or None when unreadable."""
         try:
             with open(os.path.join(self.parts, JOB_FILE), encoding="utf-8") as f:
                 meta = json.load(f)
-            return meta.get("job_id") == self.job_id and meta.get("n_prompts") == self.n_prompts
-        except (OSError, ValueError, AttributeError):
-            # No readable job.json: ours only if nothing was ever persisted there.
-            return not any(_SHARD.match(name) for name in os.listdir(self.parts))
+            return {"job_id": meta["job_id"], "n_prompts": meta["n_prompts"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _shard_names(self) -> list[str]:
         return sorted(name for name in os.listdir(self.parts) if _SHARD.match(name))
@@ -130,8 +132,8 @@ class CompletionStore:
         for name in names:
             try:
                 index = self._read_shard(name, tokens=False)[0]
-            except (OSError, KeyError, ValueError):
-                self.ignored_shards.append(name)
+            except (OSError, KeyError, ValueError, RuntimeError, TypeError):
+                self.ignored_shards.append(name)  # damaged: whatever h5py makes of it
                 continue
             done[index] = True
         return done

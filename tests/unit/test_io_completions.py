@@ -145,6 +145,24 @@ def test_overwrite_discards_other_parts(tmp_path: Path) -> None:
     # Same job id but a different prompt count is another job too.
     with pytest.raises(InputError, match="another job"):
         CompletionStore(out, 5, "new")
+    # A parts folder with an unreadable job.json: adopted while empty, foreign once it has shards.
+    (tmp_path / "c.h5.parts" / "job.json").write_text("{trunc")
+    assert CompletionStore(out, 4, "third").n_done == 0
+    with CompletionStore(out, 4, "third") as s:
+        s.add(1, [3], FINISH_STOP)
+    (tmp_path / "c.h5.parts" / "job.json").write_text("{trunc")
+    with pytest.raises(InputError, match="partial results of another job"):
+        CompletionStore(out, 4, "third")
+
+
+def test_complete_output_leaves_other_jobs_parts_alone(tmp_path: Path) -> None:
+    out = tmp_path / "c.h5"
+    run_in_order(out, 3, [0, 1, 2])
+    with CompletionStore(out, 2, "job-B", overwrite=True) as s:  # B runs, is stopped
+        s.add(0, [1], FINISH_STOP)
+    assert CompletionStore(out, 3, "job-A").complete  # A again: nothing to do...
+    assert (tmp_path / "c.h5.parts" / "shard-00000000.h5").exists()  # ...and B's work is kept
+    assert CompletionStore(out, 2, "job-B", overwrite=True).n_done == 1
 
 
 def test_folder_checks(tmp_path: Path) -> None:
