@@ -206,8 +206,7 @@ class CompletionStore:
             missing = np.flatnonzero(~self.done)
             raise RuntimeError(f"finalize with {missing.size} prompts not done "
                                f"(first: {int(missing[0])})")
-        shard_of, start, lengths, reasons = self._locate()
-        names = self._shard_names()
+        names, shard_of, start, lengths, reasons = self._locate()
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (N+1,)
         total = int(offsets[-1])
         tmp = self.output + ".tmp"
@@ -233,17 +232,17 @@ class CompletionStore:
         shutil.rmtree(self.parts)
         self.complete = True
 
-    def _locate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per prompt: shard number, token start in that shard, length, finish reason.
-
-        O(N) index arrays; the first shard (in name order) holding a prompt wins.
+    def _locate(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Shard names, and per prompt: shard number (into names), token start in that shard,
+        length, finish reason. O(N) index arrays; the first shard (by name) holding a prompt wins.
         """
         n = self.n_prompts
         shard_of = np.full(n, -1, dtype=np.int32)
         start = np.zeros(n, dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
         reasons = np.zeros(n, dtype=np.uint8)
-        for s, name in enumerate(self._shard_names()):
+        names = self._shard_names()
+        for s, name in enumerate(names):
             if name in self.ignored_shards:
                 continue
             index, offsets, shard_reasons, _ = self._read_shard(name, tokens=False)
@@ -256,7 +255,7 @@ class CompletionStore:
         if (shard_of < 0).any():  # a shard vanished since it was counted
             raise RuntimeError(f"prompt {int(np.flatnonzero(shard_of < 0)[0])} is in no shard "
                                f"of {self.parts}")
-        return shard_of, start, lengths, reasons
+        return names, shard_of, start, lengths, reasons
 
     def close(self) -> None:
         """Persist whatever is buffered (finished completions are never thrown away)."""
