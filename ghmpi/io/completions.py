@@ -27,7 +27,8 @@ import numpy as np
 from ghmpi.errors import InputError
 from ghmpi.io.prompts import ragged_blocks
 
-__all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions"]
+__all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions",
+           "check_output_path"]
 
 FINISH_STOP = 1  # stopped on EOS or a stop token (that token is the last id)
 FINISH_LENGTH = 2  # reached max_new_tokens or the model's context limit
@@ -56,13 +57,7 @@ class CompletionStore:
         self.ignored_shards: list[str] = []  # unreadable shards found on open (names)
 
         # -- checks first: nothing is created or removed unless they all pass --
-        folder = os.path.dirname(os.path.abspath(self.output))
-        if not os.path.isdir(folder):
-            raise InputError(f"output {self.output}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"output {self.output}: folder {folder} is not writable")
-        if os.path.isdir(self.output):
-            raise InputError(f"output {self.output} is a folder, not a file")
+        check_output_path(self.output)
         if os.path.exists(self.parts) and not os.path.isdir(self.parts):
             raise InputError(f"{self.parts} is in the way: it should be this job's parts folder")
         self.complete = False
@@ -267,6 +262,18 @@ class CompletionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_output_path(path: str) -> None:
+    """InputError unless `path` can be written: its folder exists and is writable, and it is not
+    itself a folder. Creates nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"output {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"output {path}: folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise InputError(f"output {path} is a folder, not a file")
 
 
 def _segments(src_starts: np.ndarray, dst_starts: np.ndarray, lengths: np.ndarray

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ghmpi.errors import InputError, ModelError
-from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP, CompletionFile
+from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP, CompletionFile, check_output_path
 from ghmpi.io.prompts import PromptFile, PromptStats, PromptWriter
 
 __all__ = ["register", "prepare", "export", "load_tokenizer", "read_source", "SourcePrompt"]
@@ -126,9 +126,9 @@ class _Encoder:
     def __init__(self, tok: Any, model_dir: str, chat: bool, add_bos: bool | None) -> None:
         self.tok, self.model_dir, self.chat, self.add_bos = tok, model_dir, chat, add_bos
         self.bos = tok.bos_token_id
-        if add_bos is not None and self.bos is None:
-            raise ModelError(f"model folder {model_dir}: its tokenizer has no BOS token, "
-                             f"so --{'' if add_bos else 'no-'}add-bos has no meaning")
+        if add_bos and self.bos is None:
+            raise ModelError(f"model folder {model_dir}: its tokenizer has no BOS token to add "
+                             "(--add-bos)")
 
     def __call__(self, src: SourcePrompt, where: str) -> list[int]:
         if src.messages is not None or self.chat:
@@ -170,7 +170,7 @@ def prepare(input: str | os.PathLike, model_dir: str | os.PathLike, output: str 
     input, model_dir, output = os.fspath(input), os.fspath(model_dir), os.fspath(output)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    _check_output(output)
+    check_output_path(output)
     with_mnt = _needs_max_new_tokens(input, max_new_tokens)
     tok = load_tokenizer(model_dir)
     encode = _Encoder(tok, model_dir, chat, add_bos)
@@ -204,16 +204,6 @@ def _needs_max_new_tokens(input: str, flag: int | None) -> bool:
     return True
 
 
-def _check_output(output: str) -> None:
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise InputError(f"output {output}: folder {folder} does not exist")
-    if os.path.isdir(output):
-        raise InputError(f"output {output} is a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"output {output}: folder {folder} is not writable")
-
-
 # ---- export ------------------------------------------------------------------------------------
 
 def export(completions: str | os.PathLike, prompts: str | os.PathLike,
@@ -223,7 +213,7 @@ def export(completions: str | os.PathLike, prompts: str | os.PathLike,
     Texts are decoded without special tokens (BOS, EOS); `token_ids` keeps every generated id.
     """
     completions, prompts, output = os.fspath(completions), os.fspath(prompts), os.fspath(output)
-    _check_output(output)
+    check_output_path(output)
     with PromptFile(prompts) as pf:
         with CompletionFile(completions) as cf:
             if cf.n != pf.n:
