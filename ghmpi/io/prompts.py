@@ -299,9 +299,8 @@ class PromptWriter:
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"prompt {self.n}: tokens must be a non-empty 1-D sequence")
         if (self._max_new is None) != (max_new_tokens is None):
-            raise ValueError(f"prompt {self.n}: max_new_tokens given "
-                             f"{'without' if self._max_new is None else 'missing'} "
-                             f"with_max_new_tokens")
+            raise ValueError(f"prompt {self.n}: max_new_tokens must be given exactly when the "
+                             f"writer was opened with_max_new_tokens={self._max_new is not None}")
         self._buf_tokens.append(ids.astype(np.int32))
         self._buf_lengths.append(int(ids.size))
         if max_new_tokens is not None:
