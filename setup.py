@@ -14,6 +14,8 @@ setup(
         "pyyaml",
         "safetensors",
         "tokenizers",
+        "transformers",  # prepare/export: the model folder's tokenizer and chat template
+        "jinja2",
     ],
     extras_require={
         "test": ["pytest", "pytest-mpi", "transformers"],

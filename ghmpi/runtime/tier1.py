@@ -118,7 +118,8 @@ class Tier1:
             idx = torch.tensor(local_idx, device=self.device)
             rows = [r for r in p.rows if not r.prefill and self.owner[r.slot] == LOCAL]
             slots = torch.tensor([int(self.local_index[r.slot]) for r in rows], device=self.device)
-            o[idx] = self.cache.decode(l, slots, p.positions[idx], q[idx], k[idx], v[idx])
+            ctx = max(r.start for r in rows) + 1  # known here: spares a GPU->host sync
+            o[idx] = self.cache.decode(l, slots, p.positions[idx], q[idx], k[idx], v[idx], ctx_len=ctx)
         p.o = o
         self._ship(p, q, k, v, decodes, fills)
         if not p.waits:
