@@ -85,10 +85,12 @@ echo "$me: job ${SLURM_JOB_ID}: tier 1 = $slices ranks on ${SLURM_JOB_NODELIST_H
 pid=$!
 trap 'kill -USR1 "$pid" 2>/dev/null' USR1
 trap ':' TERM INT
-while :; do
+# wait returns early when a trapped signal arrives: wait again while the launcher lives, then
+# collect its exit status (bash keeps it even if the launcher was reaped during a trap).
+while kill -0 "$pid" 2>/dev/null; do
     wait "$pid"
-    rc=$?
-    kill -0 "$pid" 2>/dev/null || break
 done
+wait "$pid"
+rc=$?
 echo "$me: job ${SLURM_JOB_ID}: ghmpi exited with status $rc" >&2
 exit "$rc"
