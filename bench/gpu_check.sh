@@ -21,7 +21,7 @@ for name in "${runs[@]}"; do
     --set io.output="$OUT/$name.h5" >"$OUT/$name.log" 2>&1
   rc=$?
   end=$(date +%s.%N)
-  echo "$name rc=$rc launch-to-exit=$(echo "$end - $start" | bc)s :: $(grep -h 'ghmpi: done' "$OUT/$name.log" | sed 's/ghmpi: done: //')"
+  echo "$name rc=$rc launch-to-exit=$(python3 -c "print(round($end - $start, 1))")s :: $(grep -h 'ghmpi: done' "$OUT/$name.log" | sed 's/ghmpi: done: //')"
   [ $rc = 0 ] || tail -5 "$OUT/$name.log"
 done
 "$PY" - "$OUT" <<'PYEOF'
