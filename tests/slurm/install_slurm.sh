@@ -7,4 +7,4 @@ if [ "$(id -u)" != 0 ]; then echo "install_slurm.sh: must run as root" >&2; exit
 command -v apt-get >/dev/null || { echo "install_slurm.sh: no apt-get here" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurmd slurmctld slurm-client munge libpmix2 libpmix-dev
+apt-get install -y -qq slurmd slurmctld slurm-client munge libpmix2 libpmix-dev
