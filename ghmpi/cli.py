@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -20,6 +21,7 @@ from ghmpi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Gh
 
 DEFAULT_JOB = Path("jobs") / "default.yaml"
 RANK_ENV_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+SIZE_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 COMMANDS = ("run", "prepare", "export")
 
 
@@ -33,6 +35,15 @@ def world_rank() -> int:
             except ValueError:
                 return 0
     return 0
+
+
+def world_size() -> int:
+    """The world size the launcher announced; 1 when started without one."""
+    for name in SIZE_ENV_VARS:
+        value = os.environ.get(name)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
 
 
 def default_config_path() -> Path:
@@ -124,15 +135,25 @@ def build_parser(with_io: bool = True) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Load and check the config on every rank, then hand over to the MPI job."""
+    """Check the config, then hand over to the MPI job.
+
+    Alone, the config is checked before mpi4py and torch are imported (a quick error). In a world
+    of several ranks only rank 0 reads it, inside the job, and the others learn the verdict from
+    rank 0: were every rank to fail on its own, the launcher could kill rank 0 on the first
+    rank's exit before rank 0 had printed why."""
     config_path = Path(args.config) if args.config is not None else default_config_path()
-    config = load_config(config_path, args.overrides)  # ConfigError -> exit 2 on every rank
     if args.print_config:
+        config = load_config(config_path, args.overrides)
         if world_rank() == 0:
             sys.stdout.write(config_to_yaml(config))
         return EXIT_OK
+    if world_size() <= 1:
+        config = load_config(config_path, args.overrides)  # ConfigError -> exit 2, no MPI needed
+        loader = lambda: config  # noqa: E731
+    else:
+        loader = lambda: load_config(config_path, args.overrides)  # noqa: E731  (rank 0 only)
     job = importlib.import_module("ghmpi.runtime.job")  # imports mpi4py and torch: only now
-    return job.run(config, config_path)
+    return job.run(loader, config_path)
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -153,7 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = _with_default_command(args_list)
     # `run` needs nothing of prepare/export: every rank of a job is spared importing them.
     parser = build_parser(with_io=args_list[0] != "run")
-    args = parser.parse_args(args_list)  # usage errors: SystemExit(2)
+    try:
+        args = parser.parse_args(args_list)  # usage errors: SystemExit(2)
+    except SystemExit as exc:
+        if exc.code and world_rank() != 0:
+            time.sleep(3)  # let rank 0 print the usage error before the launcher ends the job
+        raise
     try:
         return int(args.func(args))
     except GhmpiError as exc:

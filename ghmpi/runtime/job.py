@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -76,6 +77,10 @@ def _cuda_wanted(cfg: Config) -> bool:
 
 def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore]:
     """Check everything checkable before work starts (rank 0). Raises GhmpiError."""
+    if cfg.topology.slices > world_size:  # the cheapest check first, in the user's terms
+        raise ConfigError(f"topology.slices is {cfg.topology.slices} but the MPI world has only "
+                          f"{world_size} rank(s); start at least {cfg.topology.slices} ranks or "
+                          f"lower topology.slices")
     args = check_checkpoint(cfg.model.path)
     for t in cfg.generation.stop_token_ids:
         if t >= args.vocab_size:
@@ -96,9 +101,6 @@ def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore]:
                             flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds)
     on_gpu = _cuda_wanted(cfg)
     t = cfg.topology
-    if t.slices > world_size:  # before auto_batches: say it in the user's terms
-        raise ConfigError(f"topology.slices is {t.slices} but the MPI world has only {world_size} "
-                          f"rank(s); start at least {t.slices} ranks or lower topology.slices")
     mbs, size = auto_batches(world_size, t.slices, stats.n_prompts - store.n_done,
                              t.micro_batches, t.micro_batch_size, on_gpu)
     layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
@@ -129,12 +131,21 @@ def _check_memory(cfg: Config, args: ModelArgs, layout: Layout, max_len: int) ->
 
 
 def _threads(cfg: Config, local_size: int) -> int:
+    """Torch threads per rank: the config's, else this rank's share of the CPUs it may use.
+
+    Under Slurm that is what the allocation grants (SLURM_CPUS_PER_TASK, or the node's CPUs over
+    its ranks), not the whole machine: on a shared node the machine's count oversubscribes."""
     if cfg.runtime.torch_threads:
         return cfg.runtime.torch_threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    if os.environ.get("SLURM_CPUS_ON_NODE", "").isdigit():
+        cores = int(os.environ["SLURM_CPUS_ON_NODE"])
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
     return max(1, cores // max(local_size, 1))
 
 
@@ -161,7 +172,10 @@ class _Signals:
         self.received = signum
 
 
-def run(cfg: Config, config_path: str | os.PathLike | None = None) -> int:
+def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | None = None) -> int:
+    """Run the job on every rank. `cfg` may be a loader called on rank 0 only: the other ranks
+    then take the config from rank 0's verdict, so a bad config is reported once and no rank can
+    exit (and have the launcher kill rank 0) before rank 0 has said why."""
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     signals = _Signals()
@@ -170,19 +184,21 @@ def run(cfg: Config, config_path: str | os.PathLike | None = None) -> int:
     store = None
     if rank == 0:
         try:
+            if callable(cfg):
+                cfg = cfg()
             plan, store = plan_job(cfg, world.Get_size())
-            verdict = ("complete", plan) if store.complete else ("ok", plan)
+            verdict = ("complete", (cfg, plan)) if store.complete else ("ok", (cfg, plan))
         except GhmpiError as e:
             verdict = ("error", str(e))
         except Exception as e:  # a bug, not bad input: still end every rank, with a reason
             traceback.print_exc()
             verdict = ("failed", f"{type(e).__name__}: {e}")
+        if verdict[0] in ("error", "failed"):  # speak before any rank is released to exit
+            print(f"ghmpi: error: {' '.join(str(verdict[1]).split())}", file=sys.stderr, flush=True)
     kind, payload = world.bcast(verdict, root=0)
     if kind in ("error", "failed"):
-        if rank == 0:
-            print(f"ghmpi: error: {payload}", file=sys.stderr, flush=True)
         return EXIT_USAGE if kind == "error" else EXIT_FAILURE
-    plan: JobPlan = payload
+    cfg, plan = payload
     if kind == "complete":
         if rank == 0:
             print(f"ghmpi: {cfg.io.output} is already complete ({plan.n_prompts} prompts); "
