@@ -10,13 +10,19 @@ export OMPI_MCA_mpi_yield_when_idle=1 PMIX_MCA_psec=native
 status=0
 log=$(mktemp)
 for n in 1 2 3 5; do
-  if timeout 300 "$MPIRUN" --oversubscribe -n "$n" "$PY" -m pytest -q -p no:cacheprovider \
+  if timeout 300 "$MPIRUN" --oversubscribe -n "$n" "$PY" -m pytest -q -p no:cacheprovider --color=no \
        --with-mpi tests/mpi >"$log" 2>&1; then
-    echo "tests/mpi at $n rank(s): $(grep -m1 -E '[0-9]+ passed' "$log")"
+    echo "tests/mpi at $n rank(s): $(grep -a -m1 -E '[0-9]+ passed' "$log")"
   else
     cat "$log"; echo "tests/mpi at $n rank(s): FAILED"; status=1
   fi
 done
 rm -f "$log"
-"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/e2e tests/slurm "$@" || status=1
+"$PY" -m pytest -q -p no:cacheprovider tests/unit tests/e2e tests/slurm "$@"
+rc=$?
+case $rc in
+  0) ;;
+  5) echo "tests/run.sh: pytest collected no tests (exit 5): the suite is broken"; status=1 ;;
+  *) status=1 ;;
+esac
 exit $status

@@ -32,7 +32,7 @@ from ghmpi.model.args import ModelArgs
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.loader import check_checkpoint
 from ghmpi.runtime.faults import FaultInjector
-from ghmpi.runtime.progress import Progress
+from ghmpi.runtime.progress import Progress, peak_rss_mib
 from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP, Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -289,6 +289,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
             "generated_tokens": progress.tokens,
             "wall_time_s": wall,
             "tokens_per_s": progress.sampled / wall if wall > 0 else 0.0,
+            "rank0_peak_rss_mib": peak_rss_mib(),
         })
         progress.summary(wall, cfg.io.output)
         return EXIT_OK

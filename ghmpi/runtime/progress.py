@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections import Counter
 
 from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
 
 
 def _clock(seconds: float) -> str:
@@ -49,4 +57,5 @@ class Progress:
         print(f"ghmpi: done: {self.done_before + self.done} prompts ({self.done} in this run), "
               f"{self.tokens} tokens generated in {wall:.1f} s, {self.sampled / max(wall, 1e-9):.1f} "
               f"tokens/s; finished on stop token {self.reasons[FINISH_STOP]}, on length "
-              f"{self.reasons[FINISH_LENGTH]}; wrote {output}", flush=True)
+              f"{self.reasons[FINISH_LENGTH]}; rank 0 peak memory {peak_rss_mib():.0f} MiB; "
+              f"wrote {output}", flush=True)
