@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MODEL, ghmpi, write_job
+from e2e_jobs import MODEL, ghmpi, write_job
 from ghmpi.io.prompts import write_prompts
 
 

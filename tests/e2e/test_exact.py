@@ -3,7 +3,7 @@ sampled completions are identical across layouts; hybrid mode is exact."""
 
 import pytest
 
-from conftest import ghmpi, read_output, write_job
+from e2e_jobs import ghmpi, read_output, write_job
 
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (9, 1), (3, 2), (4, 2)]
 

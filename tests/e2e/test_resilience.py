@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, ghmpi, mpi_env, mpirun, read_output, write_job
+from e2e_jobs import MODEL, ghmpi, mpi_env, mpirun, read_output, write_job
 
 SLOW = {"micro_batches": 2, "micro_batch_size": 2}  # few slots: prompts finish one by one
 FLUSH = {"flush_every": 1, "flush_seconds": 0.2}

@@ -4,7 +4,7 @@ import json
 
 from tokenizers import Tokenizer
 
-from conftest import MODEL, ghmpi, read_output, write_job
+from e2e_jobs import MODEL, ghmpi, read_output, write_job
 
 
 def test_prepare_run_export_round_trip(tmp_path):
