@@ -93,55 +93,52 @@ class Tier1:
         return Pass(mb, rows, x, positions, self.layers.start)
 
     def _start_layer(self, p: Pass) -> None:
-        """Pre-attention of p's next layer; local attention; ship the rest to tier 2."""
+        """Pre-attention of p's next layer; ship tier 2 its share first, then compute the local
+        attention (prompts' causal prefill, hybrid slots' decode) while tier 2 works."""
         self.faults.step()
         l, H, D = p.layer, self.args.n_heads, self.args.head_dim
         q, k, v = self.model.pre_attention(l, p.x, p.positions)  # (n, H, D), (n, KV, D) x2
-        o = torch.empty(q.shape[0], H * D, dtype=q.dtype, device=q.device)
+        p.o = torch.empty(q.shape[0], H * D, dtype=q.dtype, device=q.device)
+        prefills: list[tuple[Row, slice]] = []
         fills: dict[int, list[tuple[int, slice]]] = {}  # owner -> (slot, token range) to store
-        decodes: dict[int, list[int]] = {}  # owner -> token indices of decode rows
+        decodes: dict[int, list[tuple[int, Row]]] = {}  # owner -> (token index, row)
         at = 0
         for r in p.rows:
-            span = slice(at, at + r.ntok)
             owner = int(self.owner[r.slot])
             if r.prefill:
-                o[span] = prefill_attention(q[span], k[span], v[span])
-                if owner == LOCAL:
-                    self.cache.write(l, int(self.local_index[r.slot]), 0, k[span], v[span])
-                else:
+                span = slice(at, at + r.ntok)
+                prefills.append((r, span))
+                if owner != LOCAL:
                     fills.setdefault(owner, []).append((r.slot, span))
             else:
-                decodes.setdefault(owner, []).append(at)
+                decodes.setdefault(owner, []).append((at, r))
             at += r.ntok
-        local_idx = decodes.pop(LOCAL, None)
-        if local_idx:
-            idx = torch.tensor(local_idx, device=self.device)
-            rows = [r for r in p.rows if not r.prefill and self.owner[r.slot] == LOCAL]
-            slots = torch.tensor([int(self.local_index[r.slot]) for r in rows], device=self.device)
-            ctx = max(r.start for r in rows) + 1  # known here: spares a GPU->host sync
-            o[idx] = self.cache.decode(l, slots, p.positions[idx], q[idx], k[idx], v[idx], ctx_len=ctx)
-        p.o = o
+        local = decodes.pop(LOCAL, [])
         self._ship(p, q, k, v, decodes, fills)
+        for r, span in prefills:
+            p.o[span] = prefill_attention(q[span], k[span], v[span])
+            if self.owner[r.slot] == LOCAL:
+                self.cache.write(l, int(self.local_index[r.slot]), 0, k[span], v[span])
+        if local:
+            idx = torch.tensor([i for i, _ in local], device=self.device)
+            slots = torch.tensor([int(self.local_index[r.slot]) for _, r in local], device=self.device)
+            ctx = max(r.start for _, r in local) + 1  # known here: spares a GPU->host sync
+            p.o[idx] = self.cache.decode(l, slots, p.positions[idx], q[idx], k[idx], v[idx], ctx_len=ctx)
         if not p.waits:
             self._finish_layer(p)
 
-    def _ship(self, p: Pass, q, k, v, decodes: dict[int, list[int]],
+    def _ship(self, p: Pass, q, k, v, decodes: dict[int, list[tuple[int, Row]]],
               fills: dict[int, list[tuple[int, slice]]]) -> None:
         """Send each owner one message with its decode rows' q/k/v and the prompts' K/V."""
-        row_at, at = {}, 0
-        for r in p.rows:
-            row_at[at] = r
-            at += r.ntok
         for owner in sorted(set(decodes) | set(fills)):
             dec, fil = decodes.get(owner, []), fills.get(owner, [])
-            idx = torch.tensor(dec, dtype=torch.long, device=self.device)
+            idx = torch.tensor([i for i, _ in dec], dtype=torch.long, device=self.device)
             if dec:  # post the receive before the request goes out
-                buf = np.empty(len(dec) * self.args.n_heads * self.args.head_dim
-                               * self.wire.itemsize, dtype=np.uint8)
+                buf = np.empty(len(dec) * self.args.n_heads * self.args.head_dim * self.wire.itemsize, dtype=np.uint8)
                 req = self.world.Irecv([buf, MPI.BYTE], source=owner, tag=tp.TAG_REPLY + p.mb)
                 p.waits.append((req, buf, idx))
             msg = encode_work(self.wire, p.mb, p.layer,
-                              [row_at[i].slot for i in dec], [row_at[i].start for i in dec],
+                              [r.slot for _, r in dec], [r.start for _, r in dec],
                               [slot for slot, _ in fil], [s.stop - s.start for _, s in fil],
                               q[idx], k[idx], v[idx], [k[s] for _, s in fil], [v[s] for _, s in fil])
             self.outbox.send(msg, owner, tp.TAG_WORK)
