@@ -9,7 +9,7 @@ request completes, so no rank ever blocks in a send while its peer is blocked to
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -24,37 +24,72 @@ TAG_REPLY = 1000
 _I64 = np.dtype(np.int64).itemsize
 
 
-def pack(header: Sequence[int] | np.ndarray, payloads: Sequence[np.ndarray] = ()) -> np.ndarray:
-    """Frame header words and payload byte arrays into one uint8 buffer."""
+def frame_size(n_header: int, payload_nbytes: int) -> int:
+    """Bytes of a framed message with `n_header` header words and that much payload."""
+    return _I64 * (1 + n_header) + payload_nbytes
+
+
+def write_header(buf: np.ndarray, header: Sequence[int] | np.ndarray) -> int:
+    """Write the header words at the start of `buf`; return where the payload begins."""
     header = np.asarray(header, dtype=np.int64)
-    sizes = [p.nbytes for p in payloads]
-    buf = np.empty(_I64 * (1 + header.size) + sum(sizes), dtype=np.uint8)
     buf[:_I64].view(np.int64)[0] = header.size
-    buf[_I64:_I64 * (1 + header.size)].view(np.int64)[:] = header
-    at = _I64 * (1 + header.size)
-    for p, n in zip(payloads, sizes):
-        buf[at:at + n] = p.reshape(-1).view(np.uint8)
-        at += n
+    end = frame_size(header.size, 0)
+    buf[_I64:end].view(np.int64)[:] = header
+    return end
+
+
+def pack(header: Sequence[int] | np.ndarray, payloads: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """Frame header words and payload byte arrays into one new uint8 buffer (small messages)."""
+    buf = np.empty(frame_size(len(header), sum(p.nbytes for p in payloads)), dtype=np.uint8)
+    at = write_header(buf, header)
+    for p in payloads:
+        buf[at:at + p.nbytes] = p.reshape(-1).view(np.uint8)
+        at += p.nbytes
     return buf
 
 
 def unpack(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of `pack`: (int64 header words, uint8 payload view)."""
     h = int(buf[:_I64].view(np.int64)[0])
-    end = _I64 * (1 + h)
+    end = frame_size(h, 0)
     return buf[_I64:end].view(np.int64), buf[end:]
 
 
+def _host_bytes(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, dtype=np.uint8)
+
+
 class Outbox:
-    """Nonblocking sends whose buffers stay referenced until MPI is done with them."""
+    """Nonblocking sends whose buffers stay referenced until MPI is done with them.
 
-    def __init__(self, comm: MPI.Comm):
+    Bulk messages go out of preallocated buffers, one per key (a micro-batch and a peer): a key's
+    buffer is reused once its previous send has completed, and grows only when a message is
+    larger than any before. `alloc` makes those buffers (page-locked ones beside a GPU)."""
+
+    def __init__(self, comm: MPI.Comm, alloc: Callable[[int], np.ndarray] = _host_bytes):
         self.comm = comm
-        self._pending: list[tuple[MPI.Request, np.ndarray]] = []
+        self.alloc = alloc
+        self._pending: list[tuple[MPI.Request, np.ndarray]] = []  # one-off buffers
+        self._keyed: dict[Hashable, MPI.Request] = {}
+        self._buffers: dict[Hashable, np.ndarray] = {}
 
-    def send(self, buf: np.ndarray, dest: int, tag: int) -> None:
+    def buffer(self, key: Hashable, nbytes: int) -> np.ndarray:
+        """`key`'s send buffer, at least `nbytes` long, free to overwrite. Waiting for the previous
+        send cannot deadlock: every peer keeps receiving until it is told to stop."""
+        prev = self._keyed.pop(key, None)
+        if prev is not None:
+            prev.Wait()
+        buf = self._buffers.get(key)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._buffers[key] = self.alloc(nbytes + nbytes // 4)  # headroom for growth
+        return buf[:nbytes]
+
+    def send(self, buf: np.ndarray, dest: int, tag: int, key: Hashable | None = None) -> None:
         req = self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag)
-        self._pending.append((req, buf))
+        if key is None:
+            self._pending.append((req, buf))
+        else:
+            self._keyed[key] = req
 
     def poll(self) -> None:
         if self._pending:
@@ -64,22 +99,26 @@ class Outbox:
         """Wait until every send has completed (peers keep receiving until they see our STOP)."""
         deadline = time.monotonic() + timeout
         backoff = Backoff()
-        while self._pending:
+        while self._pending or self._keyed:
             self.poll()
+            self._keyed = {k: r for k, r in self._keyed.items() if not r.Test()}
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self._pending)} send(s) not received within {timeout:.0f} s")
+                raise TimeoutError(f"{len(self._pending) + len(self._keyed)} send(s) not received "
+                                   f"within {timeout:.0f} s")
             backoff.idle()
 
 
-def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG
+def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
+             buffer: Callable[[int], np.ndarray] = _host_bytes
              ) -> tuple[np.ndarray, int, int] | None:
     """Receive one waiting message of any size, or None if nothing is there yet.
 
-    Returns (buffer, source, tag)."""
+    `buffer(nbytes)` gives the memory to receive into (a new array by default; a reused one where
+    the caller is done with each message before the next). Returns (buffer, source, tag)."""
     status = MPI.Status()
     if not comm.Iprobe(source=source, tag=tag, status=status):
         return None
-    buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+    buf = buffer(status.Get_count(MPI.BYTE))
     comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
     return buf, status.Get_source(), status.Get_tag()
 

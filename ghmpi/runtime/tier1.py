@@ -68,7 +68,8 @@ class Tier1:
         self.sampling, self.faults = sampling, faults
         self.scheduler, self.on_finished = scheduler, on_finished
         self.should_drain, self.tick = should_drain, tick
-        self.outbox = tp.Outbox(world)
+        self.outbox = tp.Outbox(world, alloc=wire.alloc)  # preallocated (pinned on a GPU)
+        self.replies: dict[tuple[int, int], np.ndarray] = {}  # (mb, owner) -> reply buffer
         # Slots whose KV cache stays here (hybrid mode, or no tier 2 at all), packed densely.
         local = layout.local_slots()
         self.local_index = np.full(layout.n_slots, -1, dtype=np.int64)
@@ -134,14 +135,30 @@ class Tier1:
             dec, fil = decodes.get(owner, []), fills.get(owner, [])
             idx = torch.tensor([i for i, _ in dec], dtype=torch.long, device=self.device)
             if dec:  # post the receive before the request goes out
-                buf = np.empty(len(dec) * self.args.n_heads * self.args.head_dim * self.wire.itemsize, dtype=np.uint8)
+                buf = self._reply_buffer(p.mb, owner)[:len(dec) * self.row_bytes]
                 req = self.world.Irecv([buf, MPI.BYTE], source=owner, tag=tp.TAG_REPLY + p.mb)
                 p.waits.append((req, buf, idx))
+            key = ("work", p.mb, owner)
             msg = encode_work(self.wire, p.mb, p.layer,
                               [r.slot for _, r in dec], [r.start for _, r in dec],
                               [slot for slot, _ in fil], [s.stop - s.start for _, s in fil],
-                              q[idx], k[idx], v[idx], [k[s] for _, s in fil], [v[s] for _, s in fil])
-            self.outbox.send(msg, owner, tp.TAG_WORK)
+                              q[idx], k[idx], v[idx], [k[s] for _, s in fil], [v[s] for _, s in fil],
+                              buffer=lambda n: self.outbox.buffer(key, n))
+            self.outbox.send(msg, owner, tp.TAG_WORK, key=key)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of attention output on the wire."""
+        return self.args.n_heads * self.args.head_dim * self.wire.itemsize
+
+    def _reply_buffer(self, mb: int, owner: int) -> np.ndarray:
+        """Preallocated receive buffer for owner's replies to micro-batch mb: a micro-batch
+        waits on at most one layer at a time, so one buffer per (mb, owner) suffices."""
+        buf = self.replies.get((mb, owner))
+        if buf is None:
+            buf = self.replies[(mb, owner)] = self.wire.alloc(
+                self.layout.micro_batch_size * self.row_bytes)
+        return buf
 
     def _replies_in(self, p: Pass) -> bool:
         return all(req.Test() for req, _, _ in p.waits)
@@ -161,8 +178,9 @@ class Tier1:
 
     def _leave_slice(self, p: Pass) -> None:
         if not self.last:
-            header = rows_header(p.mb, p.rows)
-            self.outbox.send(tp.pack(header, [self.wire.to_bytes([p.x])]), self.j + 1, tp.TAG_RING)
+            key = ("ring", p.mb)
+            msg = self.wire.frame(rows_header(p.mb, p.rows), [p.x], lambda n: self.outbox.buffer(key, n))
+            self.outbox.send(msg, self.j + 1, tp.TAG_RING, key=key)
             return
         ends = torch.tensor(np.cumsum([r.ntok for r in p.rows]) - 1, device=self.device)
         logits = self.model.classify(p.x[ends])  # (rows, vocab) float32

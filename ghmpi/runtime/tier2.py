@@ -32,6 +32,12 @@ class Tier2:
         self.cache = KVCache(layers, max(len(owned), 1), max_len, args.n_kv_heads, args.head_dim,
                              kv_dtype, "cpu")
         self.outbox = tp.Outbox(world)
+        self._inbox = np.empty(0, dtype=np.uint8)  # reused: each message is served before the next
+
+    def _receive_into(self, nbytes: int) -> np.ndarray:
+        if self._inbox.nbytes < nbytes:
+            self._inbox = np.empty(nbytes + nbytes // 4, dtype=np.uint8)
+        return self._inbox[:nbytes]
 
     def _serve(self, buf: np.ndarray, source: int) -> None:
         self.faults.step()
@@ -56,7 +62,7 @@ class Tier2:
         stops, status = 0, 0
         backoff = tp.Backoff()
         while stops < len(self.served):
-            msg = tp.try_recv(self.world)
+            msg = tp.try_recv(self.world, buffer=self._receive_into)
             self.outbox.poll()
             if msg is None:
                 backoff.idle()

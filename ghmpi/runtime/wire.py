@@ -8,12 +8,12 @@ payload is raw bytes reinterpreted on arrival.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ghmpi.comm.transport import pack, unpack
+from ghmpi.comm.transport import frame_size, unpack, write_header
 from ghmpi.runtime.scheduler import Row
 
 
@@ -21,21 +21,38 @@ class WireFormat:
     def __init__(self, dtype: torch.dtype, pinned: bool = False):
         self.dtype = dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
-        self.pinned = pinned  # stage GPU->host copies through page-locked memory
+        self.pinned = pinned  # host buffers are page-locked: GPU copies to them are async DMA
 
-    def to_bytes(self, parts: Sequence[torch.Tensor]) -> np.ndarray:
-        """Concatenate tensors (any shapes, one device) into one host uint8 array."""
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """Host memory for message buffers: page-locked beside a GPU, else plain."""
+        if self.pinned:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def _joined(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The parts' bytes back to back, as one uint8 tensor on their device."""
         flat = [t.reshape(-1).to(self.dtype) for t in parts]
         if not flat:
-            return np.empty(0, dtype=np.uint8)
+            return torch.empty(0, dtype=torch.uint8)
         joined = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
-        if joined.device.type != "cpu":
-            host = torch.empty(joined.shape, dtype=self.dtype, pin_memory=self.pinned)
-            host.copy_(joined, non_blocking=self.pinned)
-            if self.pinned:
+        return joined.view(torch.uint8)
+
+    def to_bytes(self, parts: Sequence[torch.Tensor]) -> np.ndarray:
+        """CPU tensors' bytes as one uint8 array (no copy for a single contiguous part)."""
+        return self._joined(parts).cpu().numpy()
+
+    def frame(self, header: Sequence[int], parts: Sequence[torch.Tensor],
+              buffer: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Header words, then the parts' bytes, written into `buffer(size)`; on a GPU the bytes go
+        straight into the (pinned) buffer and the stream is synchronised before it is sent."""
+        joined = self._joined(parts)
+        buf = buffer(frame_size(len(header), joined.numel()))
+        at = write_header(buf, header)
+        if joined.numel():
+            torch.from_numpy(buf[at:]).copy_(joined, non_blocking=self.pinned)
+            if joined.device.type == "cuda":
                 torch.cuda.current_stream(joined.device).synchronize()
-            joined = host
-        return joined.view(torch.uint8).numpy()
+        return buf
 
     def from_bytes(self, buf: np.ndarray, shape: tuple[int, ...], device: torch.device | str
                    ) -> torch.Tensor:
@@ -92,9 +109,10 @@ class Work:
 def encode_work(wire: WireFormat, mb: int, layer: int, dec_slots: Sequence[int],
                 dec_pos: Sequence[int], fill_slots: Sequence[int], fill_len: Sequence[int],
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kf: Sequence[torch.Tensor], vf: Sequence[torch.Tensor]) -> np.ndarray:
+                kf: Sequence[torch.Tensor], vf: Sequence[torch.Tensor],
+                buffer: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     header = [mb, layer, len(dec_slots), len(fill_slots), *dec_slots, *dec_pos, *fill_slots, *fill_len]
-    return pack(header, [wire.to_bytes([q, k, v, *kf, *vf])])
+    return wire.frame(header, [q, k, v, *kf, *vf], buffer or wire.alloc)
 
 
 def decode_work(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,

@@ -110,3 +110,26 @@ def test_tier2_ranks_attend_like_a_local_cache(slices):
             out.send(tp.pack([0]), r, tp.TAG_STOP)
     out.drain()
     comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reused_send_buffer_is_never_overwritten_in_flight():
+    """Many large messages through one keyed buffer to a slow receiver: every one arrives whole."""
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    n_msgs, size = 20, 1 << 20  # 1 MiB: past the eager limit, so sends complete only on receipt
+    if rank == 0:
+        out = tp.Outbox(comm)
+        for i in range(n_msgs):
+            buf = out.buffer("k", size)
+            buf[:] = i % 251
+            out.send(buf, 1, tp.TAG_WORK, key="k")
+        out.drain()
+    elif rank == 1:
+        import time
+
+        for i in range(n_msgs):
+            time.sleep(0.01)  # slow receiver: the sender must wait before reusing its buffer
+            buf, _, _ = _recv(comm, 0, tp.TAG_WORK)
+            assert buf.nbytes == size and (buf == i % 251).all(), i
+    comm.Barrier()
