@@ -8,6 +8,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Every prompt length and every decode context length is a new shape. cuDNN's attention (chosen
+# by default for bf16/fp16 on Hopper) builds an execution plan per new shape, ~10 ms each: with
+# shapes that never repeat that dominated a whole bf16 job (bench/RESULTS.md). The other kernels
+# take any shape as it comes.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    if q.is_cuda:
+        with sdpa_kernel(_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -22,7 +36,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)  # (L, n_heads, D)
         v = v.repeat_interleave(n_rep, dim=1)
-    o = F.scaled_dot_product_attention(
+    o = _sdpa(
         q.transpose(0, 1).unsqueeze(0),  # (1, n_heads, L, D)
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
@@ -53,5 +67,5 @@ def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     v = v_ctx.to(dtype).transpose(1, 2)
     qg = q.to(dtype).reshape(B, n_kv, n_rep, D)  # (B, n_kv, n_rep, D): head h = group h // n_rep
     keep = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep.view(B, 1, 1, T))  # (B, n_kv, n_rep, D)
+    o = _sdpa(qg, k, v, attn_mask=keep.view(B, 1, 1, T))  # (B, n_kv, n_rep, D)
     return o.reshape(B, n_heads * D).to(q.dtype)
