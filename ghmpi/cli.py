@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 import ghmpi
+from ghmpi import signals
 from ghmpi.config import SECTIONS, config_to_yaml, load_config
 from ghmpi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GhmpiError
 
@@ -141,6 +142,7 @@ def run_command(args: argparse.Namespace) -> int:
     of several ranks only rank 0 reads it, inside the job, and the others learn the verdict from
     rank 0: were every rank to fail on its own, the launcher could kill rank 0 on the first
     rank's exit before rank 0 had printed why."""
+    signals.install()  # before the heavy imports: a stop request during start-up is kept
     config_path = Path(args.config) if args.config is not None else default_config_path()
     if args.print_config:
         config = load_config(config_path, args.overrides)

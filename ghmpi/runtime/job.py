@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 import ghmpi
+from ghmpi import signals
 from ghmpi.comm.topology import Layout, auto_batches
 from ghmpi.config import Config, config_to_yaml
 from ghmpi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GhmpiError
@@ -160,25 +161,13 @@ def _device(cfg: Config, world: MPI.Comm, node: MPI.Comm, is_tier1: bool) -> tor
     return torch.device("cuda", local % torch.cuda.device_count())
 
 
-class _Signals:
-    """SIGTERM/SIGUSR1 (scancel, Slurm's --signal before the time limit) ask for a clean stop."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-
-
 def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | None = None) -> int:
     """Run the job on every rank. `cfg` may be a loader called on rank 0 only: the other ranks
     then take the config from rank 0's verdict, so a bad config is reported once and no rank can
     exit (and have the launcher kill rank 0) before rank 0 has said why."""
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    signals = _Signals()
+    signals.install()  # idempotent; the CLI did it before the heavy imports
     started = time.time()
     verdict: tuple[str, object] = ("ok", None)
     store = None
@@ -213,7 +202,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
         device = _device(cfg, world, node, is_tier1)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
-        status = _run_role(cfg, plan, world, rank, device, store, signals, started)
+        status = _run_role(cfg, plan, world, rank, device, store, started)
     except Exception as e:
         role = layout.role(rank)
         print(f"ghmpi: error: rank {rank} ({role}) failed: {type(e).__name__}: {e}",
@@ -237,7 +226,7 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
 
 
 def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,
-              store: CompletionStore | None, signals: _Signals, started: float) -> int:
+              store: CompletionStore | None, started: float) -> int:
     from ghmpi.model.llama import Transformer  # loading weights: tier 1 only
     from ghmpi.runtime.tier1 import SamplingParams, Tier1
     from ghmpi.runtime.tier2 import Tier2
@@ -274,7 +263,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
 
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults,
                   scheduler=scheduler, on_finished=on_finished,
-                  should_drain=lambda: signals.received is not None, tick=progress.tick)
+                  should_drain=lambda: signals.received() is not None, tick=progress.tick)
     status = tier1.run()
     progress.sampled = tier1.generated
     prompts.close()
@@ -293,7 +282,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
         })
         progress.summary(wall, cfg.io.output)
         return EXIT_OK
-    name = signal.Signals(signals.received).name if signals.received else "a stop request"
+    name = signal.Signals(signals.received()).name if signals.received() else "a stop request"
     print(f"ghmpi: interrupted by {name}: {store.n_done} of {plan.n_prompts} prompts are saved "
           f"in {cfg.io.output}.parts; run the same job again to resume", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED if status != EXIT_OK else EXIT_FAILURE

@@ -12,8 +12,21 @@ import pytest
 
 from e2e_jobs import MODEL, ghmpi, mpi_env, mpirun, read_output, write_job
 
-SLOW = {"micro_batches": 2, "micro_batch_size": 2}  # few slots: prompts finish one by one
-FLUSH = {"flush_every": 1, "flush_seconds": 0.2}
+# A job long enough (2 slots, 96 new tokens per prompt) that a signal or kill sent after the first
+# shard lands mid-run even on a fast, idle machine; shards are written per finished prompt.
+LONG = dict(topology={"micro_batches": 1, "micro_batch_size": 2},
+            generation={"max_new_tokens": 96},
+            io={"flush_every": 1, "flush_seconds": 0.2})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prompts_file):
+    """The long job run once without interruption: what every resumed run must reproduce."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    out = tmp / "c.h5"
+    r = ghmpi(1, "-c", str(write_job(tmp / "job.yaml", prompts_file, out, **LONG)))
+    assert r.returncode == 0, r.stderr
+    return read_output(out)
 
 
 def start(n: int, job: Path) -> subprocess.Popen:
@@ -68,9 +81,9 @@ def test_injected_tier2_failure_ends_the_job_quickly(tmp_path, prompts_file):
     assert not out.exists()
 
 
-def test_sigusr1_stops_cleanly_and_the_rerun_resumes(tmp_path, prompts_file, reference):
+def test_sigusr1_stops_cleanly_and_the_rerun_resumes(tmp_path, prompts_file, uninterrupted):
     out = tmp_path / "c.h5"
-    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=SLOW, io=FLUSH)
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, **LONG)
     proc = start(3, job)
     wait_for_shards(out, 1, proc)
     os.kill(proc.pid, signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
@@ -83,12 +96,12 @@ def test_sigusr1_stops_cleanly_and_the_rerun_resumes(tmp_path, prompts_file, ref
     r = ghmpi(3, "-c", str(job))
     assert r.returncode == 0, r.stderr
     assert "already done" in r.stdout and " 0 already done" not in r.stdout
-    assert read_output(out) == reference
+    assert read_output(out) == uninterrupted
 
 
-def test_sigterm_to_every_rank_like_scancel_stops_cleanly(tmp_path, prompts_file, reference):
+def test_sigterm_to_every_rank_like_scancel_stops_cleanly(tmp_path, prompts_file, uninterrupted):
     out = tmp_path / "c.h5"
-    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=SLOW, io=FLUSH)
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, **LONG)
     proc = start(2, job)
     wait_for_shards(out, 1, proc)
     pids = session_pids(proc, ranks_only=True)
@@ -100,18 +113,19 @@ def test_sigterm_to_every_rank_like_scancel_stops_cleanly(tmp_path, prompts_file
     assert "interrupted by SIGTERM" in err
     r = ghmpi(2, "-c", str(job))
     assert r.returncode == 0, r.stderr
-    assert read_output(out) == reference
+    assert read_output(out) == uninterrupted
 
 
-def test_sigkill_at_random_moments_then_resume_gives_the_same_file(tmp_path, prompts_file, reference):
+def test_sigkill_at_random_moments_then_resume_gives_the_same_file(tmp_path, prompts_file,
+                                                                  uninterrupted):
     out = tmp_path / "c.h5"
-    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=SLOW, io=FLUSH)
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, **LONG)
     rng = random.Random(1234)
     kills = 0
     for attempt in range(3):
         proc = start(3, job)
-        wait_for_shards(out, 1 + 2 * attempt, proc)
-        time.sleep(rng.uniform(0.0, 1.0))
+        wait_for_shards(out, 1 + attempt, proc)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             for pid in session_pids(proc):  # the whole job, launcher and ranks, at once
                 os.kill(pid, signal.SIGKILL)
@@ -121,4 +135,4 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_file(tmp_path, pro
     assert not out.exists()
     r = ghmpi(3, "-c", str(job))
     assert r.returncode == 0, r.stderr
-    assert read_output(out) == reference
+    assert read_output(out) == uninterrupted
