@@ -150,7 +150,7 @@ def _threads(cfg: Config, local_size: int) -> int:
     return max(1, cores // max(local_size, 1))
 
 
-def _device(cfg: Config, world: MPI.Comm, node: MPI.Comm, is_tier1: bool) -> torch.device:
+def _device(cfg: Config, node: MPI.Comm, is_tier1: bool) -> torch.device:
     """Tier-1 ranks take the node's GPUs in turn; tier 2 always computes on the CPU."""
     flags = node.allgather(is_tier1)
     if not is_tier1 or not _cuda_wanted(cfg):
@@ -199,7 +199,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         torch.set_num_threads(_threads(cfg, node.Get_size()))
-        device = _device(cfg, world, node, is_tier1)
+        device = _device(cfg, node, is_tier1)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
         status = _run_role(cfg, plan, world, rank, device, store, started)
