@@ -140,12 +140,16 @@ class Checkpoint:
         if entry.dtype not in _FLOAT_DTYPES:
             raise ModelError(f"{file}: tensor {name} has dtype {entry.dtype}, expected one of "
                              f"{', '.join(_FLOAT_DTYPES)}")
+        self.check_whole(file, f"; tensor {name} cannot be read")
+        return file
+
+    def check_whole(self, file: Path, consequence: str = "") -> None:
+        """ModelError if `file` is shorter than its header says (a copy cut short)."""
         header = self.header(file)
         if header.truncated:
             raise ModelError(f"{file}: truncated safetensors file (header declares "
                              f"{header.data_start + header.data_size} bytes, file has "
-                             f"{header.file_size}); tensor {name} cannot be read")
-        return file
+                             f"{header.file_size}){consequence}")
 
     def load(self, wanted: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         """Read exactly the tensors in `wanted` (name -> expected shape), as stored, on the CPU."""
@@ -209,9 +213,5 @@ def check_checkpoint(path: str | os.PathLike) -> ModelArgs:
     for name, shape in tensor_shapes(args, range(args.n_layers), embed=True, head=True).items():
         ckpt.check(name, shape)
     for file in sorted(set(ckpt.files.values())):  # truncation anywhere, even in unused tensors
-        header = ckpt.header(file)
-        if header.truncated:
-            raise ModelError(f"{file}: truncated safetensors file (header declares "
-                             f"{header.data_start + header.data_size} bytes, file has "
-                             f"{header.file_size})")
+        ckpt.check_whole(file)
     return args
