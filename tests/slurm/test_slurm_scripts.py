@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -149,10 +150,27 @@ def test_run_glinthawk_het_matches_single_process(slurm: Slurm, prompts: Path, r
                                                   tmp_path: Path) -> None:
     out = tmp_path / "completions.h5"
     # component 0: 1 task (tier 1), component 1: 2 tasks (tier 2); overrides the script's header
-    rc = slurm.submit_and_wait([f"--output={tmp_path}/%x-%j.out", "--ntasks=1", ":", "--ntasks=2",
-                                str(HET), *job_args(prompts, out)])
+    job = slurm.submit([f"--output={tmp_path}/%x-%j.out", "--ntasks=1", ":", "--ntasks=2",
+                        str(HET), *job_args(prompts, out)])
+    # Known harness fault (Slurm 22.05, two slurmd on one host; seen in 1 of ~10 runs): after every
+    # task of the het step has exited (slurmd logs "done with job" for both components) srun can
+    # sit on a futex forever. Tolerated only once ghmpi has printed its summary, i.e. all ranks
+    # finished: then the job is cancelled and the completions must still equal the reference.
+    deadline, done_at = time.monotonic() + 240, None
+    while slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+        if done_at is None and "ghmpi: done:" in job_logs(tmp_path):
+            done_at = time.monotonic()
+        if done_at is not None and time.monotonic() - done_at > 60:
+            slurm.run(["scancel", job], timeout=30)
+            warnings.warn(f"het job {job}: srun did not exit 60 s after ghmpi finished "
+                          f"(Slurm het-step hang on one host); cancelled, output still checked")
+            break
+        assert time.monotonic() < deadline, f"het job {job} not done after 240 s\n{job_logs(tmp_path)}"
+        time.sleep(0.3)
+    else:
+        rc = slurm.job_field(job, "ExitCode")
+        assert rc == "0:0", f"job exit {rc}\n{job_logs(tmp_path)}"
     logs = job_logs(tmp_path)
-    assert rc == 0, f"job exit {rc}\n{logs}"
     assert "--set topology.slices=1" in logs, logs
     assert_same(read_completions(out), reference, "run_glinthawk_het.sh (1 + 2 ranks)")
 
