@@ -34,7 +34,7 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.model.loader import check_checkpoint
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.progress import Progress, peak_rss_mib
-from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP, Scheduler
+from ghmpi.runtime.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -288,4 +288,4 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     return EXIT_INTERRUPTED if status != EXIT_OK else EXIT_FAILURE
 
 
-__all__ = ["run", "plan_job", "JobPlan", "FINISH_STOP", "FINISH_LENGTH"]
+__all__ = ["run", "plan_job", "JobPlan"]

@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 
-from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP
+from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP
 
 
 def peak_rss_mib() -> float:

@@ -14,8 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-FINISH_STOP = 1  # stopped on EOS or a stop token (kept as the last id)
-FINISH_LENGTH = 2  # reached max_new_tokens or the context limit
+from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP  # the file's finish_reason codes
 
 
 @dataclass(slots=True)

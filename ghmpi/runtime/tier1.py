@@ -265,17 +265,13 @@ class Tier1:
             self.outbox.poll()
             if self.tick is not None:
                 self.tick(self.generated)
-            if self.first and not self.home:
-                if self.should_drain is not None and self.should_drain():
-                    self.scheduler.draining = True
+            if self.first and not self.home:  # every micro-batch is home: nothing in flight
                 if self.scheduler.draining or self.scheduler.queue_empty:
                     status = EXIT_INTERRUPTED if self.scheduler.draining and not self._all_done() else 0
                     self._stop_all(status)
                     break
-                if not self.ready:
-                    # Every micro-batch idle with prompts left can only mean empty plans
-                    # (cannot happen with >= 1 slot); guard against a silent spin.
-                    raise RuntimeError("scheduler stalled with prompts left and nothing in flight")
+                # A free slot always admits a prompt, so prompts left here would mean a silent spin.
+                raise RuntimeError("scheduler stalled with prompts left and nothing in flight")
             if busy:
                 backoff.reset()
             else:
