@@ -23,7 +23,7 @@ from ghmpi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Gh
 DEFAULT_JOB = Path("jobs") / "default.yaml"
 RANK_ENV_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 SIZE_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
-COMMANDS = ("run", "prepare", "export")
+COMMANDS = ("run", "prepare", "export", "bench")
 
 
 def world_rank() -> int:
@@ -132,6 +132,7 @@ def build_parser(with_io: bool = True) -> argparse.ArgumentParser:
     run.set_defaults(func=run_command)
     if with_io:
         _register_io(subparsers)
+        importlib.import_module("ghmpi.bench").register(subparsers)
     return parser
 
 
