@@ -6,6 +6,9 @@ key/value head h // n_rep, as HF `repeat_kv`.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -45,6 +48,61 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return o.squeeze(0).transpose(0, 1).reshape(L, n_heads * D)
 
 
+@functools.cache
+def _varlen_attn():
+    """torch's varlen FlashAttention (torch >= 2.10, CUDA), or None. 2.11 takes causal as
+    window_size=(-1, 0); later versions also take enable_gqa."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if "window_size" in params else None
+
+
+@functools.cache
+def _varlen_gqa(varlen) -> bool:
+    """Whether varlen_attn takes fewer kv heads than query heads as they are (FlashAttention
+    supports grouped-query heads natively; some torch versions' wrapper checks shapes)."""
+    q = torch.randn(8, 4, 64, device="cuda", dtype=torch.bfloat16)
+    kv = q[:, :2].contiguous()
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
+    try:
+        got = varlen(q, kv, kv, cu, cu, 5, 5, window_size=(-1, 0))
+    except Exception:
+        return False
+    want = varlen(q, kv.repeat_interleave(2, dim=1), kv.repeat_interleave(2, dim=1), cu, cu, 5, 5,
+                  window_size=(-1, 0))
+    return bool(torch.equal(got, want))
+
+
+def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             cu_seqlens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Causal attention of several whole sequences packed one after another.
+
+    q (n, n_heads, D), k/v (n, n_kv_heads, D) with n = sum(lengths); cu_seqlens (S+1,) int32 on
+    q's device, the running sums of `lengths` (host list). -> o (n, n_heads * D) in q.dtype.
+    bf16/fp16 on a GPU: one varlen FlashAttention call for all sequences, no per-sequence loop and
+    no copy for grouped-query heads. float32 or CPU: the exact per-sequence SDPA path.
+    """
+    n, n_heads, D = q.shape
+    varlen = _varlen_attn()
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen is not None:
+        most = max(lengths)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if not _varlen_gqa(varlen) and k.shape[1] != n_heads:
+            k = k.repeat_interleave(n_heads // k.shape[1], dim=1)  # (n, n_heads, D)
+            v = v.repeat_interleave(n_heads // v.shape[1], dim=1)
+        o = varlen(q, k, v, cu_seqlens, cu_seqlens, most, most, window_size=(-1, 0))
+        return o.reshape(n, n_heads * D)  # o: (n, n_heads, D)
+    o = torch.empty(n, n_heads * D, dtype=q.dtype, device=q.device)
+    at = 0
+    for L in lengths:
+        o[at:at + L] = prefill_attention(q[at:at + L], k[at:at + L], v[at:at + L])
+        at += L
+    return o
+
+
 def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                      lengths: torch.Tensor, compute_dtype: torch.dtype | None = None
                      ) -> torch.Tensor:
@@ -69,3 +127,40 @@ def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
     keep = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
     o = _sdpa(qg, k, v, attn_mask=keep.view(B, 1, 1, T))  # (B, n_kv, n_rep, D)
     return o.reshape(B, n_heads * D).to(q.dtype)
+
+
+@functools.cache
+def _cuda_decode_kernel():
+    """The Triton decode kernel, or None (no Triton, or GHMPI_GPU_KERNEL=torch)."""
+    import os
+
+    if os.environ.get("GHMPI_GPU_KERNEL", "") == "torch":
+        return None
+    try:
+        from ghmpi.kernels.triton_decode import decode_attention_cuda
+    except Exception:  # no triton: the torch path below
+        return None
+    return decode_attention_cuda
+
+
+def gpu_decode_path() -> str:
+    """Which decode attention runs on a CUDA tier 1 (for the start-up log line)."""
+    return "triton (in place on the cache)" if _cuda_decode_kernel() else "torch SDPA (gathered)"
+
+
+def cached_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slots: torch.Tensor, lengths: torch.Tensor, max_ctx: int
+                            ) -> torch.Tensor:
+    """One new token per row over positions [0, lengths[b]) of cache slot slots[b].
+
+    q (B, n_heads, D); k_cache/v_cache (n_slots, max_len, n_kv_heads, D); slots, lengths (B,) long
+    on the cache's device; max_ctx >= max(lengths), known on the host. -> (B, n_heads * D) in
+    q.dtype. On a GPU the Triton kernel attends where the cache lies (no copy of any context);
+    elsewhere, or without it, torch SDPA attends on a gathered copy of the first max_ctx positions.
+    """
+    kernel = _cuda_decode_kernel() if q.is_cuda else None
+    if kernel is not None:
+        return kernel(q, k_cache, v_cache, slots, lengths, max_ctx)
+    k_ctx = k_cache[:, :max_ctx].index_select(0, slots)  # (B, T, n_kv, D): slice, then gather
+    v_ctx = v_cache[:, :max_ctx].index_select(0, slots)
+    return decode_attention(q, k_ctx, v_ctx, lengths)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ghmpi.model.attention import decode_attention
+from ghmpi.model.attention import cached_decode_attention, decode_attention
 
 _ZERO_CHUNK = 64  # positions zeroed at a time ahead of a slot's high-water mark
 
@@ -78,6 +78,14 @@ class KVCache:
         self.v[layer][slot, mark[slot]:end] = 0
         mark[slot] = end
 
+    def store(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Scatter n tokens' k/v (n, n_kv, D) to (slots[i], positions[i]): one kernel per tensor,
+        for any mix of prompts and decode rows. GPU caches only (the CPU cache tracks which
+        positions were ever written, see `write`)."""
+        self.k[layer][slots, positions] = k.to(self.dtype)
+        self.v[layer][slots, positions] = v.to(self.dtype)
+
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first `length` cached positions of one slot: (length, n_kv, D) each."""
         return self.k[layer][slot, :length], self.v[layer][slot, :length]
@@ -101,12 +109,8 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]
         if self.device.type != "cpu":
             T = int(positions.max()) + 1 if ctx_len is None else ctx_len
-            kc[slots, positions] = k.to(self.dtype)
-            vc[slots, positions] = v.to(self.dtype)
-            k_ctx = kc[:, :T].index_select(0, slots)  # (B, T, n_kv, D): slice first, then gather
-            v_ctx = vc[:, :T].index_select(0, slots)
-            o = decode_attention(q, k_ctx, v_ctx, positions + 1, compute_dtype)
-            return o.to(out_device)
+            self.store(layer, slots, positions, k, v)
+            return cached_decode_attention(q, kc, vc, slots, positions + 1, T).to(out_device)
 
         # CPU: no gather at all. Rows whose slots run consecutively attend on a view of the cache;
         # a gathered copy would cost more than the attention (fresh pages, twice the traffic).

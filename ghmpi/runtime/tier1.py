@@ -21,11 +21,12 @@ from mpi4py import MPI
 from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import LOCAL, Layout
 from ghmpi.errors import EXIT_INTERRUPTED
-from ghmpi.model.attention import prefill_attention
+from ghmpi.model.attention import cached_decode_attention, packed_prefill_attention
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.model.sampling import sample
 from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime.passplan import PassPlan, build_plan, order_rows
 from ghmpi.runtime.scheduler import Row, Scheduler
 from ghmpi.runtime.wire import WireFormat, encode_work, rows_from_header, rows_header
 
@@ -35,13 +36,16 @@ class Pass:
     """A micro-batch on its way through this slice."""
 
     mb: int
-    rows: list[Row]
+    plan: PassPlan
     x: torch.Tensor  # (n, dim) residual stream, n = sum of the rows' token counts
-    positions: torch.Tensor  # (n,) long
     layer: int  # global index of the next layer to run (or of the one awaiting replies)
     o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
     waits: list[tuple[MPI.Request, np.ndarray, torch.Tensor]] = field(default_factory=list)
     # (reply request, reply buffer, token indices of the rows it answers)
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.plan.rows
 
 
 @dataclass
@@ -86,65 +90,66 @@ class Tier1:
 
     # -- passes ------------------------------------------------------------------------------
     def _new_pass(self, mb: int, rows: list[Row], x: torch.Tensor | None) -> Pass:
-        positions = torch.from_numpy(np.concatenate(
-            [np.arange(r.start, r.start + r.ntok) for r in rows])).to(self.device)
+        plan = build_plan(rows, self.owner, self.local_index, self.device)
         if x is None:  # slice 0: embed the tokens
-            tokens = torch.from_numpy(np.concatenate([r.tokens for r in rows])).to(self.device)
-            x = self.model.embed(tokens)
-        return Pass(mb, rows, x, positions, self.layers.start)
+            x = self.model.embed(torch.from_numpy(plan.tokens).to(self.device, non_blocking=True))
+        return Pass(mb, plan, x, self.layers.start)
 
     def _start_layer(self, p: Pass) -> None:
-        """Pre-attention of p's next layer; ship tier 2 its share first, then compute the local
-        attention (prompts' causal prefill, hybrid slots' decode) while tier 2 works."""
+        """pre-attention -> attend (ship tier 2 its share first, then the local attention while
+        tier 2 works) -> post-attention once every reply is in (`_finish_layer`)."""
         self.faults.step()
-        l, H, D = p.layer, self.args.n_heads, self.args.head_dim
-        q, k, v = self.model.pre_attention(l, p.x, p.positions)  # (n, H, D), (n, KV, D) x2
-        p.o = torch.empty(q.shape[0], H * D, dtype=q.dtype, device=q.device)
-        prefills: list[tuple[Row, slice]] = []
-        fills: dict[int, list[tuple[int, slice]]] = {}  # owner -> (slot, token range) to store
-        decodes: dict[int, list[tuple[int, Row]]] = {}  # owner -> (token index, row)
-        at = 0
-        for r in p.rows:
-            owner = int(self.owner[r.slot])
-            if r.prefill:
-                span = slice(at, at + r.ntok)
-                prefills.append((r, span))
-                if owner != LOCAL:
-                    fills.setdefault(owner, []).append((r.slot, span))
-            else:
-                decodes.setdefault(owner, []).append((at, r))
-            at += r.ntok
-        local = decodes.pop(LOCAL, [])
-        self._ship(p, q, k, v, decodes, fills)
-        for r, span in prefills:
-            p.o[span] = prefill_attention(q[span], k[span], v[span])
-            if self.owner[r.slot] == LOCAL:
-                self.cache.write(l, int(self.local_index[r.slot]), 0, k[span], v[span])
-        if local:
-            idx = torch.tensor([i for i, _ in local], device=self.device)
-            slots = torch.tensor([int(self.local_index[r.slot]) for _, r in local], device=self.device)
-            ctx = max(r.start for _, r in local) + 1  # known here: spares a GPU->host sync
-            p.o[idx] = self.cache.decode(l, slots, p.positions[idx], q[idx], k[idx], v[idx], ctx_len=ctx)
+        l, plan = p.layer, p.plan
+        q, k, v = self.model.pre_attention(l, p.x, plan.positions)  # (n, H, D), (n, KV, D) x2
+        p.o = torch.empty(q.shape[0], self.args.n_heads * self.args.head_dim, dtype=q.dtype,
+                          device=q.device)
+        self._ship(p, q, k, v)
+        self._attend_local(p, q, k, v)
         if not p.waits:
             self._finish_layer(p)
 
-    def _ship(self, p: Pass, q, k, v, decodes: dict[int, list[tuple[int, Row]]],
-              fills: dict[int, list[tuple[int, slice]]]) -> None:
-        """Send each owner one message with its decode rows' q/k/v and the prompts' K/V."""
-        for owner in sorted(set(decodes) | set(fills)):
-            dec, fil = decodes.get(owner, []), fills.get(owner, [])
-            idx = torch.tensor([i for i, _ in dec], dtype=torch.long, device=self.device)
-            if dec:  # post the receive before the request goes out
-                buf = self._reply_buffer(p.mb, owner)[:len(dec) * self.row_bytes]
-                req = self.world.Irecv([buf, MPI.BYTE], source=owner, tag=tp.TAG_REPLY + p.mb)
+    def _attend_local(self, p: Pass, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prompts' causal attention (all prompts of the pass in one packed call) and the local
+        slots' decode attention on the cache where it lies; local K/V stored first."""
+        plan, l = p.plan, p.layer
+        cache = self.cache
+        if cache is not None and cache.device.type != "cpu":
+            if plan.n_store:
+                if plan.store_index is None:
+                    cache.store(l, plan.store_slots, plan.store_pos, k, v)
+                else:
+                    cache.store(l, plan.store_slots, plan.store_pos, k[plan.store_index],
+                                v[plan.store_index])
+            if plan.local_dec.stop:
+                p.o[plan.local_dec] = cached_decode_attention(
+                    q[plan.local_dec], cache.k[l], cache.v[l], plan.local_slots,
+                    plan.local_lengths, plan.local_max_ctx)
+        elif cache is not None:  # a CPU cache keeps track of what was written (KVCache.write)
+            for row, a, length in plan.local_prefill:
+                cache.write(l, row, 0, k[a:a + length], v[a:a + length])
+            d = plan.local_dec
+            if d.stop:
+                p.o[d] = cache.decode(l, plan.local_slots, plan.local_lengths - 1, q[d], k[d], v[d])
+        if plan.prefill_lengths:
+            s = plan.prefill
+            p.o[s] = packed_prefill_attention(q[s], k[s], v[s], plan.cu_seqlens,
+                                              plan.prefill_lengths)
+
+    def _ship(self, p: Pass, q, k, v) -> None:
+        """Send each tier-2 owner one message with its decode rows' q/k/v and the prompts' K/V.
+        The GPU is synchronised once for all of them (Outbox copies into pinned buffers)."""
+        for sh in p.plan.remote:
+            idx = sh.dec_index
+            if len(sh.dec_slots):  # post the receive before the request goes out
+                buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
+                req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=tp.TAG_REPLY + p.mb)
                 p.waits.append((req, buf, idx))
-            key = ("work", p.mb, owner)
-            msg = encode_work(self.wire, p.mb, p.layer,
-                              [r.slot for _, r in dec], [r.start for _, r in dec],
-                              [slot for slot, _ in fil], [s.stop - s.start for _, s in fil],
-                              q[idx], k[idx], v[idx], [k[s] for _, s in fil], [v[s] for _, s in fil],
+            key = ("work", p.mb, sh.owner)
+            msg = encode_work(self.wire, p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
+                              [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
+                              [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
                               buffer=lambda n: self.outbox.buffer(key, n))
-            self.outbox.send(msg, owner, tp.TAG_WORK, key=key)
+            self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 
     @property
     def row_bytes(self) -> int:
@@ -182,12 +187,15 @@ class Tier1:
             msg = self.wire.frame(rows_header(p.mb, p.rows), [p.x], lambda n: self.outbox.buffer(key, n))
             self.outbox.send(msg, self.j + 1, tp.TAG_RING, key=key)
             return
-        ends = torch.tensor(np.cumsum([r.ntok for r in p.rows]) - 1, device=self.device)
-        logits = self.model.classify(p.x[ends])  # (rows, vocab) float32
-        index = torch.tensor([r.index for r in p.rows], device=self.device)
-        position = torch.tensor([r.next_position for r in p.rows], device=self.device)
+        logits = self.model.classify(p.x[p.plan.last_tokens])  # (rows, vocab) float32
         s = self.sampling
-        tokens = sample(logits, index, position, s.temperature, s.top_k, s.top_p, s.seed).cpu().numpy()
+        if s.temperature == 0 or s.top_k == 1:  # greedy: no per-row seeds needed
+            tokens = logits.argmax(dim=-1).cpu().numpy()
+        else:
+            index = torch.tensor([r.index for r in p.rows])
+            position = torch.tensor([r.next_position for r in p.rows])
+            tokens = sample(logits, index, position, s.temperature, s.top_k, s.top_p,
+                            s.seed).cpu().numpy()
         if self.first:
             self._commit(p.mb, tokens)
         else:
@@ -195,7 +203,7 @@ class Tier1:
 
     # -- slice 0: the scheduler's side of the ring -------------------------------------------
     def _launch(self, mb: int) -> None:
-        rows = self.scheduler.plan(mb)
+        rows = order_rows(self.scheduler.plan(mb), self.owner)
         if rows:
             self.plans[mb] = rows
             self.home.add(mb)

@@ -1,0 +1,149 @@
+"""The index tensors of one pass, built once on the host and moved to the device in one copy.
+
+A pass feeds n tokens of many sequences through a slice's layers. Every layer needs the same
+bookkeeping: the tokens' positions, which rows decode on a local cache, which prompts are
+prefilled (their cumulative lengths), which rows go to which tier-2 rank. Building it once per
+pass, not per layer, keeps host round trips off the hot path: the device tensors come from one
+pinned buffer copied without blocking.
+
+Rows arrive ordered decodes first (local slots before remote ones, as slots are numbered), then
+prompts, so the local decode rows and the prompt tokens are contiguous spans of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ghmpi.comm.topology import LOCAL
+from ghmpi.runtime.scheduler import Row
+
+
+@dataclass
+class RemoteShare:
+    """What one tier-2 rank gets from a pass, every layer."""
+
+    owner: int  # world rank
+    dec_rows: np.ndarray  # (n_dec,) token index of each decode row in the pass
+    dec_slots: list[int]
+    dec_pos: list[int]
+    fill_slots: list[int]  # prompts whose K/V it stores
+    fill_spans: list[tuple[int, int]]  # their token ranges in the pass
+    dec_index: torch.Tensor | None = None  # dec_rows on the device
+
+
+@dataclass
+class PassPlan:
+    rows: list[Row]
+    n: int  # tokens in the pass
+    positions: torch.Tensor  # (n,) long
+    tokens: np.ndarray  # (n,) int64 (only slice 0 embeds them)
+    local_dec: slice  # token span of the rows decoding on the local cache
+    local_slots: torch.Tensor  # (n_local_dec,) long: their rows in the local cache
+    local_lengths: torch.Tensor  # (n_local_dec,) long: context length incl. the new token
+    local_max_ctx: int
+    prefill: slice  # token span of the prompts (prefilled here, whoever keeps their K/V)
+    prefill_lengths: list[int]
+    cu_seqlens: torch.Tensor  # (n_prompts + 1,) int32
+    store_index: torch.Tensor | None  # token indices whose k/v the local cache keeps (None: all)
+    store_slots: torch.Tensor  # (n_store,) long local cache rows
+    store_pos: torch.Tensor  # (n_store,) long positions
+    n_store: int
+    local_prefill: list[tuple[int, int, int]]  # (local cache row, start token, length), CPU caches
+    remote: list[RemoteShare]
+    last_tokens: torch.Tensor  # (rows,) long: each row's last token (the one that samples)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+
+def order_rows(rows: list[Row], owner: np.ndarray) -> list[Row]:
+    """Decodes on local slots, decodes on tier 2, then prompts (stable within each group)."""
+    def group(r: Row) -> int:
+        return 2 if r.prefill else (0 if owner[r.slot] == LOCAL else 1)
+    return sorted(rows, key=group)
+
+
+def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
+               device: torch.device) -> PassPlan:
+    """Host bookkeeping of a pass whose rows come from `order_rows`; device tensors in one copy."""
+    counts = np.fromiter((r.ntok for r in rows), dtype=np.int64, count=len(rows))
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    n = int(ends[-1]) if len(rows) else 0
+    positions = np.concatenate([np.arange(r.start, r.start + r.ntok) for r in rows]) if rows \
+        else np.empty(0, dtype=np.int64)
+    tokens = np.concatenate([np.asarray(r.tokens, dtype=np.int64) for r in rows]) if rows \
+        else np.empty(0, dtype=np.int64)
+
+    local_dec, pref, remote_dec = [], [], []
+    for i, r in enumerate(rows):
+        if r.prefill:
+            pref.append(i)
+        elif owner[r.slot] == LOCAL:
+            local_dec.append(i)
+        else:
+            remote_dec.append(i)
+    n_ld = len(local_dec)
+    assert local_dec == list(range(n_ld)), "rows must come from order_rows"
+    pre_start = int(starts[pref[0]]) if pref else n
+    prefill_lengths = [rows[i].ntok for i in pref]
+    cu = np.zeros(len(pref) + 1, dtype=np.int64)
+    cu[1:] = np.cumsum(prefill_lengths)
+
+    ld_slots = np.array([local_index[rows[i].slot] for i in local_dec], dtype=np.int64)
+    ld_len = np.array([rows[i].start + 1 for i in local_dec], dtype=np.int64)
+    # local cache stores: the local decode rows' new tokens and the local prompts' tokens
+    st_idx, st_slot, st_pos, local_prefill = [list(range(n_ld))], [ld_slots], [positions[:n_ld]], []
+    shares: dict[int, RemoteShare] = {}
+    for i in pref:
+        r = rows[i]
+        a, b = int(starts[i]), int(ends[i])
+        o = int(owner[r.slot])
+        if o == LOCAL:
+            st_idx.append(range(a, b))
+            st_slot.append(np.full(b - a, local_index[r.slot], dtype=np.int64))
+            st_pos.append(positions[a:b])
+            local_prefill.append((int(local_index[r.slot]), a, b - a))
+        else:
+            sh = shares.setdefault(o, RemoteShare(o, np.empty(0, np.int64), [], [], [], []))
+            sh.fill_slots.append(r.slot)
+            sh.fill_spans.append((a, b))
+    for i in remote_dec:
+        r = rows[i]
+        o = int(owner[r.slot])
+        sh = shares.setdefault(o, RemoteShare(o, np.empty(0, np.int64), [], [], [], []))
+        sh.dec_rows = np.append(sh.dec_rows, starts[i])
+        sh.dec_slots.append(r.slot)
+        sh.dec_pos.append(r.start)
+    store_index = np.concatenate([np.asarray(list(x), dtype=np.int64) for x in st_idx])
+    store_slots = np.concatenate(st_slot)
+    store_pos = np.concatenate(st_pos).astype(np.int64)
+    n_store = len(store_index)
+    all_stored = n_store == n and np.array_equal(store_index, np.arange(n))
+    remote = [shares[o] for o in sorted(shares)]
+
+    # one host buffer -> one non-blocking copy; the views below cut it up on the device
+    parts = [positions, ld_slots, ld_len, cu, store_index, store_slots, store_pos, ends - 1,
+             *[sh.dec_rows for sh in remote]]
+    sizes = [len(x) for x in parts]
+    host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    if device.type == "cuda":
+        dev = host.pin_memory().to(device, non_blocking=True)
+    else:
+        dev = host
+    views = list(torch.split(dev, sizes))
+    (d_pos, d_ls, d_ll, d_cu, d_si, d_ss, d_sp, d_last), d_rem = views[:8], views[8:]
+    for sh, t in zip(remote, d_rem):
+        sh.dec_index = t
+    return PassPlan(
+        rows=rows, n=n, positions=d_pos, tokens=tokens,
+        local_dec=slice(0, n_ld), local_slots=d_ls, local_lengths=d_ll,
+        local_max_ctx=int(ld_len.max()) if n_ld else 0,
+        prefill=slice(pre_start, n), prefill_lengths=prefill_lengths,
+        cu_seqlens=d_cu.to(torch.int32),
+        store_index=None if all_stored else d_si, store_slots=d_ss, store_pos=d_sp,
+        n_store=n_store, local_prefill=local_prefill, remote=remote, last_tokens=d_last)
