@@ -237,8 +237,13 @@ class TopologyConfig:
         "auto", _choice("auto", *DTYPES),
         "KV-cache dtype: auto | float32 | bfloat16 | float16; auto = model.dtype")
     kv_memory_gb: float = _opt(
-        16.0, _number(lo=0, lo_open=True),
-        "KV-cache budget per rank holding a cache (GiB, > 0)")
+        0.0, _number(lo=0),
+        "KV-cache budget per rank holding a cache (GiB, >= 0); 0 = auto: a GPU rank takes "
+        "gpu_memory_fraction of its device less weights and activations, a CPU rank 80% of the "
+        "node's available memory shared by the node's ranks")
+    gpu_memory_fraction: float = _opt(
+        0.9, _number(lo=0, lo_open=True, hi=1),
+        "share of a GPU's memory a tier-1 rank may fill (weights, activations, KV cache), in (0, 1]")
     prefill_tokens: int = _opt(
         4096, _integer(lo=1),
         "most prompt tokens per prefill pass on tier 1 (>= 1)")

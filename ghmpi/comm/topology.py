@@ -118,15 +118,26 @@ class Layout:
 
 
 def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: int,
-                 micro_batch_size: int, on_gpu: bool) -> tuple[int, int]:
+                 micro_batch_size: int, on_gpu: bool, hybrid_slots: int = 0,
+                 local_fit: int | None = None, remote_fit: int | None = None) -> tuple[int, int]:
     """Defaults for the micro-batch count and size where the config says 0 (auto).
 
     With tier-2 ranks, two micro-batches per slice keep tier 1 busy while the other waits on
-    attention; without tier 2 one batch is the single-tier baseline. The size is capped (64 on
-    CPU, 256 on a GPU) and never exceeds what the prompts can fill."""
+    attention; without tier 2 one batch is the single-tier baseline. The size fills the memory:
+    `local_fit` slots fit a tier-1 rank's KV budget, `remote_fit` a tier-2 rank's (None: no
+    limit); it never exceeds what the prompts can fill, and a CPU tier 1 (tests, debugging)
+    stays at 64."""
     has_tier2 = world_size > slices
     mbs = micro_batches or (2 * slices if has_tier2 else 1)
     if micro_batch_size:
         return mbs, micro_batch_size
-    cap = 256 if on_gpu else 64
-    return mbs, max(1, min(cap, -(-max(n_prompts, 1) // mbs)))
+    size = -(-max(n_prompts, 1) // mbs)
+    if not on_gpu:
+        size = min(size, 64)
+    if has_tier2:
+        if remote_fit is not None:  # each slice's group holds every remote slot once
+            group = max(1, (world_size - slices) // slices)
+            size = min(size, hybrid_slots + remote_fit * group // mbs)
+    elif local_fit is not None:
+        size = min(size, local_fit // mbs)
+    return mbs, max(1, size)

@@ -33,6 +33,7 @@ from ghmpi.model.args import ModelArgs
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.loader import check_checkpoint
 from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime import sizing
 from ghmpi.runtime.progress import Progress, peak_rss_mib
 from ghmpi.runtime.scheduler import Scheduler
 
@@ -76,7 +77,8 @@ def _cuda_wanted(cfg: Config) -> bool:
     return cfg.topology.device == "cuda" or (cfg.topology.device == "auto" and torch.cuda.is_available())
 
 
-def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore]:
+def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
+             ) -> tuple[JobPlan, CompletionStore]:
     """Check everything checkable before work starts (rank 0). Raises GhmpiError."""
     if cfg.topology.slices > world_size:  # the cheapest check first, in the user's terms
         raise ConfigError(f"topology.slices is {cfg.topology.slices} but the MPI world has only "
@@ -102,33 +104,68 @@ def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore]:
                             flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds)
     on_gpu = _cuda_wanted(cfg)
     t = cfg.topology
-    mbs, size = auto_batches(world_size, t.slices, stats.n_prompts - store.n_done,
-                             t.micro_batches, t.micro_batch_size, on_gpu)
-    layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
     most_new = max(cfg.generation.max_new_tokens, stats.max_max_new_tokens or 0)
     max_len = min(args.max_seq_len, stats.max_prompt_len + most_new)
-    _check_memory(cfg, args, layout, max_len)
+    budgets = _budgets(cfg, args, world_size, ranks_on_node, on_gpu)
+    kv_item = torch.empty((), dtype=DTYPES[cfg.kv_dtype]).element_size()
+    layers_per_slice = -(-args.n_layers // t.slices)
+    layers_per_t2 = layers_per_slice * max(1, -(-t.slices // max(world_size - t.slices, 1)))
+    mbs, size = auto_batches(
+        world_size, t.slices, stats.n_prompts - store.n_done, t.micro_batches,
+        t.micro_batch_size, on_gpu, t.hybrid_slots,
+        local_fit=budgets.tier1.nbytes // sizing.slot_bytes(args, layers_per_slice, max_len, kv_item),
+        remote_fit=budgets.tier2.nbytes // sizing.slot_bytes(args, layers_per_t2, max_len, kv_item))
+    layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
+    _check_memory(cfg, args, layout, max_len, budgets)
     plan = JobPlan(args, layout, max_len, stats.n_prompts, store.n_done, job_id, on_gpu)
     return plan, store
 
 
-def _check_memory(cfg: Config, args: ModelArgs, layout: Layout, max_len: int) -> None:
-    budget = cfg.topology.kv_memory_gb * 2**30
+@dataclass(frozen=True)
+class _Budgets:
+    tier1: sizing.Budget  # a tier-1 rank holding caches (its GPU, or its node's memory)
+    tier2: sizing.Budget
+
+
+def _budgets(cfg: Config, args: ModelArgs, world_size: int, ranks_on_node: int,
+             on_gpu: bool) -> _Budgets:
+    """KV budgets: the explicit kv_memory_gb, else from this (rank 0's) GPU and node; tier-2
+    ranks on other nodes are taken to have nodes like this one (set kv_memory_gb if not)."""
+    t = cfg.topology
+    if t.kv_memory_gb:
+        fixed = sizing.fixed_budget(t.kv_memory_gb)
+        return _Budgets(fixed, fixed)
+    cpu = sizing.cpu_budget(sizing.mem_available(), ranks_on_node)
+    if not on_gpu:
+        return _Budgets(cpu, cpu)
+    free, total = torch.cuda.mem_get_info()
+    itemsize = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
+    tokens = t.prefill_tokens + (t.micro_batch_size or 1024)
+    gpu = sizing.gpu_budget(args, free, total, t.gpu_memory_fraction,
+                            -(-args.n_layers // t.slices), True, t.slices == 1, itemsize,
+                            tokens, t.micro_batch_size or 1024)
+    return _Budgets(gpu, cpu)
+
+
+def _check_memory(cfg: Config, args: ModelArgs, layout: Layout, max_len: int,
+                  budgets: _Budgets) -> None:
     kv = DTYPES[cfg.kv_dtype]
     holders = [(r, layout.owned_slots(r), [l for j in layout.slices_served(r)
-                                            for l in layout.slice_layers(j)])
+                                            for l in layout.slice_layers(j)], budgets.tier2)
                for r in range(layout.slices, layout.world_size)]
     local = layout.local_slots()
-    holders += [(j, local, list(layout.slice_layers(j))) for j in range(layout.slices) if local]
-    for rank, slots, layers in holders:
+    holders += [(j, local, list(layout.slice_layers(j)), budgets.tier1)
+                for j in range(layout.slices) if local]
+    for rank, slots, layers, budget in holders:
         need = KVCache.nbytes_for(len(layers), len(slots), max_len, args.n_kv_heads,
                                   args.head_dim, kv)
-        if need > budget:
+        if need > budget.nbytes:
             raise ConfigError(
                 f"the KV cache of rank {rank} ({layout.role(rank)}: {len(slots)} slots x "
                 f"{len(layers)} layers x {max_len} tokens) needs {need / 2**30:.2f} GiB, over "
-                f"topology.kv_memory_gb={cfg.topology.kv_memory_gb}; add tier-2 ranks, lower "
-                f"topology.micro_batches/micro_batch_size or raise the budget")
+                f"its budget of {budget.nbytes / 2**30:.2f} GiB ({budget.source}); add tier-2 "
+                f"ranks, lower topology.micro_batches/micro_batch_size or raise "
+                f"topology.kv_memory_gb")
 
 
 def _threads(cfg: Config, local_size: int) -> int:
@@ -171,11 +208,12 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     started = time.time()
     verdict: tuple[str, object] = ("ok", None)
     store = None
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # collective: before rank 0 may fail alone
     if rank == 0:
         try:
             if callable(cfg):
                 cfg = cfg()
-            plan, store = plan_job(cfg, world.Get_size())
+            plan, store = plan_job(cfg, world.Get_size(), node.Get_size())
             verdict = ("complete", (cfg, plan)) if store.complete else ("ok", (cfg, plan))
         except GhmpiError as e:
             verdict = ("error", str(e))
@@ -196,7 +234,6 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     layout = plan.layout
     is_tier1 = layout.is_tier1(rank)
     tier = world.Split(0 if is_tier1 else 1, rank)  # the two groups of DESIGN.md
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         torch.set_num_threads(_threads(cfg, node.Get_size()))
         device = _device(cfg, node, is_tier1)

@@ -52,7 +52,7 @@ def test_defaults_match_the_brief() -> None:
     assert g.stop_token_ids == () and g.ignore_eos is False
     t = cfg.topology
     assert (t.slices, t.micro_batches, t.micro_batch_size, t.hybrid_slots) == (1, 0, 0, 0)
-    assert (t.device, t.kv_dtype, t.kv_memory_gb, t.prefill_tokens) == ("auto", "auto", 16.0, 4096)
+    assert (t.device, t.kv_dtype, t.kv_memory_gb, t.prefill_tokens) == ("auto", "auto", 0.0, 4096)
     assert (cfg.runtime.torch_threads, cfg.runtime.progress_seconds) == (0, 10.0)
     assert (cfg.faults.rank, cfg.faults.after_steps) == (-1, 0)
     assert cfg.kv_dtype == "bfloat16"  # auto resolves to model.dtype
