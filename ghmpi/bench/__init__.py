@@ -21,6 +21,7 @@ SUITES = {
     "decode": "tier-1 decode step over the HBM roofline (weights + KV bytes / copy bandwidth)",
     "prefill": "tier-1 prefill tokens/s over the bf16 GEMM peak measured in the same run",
     "pipeline": "tier-1 and tier-2 capacities and the ring's throughput against them",
+    "job": "the whole job (mpirun ... python -m ghmpi) vs transformers generate, same run",
 }
 
 

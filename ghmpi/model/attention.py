@@ -86,8 +86,9 @@ def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     no copy for grouped-query heads. float32 or CPU: the exact per-sequence SDPA path.
     """
     n, n_heads, D = q.shape
-    varlen = _varlen_attn()
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen is not None:
+    fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    varlen = _varlen_attn() if fast else None  # its import alone costs seconds: GPUs only
+    if varlen is not None:
         most = max(lengths)
         k, v = k.to(q.dtype), v.to(q.dtype)
         if not _varlen_gqa(varlen) and k.shape[1] != n_heads:

@@ -301,7 +301,9 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults,
                   scheduler=scheduler, on_finished=on_finished,
                   should_drain=lambda: signals.received() is not None, tick=progress.tick)
+    gen_started = time.time()
     status = tier1.run()
+    gen_wall = time.time() - gen_started
     progress.sampled = tier1.generated
     prompts.close()
     store.flush()
@@ -315,6 +317,8 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
             "generated_tokens": progress.tokens,
             "wall_time_s": wall,
             "tokens_per_s": progress.sampled / wall if wall > 0 else 0.0,
+            "generate_time_s": gen_wall,  # from the first pass to the last token
+            "generate_tokens_per_s": progress.sampled / gen_wall if gen_wall > 0 else 0.0,
             "rank0_peak_rss_mib": peak_rss_mib(),
         })
         progress.summary(wall, cfg.io.output)

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from ghmpi.comm.topology import LOCAL
+from ghmpi.model.attention import cached_decode_attention, packed_prefill_attention
+from ghmpi.model.kvcache import KVCache
+from ghmpi.model.llama import Transformer
 from ghmpi.runtime.scheduler import Row
 
 
@@ -147,3 +150,45 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         cu_seqlens=d_cu.to(torch.int32),
         store_index=None if all_stored else d_si, store_slots=d_ss, store_pos=d_sp,
         n_store=n_store, local_prefill=local_prefill, remote=remote, last_tokens=d_last)
+
+
+def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
+    """The attention tier 1 computes itself, into o (n, n_heads * D): every prompt of the pass in
+    one packed causal call, and the local slots' decode rows on the cache where it lies (their new
+    K/V, and the local prompts', stored first). Rows served by tier 2 are left alone."""
+    if cache is not None and cache.device.type != "cpu":
+        if plan.n_store:
+            if plan.store_index is None:
+                cache.store(layer, plan.store_slots, plan.store_pos, k, v)
+            else:
+                cache.store(layer, plan.store_slots, plan.store_pos, k[plan.store_index],
+                            v[plan.store_index])
+        d = plan.local_dec
+        if d.stop:
+            o[d] = cached_decode_attention(q[d], cache.k[layer], cache.v[layer], plan.local_slots,
+                                           plan.local_lengths, plan.local_max_ctx)
+    elif cache is not None:  # a CPU cache keeps track of what was written (KVCache.write)
+        for row, a, length in plan.local_prefill:
+            cache.write(layer, row, 0, k[a:a + length], v[a:a + length])
+        d = plan.local_dec
+        if d.stop:
+            o[d] = cache.decode(layer, plan.local_slots, plan.local_lengths - 1, q[d], k[d], v[d])
+    if plan.prefill_lengths:
+        s = plan.prefill
+        o[s] = packed_prefill_attention(q[s], k[s], v[s], plan.cu_seqlens, plan.prefill_lengths)
+
+
+def run_local_pass(model: Transformer, cache: KVCache, plan: PassPlan,
+                   x: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole pass through a model holding every layer, all attention local (the single tier's
+    work, without the ring): -> logits (rows, vocab) float32 of each row's last token."""
+    a = model.args
+    if x is None:
+        x = model.embed(torch.from_numpy(plan.tokens).to(model.device, non_blocking=True))
+    for layer in model.layers:
+        q, k, v = model.pre_attention(layer, x, plan.positions)
+        o = torch.empty(plan.n, a.n_heads * a.head_dim, dtype=q.dtype, device=q.device)
+        attend_local(cache, plan, layer, q, k, v, o)
+        x = model.post_attention(layer, x, o)
+    return model.classify(x[plan.last_tokens])

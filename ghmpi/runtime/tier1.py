@@ -21,12 +21,11 @@ from mpi4py import MPI
 from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import LOCAL, Layout
 from ghmpi.errors import EXIT_INTERRUPTED
-from ghmpi.model.attention import cached_decode_attention, packed_prefill_attention
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.model.sampling import sample
 from ghmpi.runtime.faults import FaultInjector
-from ghmpi.runtime.passplan import PassPlan, build_plan, order_rows
+from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan, order_rows
 from ghmpi.runtime.scheduler import Row, Scheduler
 from ghmpi.runtime.wire import WireFormat, encode_work, rows_from_header, rows_header
 
@@ -104,36 +103,9 @@ class Tier1:
         p.o = torch.empty(q.shape[0], self.args.n_heads * self.args.head_dim, dtype=q.dtype,
                           device=q.device)
         self._ship(p, q, k, v)
-        self._attend_local(p, q, k, v)
+        attend_local(self.cache, p.plan, l, q, k, v, p.o)
         if not p.waits:
             self._finish_layer(p)
-
-    def _attend_local(self, p: Pass, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Prompts' causal attention (all prompts of the pass in one packed call) and the local
-        slots' decode attention on the cache where it lies; local K/V stored first."""
-        plan, l = p.plan, p.layer
-        cache = self.cache
-        if cache is not None and cache.device.type != "cpu":
-            if plan.n_store:
-                if plan.store_index is None:
-                    cache.store(l, plan.store_slots, plan.store_pos, k, v)
-                else:
-                    cache.store(l, plan.store_slots, plan.store_pos, k[plan.store_index],
-                                v[plan.store_index])
-            if plan.local_dec.stop:
-                p.o[plan.local_dec] = cached_decode_attention(
-                    q[plan.local_dec], cache.k[l], cache.v[l], plan.local_slots,
-                    plan.local_lengths, plan.local_max_ctx)
-        elif cache is not None:  # a CPU cache keeps track of what was written (KVCache.write)
-            for row, a, length in plan.local_prefill:
-                cache.write(l, row, 0, k[a:a + length], v[a:a + length])
-            d = plan.local_dec
-            if d.stop:
-                p.o[d] = cache.decode(l, plan.local_slots, plan.local_lengths - 1, q[d], k[d], v[d])
-        if plan.prefill_lengths:
-            s = plan.prefill
-            p.o[s] = packed_prefill_attention(q[s], k[s], v[s], plan.cu_seqlens,
-                                              plan.prefill_lengths)
 
     def _ship(self, p: Pass, q, k, v) -> None:
         """Send each tier-2 owner one message with its decode rows' q/k/v and the prompts' K/V.
