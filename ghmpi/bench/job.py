@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> dict:
 
     out.unlink(missing_ok=True)  # a complete output would make the job a no-op
     shutil.rmtree(str(out) + ".parts", ignore_errors=True)
-    cmd = [_mpirun(args.mpirun), "--oversubscribe", "-n", str(args.np), sys.executable, "-m",
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    cmd = [_mpirun(args.mpirun), *root, "--oversubscribe", "--bind-to", "none", "-n", str(args.np),
+           sys.executable, "-m",
            "ghmpi", "--set", f"model.path={model_dir}", "--set", f"io.prompts={prompts}",
            "--set", f"io.output={out}", "--set", f"generation.max_new_tokens={new}",
            "--set", "generation.ignore_eos=true", "--set", "io.overwrite=true",
