@@ -26,23 +26,29 @@ SUITES = {
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add `bench SUITE` to the ghmpi command line."""
+    """Add `bench SUITE [options]` to the ghmpi command line. A suite's own options are parsed
+    only when it runs, so `ghmpi --help` imports no suite (nor torch)."""
     b = subparsers.add_parser("bench", help="measure a component against its hardware limit",
                               description=__doc__)
-    suites = b.add_subparsers(dest="suite", metavar="SUITE", required=True)
-    for name, help_text in SUITES.items():
-        p = suites.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-        p.add_argument("-o", "--output", default=None, metavar="FILE",
-                       help="also write the JSON result to FILE")
-        p.set_defaults(func=_run_suite, suite_name=name)
-        module = importlib.import_module(f"ghmpi.bench.{name}")
-        module.add_arguments(p)
+    b.add_argument("suite", choices=list(SUITES), metavar="SUITE",
+                   help="; ".join(f"{k}: {v}" for k, v in SUITES.items()))
+    b.add_argument("options", nargs=argparse.REMAINDER,
+                   help="the suite's options (`ghmpi bench SUITE --help`)")
+    b.set_defaults(func=_run_suite)
 
 
-def _run_suite(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"ghmpi.bench.{args.suite_name}")
-    result = module.run(args)
+def suite_parser(name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"ghmpi bench {name}", description=SUITES[name])
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="also write the JSON result to FILE")
+    importlib.import_module(f"ghmpi.bench.{name}").add_arguments(p)
+    return p
+
+
+def _run_suite(ns: argparse.Namespace) -> int:
+    args = suite_parser(ns.suite).parse_args(ns.options)
+    result = importlib.import_module(f"ghmpi.bench.{ns.suite}").run(args)
     text = json.dumps(result, indent=1, default=float)
     if args.output:
         with open(args.output, "w") as f:

@@ -14,6 +14,7 @@ order of the additions; bf16/fp16 accumulate in float32, as SDPA does.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,9 +31,9 @@ def _decode_kernel(Q, K, V, Slots, Lens, O, MidO, MidLSE,
                    stride_ks, stride_kt, stride_kh,
                    stride_vs, stride_vt, stride_vh,
                    stride_ob, stride_oh,
-                   split_len, sm_scale,
+                   split_len, num_splits, sm_scale,
                    N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                    IEEE: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -79,7 +80,7 @@ def _decode_kernel(Q, K, V, Slots, Lens, O, MidO, MidLSE,
         m_i = m_new
 
     omask = hmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=omask)
@@ -89,40 +90,51 @@ def _decode_kernel(Q, K, V, Slots, Lens, O, MidO, MidLSE,
         out = acc / safe_l[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
         row = b * (tl.num_programs(1) * N_REP) + heads  # (BLOCK_H,) index into (B * H)
-        tl.store(MidO + (row[:, None] * NUM_SPLITS + s) * BLOCK_D + offs_d[None, :], out,
+        tl.store(MidO + (row[:, None] * num_splits + s) * BLOCK_D + offs_d[None, :], out,
                  mask=omask)
-        tl.store(MidLSE + row * NUM_SPLITS + s, lse, mask=hmask)
+        tl.store(MidLSE + row * num_splits + s, lse, mask=hmask)
 
 
 @triton.jit
-def _combine_kernel(MidO, MidLSE, O, n_heads, stride_ob, stride_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _combine_kernel(MidO, MidLSE, O, n_heads, stride_ob, stride_oh, num_splits,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)  # b * n_heads + h
     b = row // n_heads
     h = row % n_heads
-    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
-    lse = tl.load(MidLSE + row * NUM_SPLITS + offs_s)  # (NUM_SPLITS,)
-    m = tl.max(lse, 0)
+    lse = tl.load(MidLSE + row * num_splits + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)  # a row always has a non-empty first split
     w = tl.exp(lse - m)  # empty splits weigh 0
-    o = tl.load(MidO + (row * NUM_SPLITS + offs_s[:, None]) * BLOCK_D + offs_d[None, :])
+    o = tl.load(MidO + (row * num_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+                mask=smask[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
 
-def _num_splits(rows: int, n_kv: int, max_ctx: int, device: torch.device) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-_SPLIT_TARGET * sms // max(rows * n_kv, 1))
-    most = max(1, -(-max_ctx // (4 * _BLOCK_N)))  # at least 4 tiles per split
-    n = max(1, min(want, most, 64))
-    return 1 << (n - 1).bit_length()  # a power of two (tl.arange in the combine)
+_MAX_SPLITS = 64
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(rows: int, n_kv: int, max_ctx: int, device: torch.device) -> int:
+    """Context splits per (row, kv head): enough programs to fill the GPU, >= 4 tiles each."""
+    want = -(-_SPLIT_TARGET * _sm_count(device.index or 0) // max(rows * n_kv, 1))
+    most = max(1, -(-max_ctx // (4 * _BLOCK_N)))
+    return max(1, min(want, most, _MAX_SPLITS))
 
 
 def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slots: torch.Tensor, lengths: torch.Tensor, max_ctx: int) -> torch.Tensor:
     """q (B, H, D); k_cache/v_cache (n_slots, max_len, KV, D); slots, lengths (B,) on the GPU;
-    max_ctx >= max(lengths), known on the host (no sync). -> o (B, H * D) in q.dtype."""
+    max_ctx >= max(lengths), known on the host (no sync). -> o (B, H * D) in q.dtype.
+    The launch depends on the host numbers only (B, max_ctx), so a CUDA graph may capture it
+    with max_ctx = the cache's length and replay it for any lengths."""
     B, H, D = q.shape
     KV = k_cache.shape[2]
     n_rep = H // KV
@@ -134,7 +146,7 @@ def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q = q.to(k_cache.dtype)  # tl.dot wants one operand type; results go back to o's dtype
     block_d = triton.next_power_of_2(D)
     block_h = max(16, triton.next_power_of_2(n_rep))
-    splits = _num_splits(B, KV, max_ctx, q.device)
+    splits = num_splits(B, KV, max_ctx, q.device)
     split_len = -(-max(max_ctx, 1) // splits)
     split_len = -(-split_len // _BLOCK_N) * _BLOCK_N
     ieee = k_cache.dtype == torch.float32
@@ -149,10 +161,10 @@ def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1),
-        split_len, 1.0 / math.sqrt(D),
+        split_len, splits, 1.0 / math.sqrt(D),
         N_REP=n_rep, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=_BLOCK_N,
-        NUM_SPLITS=splits, IEEE=ieee, num_warps=4, num_stages=2)
+        SPLIT=splits > 1, IEEE=ieee, num_warps=4, num_stages=2)
     if splits > 1:
-        _combine_kernel[(B * H,)](mid_o, mid_lse, o, H, o.stride(0), o.stride(1),
-                                  HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits)
+        _combine_kernel[(B * H,)](mid_o, mid_lse, o, H, o.stride(0), o.stride(1), splits,
+                                  HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS)
     return o.view(B, H * D)

@@ -165,3 +165,21 @@ def cached_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     k_ctx = k_cache[:, :max_ctx].index_select(0, slots)  # (B, T, n_kv, D): slice, then gather
     v_ctx = v_cache[:, :max_ctx].index_select(0, slots)
     return decode_attention(q, k_ctx, v_ctx, lengths)
+
+
+def warm_up_cuda(args, dtype: torch.dtype, device: torch.device) -> None:
+    """Import and compile the GPU kernels now, before the job's clock starts: the varlen import
+    costs seconds, and every Triton specialisation compiles once (then lives in Triton's cache)."""
+    if dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None:
+        _varlen_gqa(_varlen_attn())
+    if _cuda_decode_kernel() is None:
+        return
+    H, KV, D = args.n_heads, args.n_kv_heads, args.head_dim
+    kc = torch.randn(2, 1024, KV, D, device=device, dtype=dtype)
+    q = torch.randn(2, H, D, device=device, dtype=dtype)
+    slots = torch.arange(2, device=device)
+    lengths = torch.full((2,), 1024, device=device)
+    for rows in (1, 2):  # one row: the split kernel and its combine; two... the same, or not
+        cached_decode_attention(q[:rows], kc, kc, slots[:rows], lengths[:rows], 1024)
+    big = torch.zeros(512, dtype=torch.long, device=device)
+    cached_decode_attention(q.expand(512, H, D).contiguous(), kc, kc, big, big + 1, 1)  # unsplit

@@ -10,6 +10,7 @@ the next slice; the last slice samples and the tokens return to slice 0, closing
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,9 +22,11 @@ from mpi4py import MPI
 from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import LOCAL, Layout
 from ghmpi.errors import EXIT_INTERRUPTED
+from ghmpi.model.attention import warm_up_cuda
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.model.sampling import sample
+from ghmpi.runtime.cudagraph import DecodeGraphs
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan, order_rows
 from ghmpi.runtime.scheduler import Row, Scheduler
@@ -77,8 +80,19 @@ class Tier1:
         local = layout.local_slots()
         self.local_index = np.full(layout.n_slots, -1, dtype=np.int64)
         self.local_index[local] = np.arange(len(local))
-        self.cache = (KVCache(list(self.layers), len(local), max_len, self.args.n_kv_heads,
-                              self.args.head_dim, kv_dtype, self.device) if local else None)
+        # The single tier on a GPU replays its decode passes as CUDA graphs (one spare slot
+        # absorbs the padding rows of a bucket).
+        graphs = (self.device.type == "cuda" and layout.slices == 1 and layout.n_tier2 == 0
+                  and os.environ.get("GHMPI_CUDA_GRAPHS", "1") != "0")
+        self.cache = (KVCache(list(self.layers), len(local) + graphs, max_len,
+                              self.args.n_kv_heads, self.args.head_dim, kv_dtype, self.device)
+                      if local else None)
+        self.graphs = None
+        if self.device.type == "cuda":
+            warm_up_cuda(self.args, model.dtype, self.device)
+        if graphs and local:
+            self.graphs = DecodeGraphs(model, self.cache, layout.micro_batch_size, len(local))
+            self.graphs.capture_all()
         self.owner = np.array([layout.owner(s, j) for s in range(layout.n_slots)], dtype=np.int64)
         self.group = layout.tier2_group(j)
         self.ready: list[Pass] = []
@@ -159,7 +173,10 @@ class Tier1:
             msg = self.wire.frame(rows_header(p.mb, p.rows), [p.x], lambda n: self.outbox.buffer(key, n))
             self.outbox.send(msg, self.j + 1, tp.TAG_RING, key=key)
             return
-        logits = self.model.classify(p.x[p.plan.last_tokens])  # (rows, vocab) float32
+        self._sample(p, self.model.classify(p.x[p.plan.last_tokens]))
+
+    def _sample(self, p: Pass, logits: torch.Tensor) -> None:
+        """logits (rows, vocab) float32 -> the next token of every row, to slice 0."""
         s = self.sampling
         if s.temperature == 0 or s.top_k == 1:  # greedy: no per-row seeds needed
             tokens = logits.argmax(dim=-1).cpu().numpy()
@@ -238,7 +255,12 @@ class Tier1:
                 # Furthest along first: it frees its slots (and the ring) soonest.
                 p = max(self.ready, key=lambda q: q.layer)
                 self.ready.remove(p)
-                self._start_layer(p)
+                if self.graphs is not None and DecodeGraphs.eligible(p.plan):
+                    for _ in self.layers:
+                        self.faults.step()
+                    self._sample(p, self.graphs.run(p.rows, self.local_index))
+                else:
+                    self._start_layer(p)
                 if p.waits:
                     self.waiting.append(p)
                 busy = True
