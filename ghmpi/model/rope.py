@@ -56,6 +56,10 @@ class Rotary:
         self._last: tuple[torch.Tensor, int, torch.dtype] | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def forget(self) -> None:
+        """Drop the remembered cos/sin (before capturing a CUDA graph, which must compute them)."""
+        self._last = self._cos_sin = None
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (n,) long -> cos, sin each (n, head_dim) in `dtype`."""

@@ -51,6 +51,7 @@ class DecodeGraphs:
             last_tokens=torch.arange(B, device=dev))
 
         def step() -> torch.Tensor:
+            self.model.rotary.forget()  # the graph must compute cos/sin from `positions` itself
             return run_local_pass(self.model, cache, plan, self.model.embed(tokens))
 
         side = torch.cuda.Stream(dev)
