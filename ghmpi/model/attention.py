@@ -179,7 +179,6 @@ def warm_up_cuda(args, dtype: torch.dtype, device: torch.device) -> None:
     q = torch.randn(2, H, D, device=device, dtype=dtype)
     slots = torch.arange(2, device=device)
     lengths = torch.full((2,), 1024, device=device)
-    for rows in (1, 2):  # one row: the split kernel and its combine; two... the same, or not
-        cached_decode_attention(q[:rows], kc, kc, slots[:rows], lengths[:rows], 1024)
-    big = torch.zeros(512, dtype=torch.long, device=device)
-    cached_decode_attention(q.expand(512, H, D).contiguous(), kc, kc, big, big + 1, 1)  # unsplit
+    cached_decode_attention(q, kc, kc, slots, lengths, 1024)  # few rows: split + combine
+    many = torch.zeros(512, dtype=torch.long, device=device)
+    cached_decode_attention(q[:1].expand(512, H, D).contiguous(), kc, kc, many, many + 1, 1)

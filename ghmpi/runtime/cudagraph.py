@@ -30,6 +30,7 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
                                      torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self._keep: list[PassPlan] = []
 
     @staticmethod
     def eligible(plan: PassPlan) -> bool:
@@ -62,6 +63,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = step()
+        self._keep.append(plan)  # the graph reads its tensors (last_tokens, ...) on every replay
         return graph, inputs, host, logits
 
     def capture_all(self) -> None:
