@@ -82,13 +82,15 @@ def describe() -> str:
 
 
 def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                         slots: torch.Tensor, lengths: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token per row over its slot's cached context, on the CPU.
 
     q (B, n_heads, D) float32/bf16/fp16; k_cache, v_cache (n_slots, max_len, n_kv_heads, D), the
     KVCache layout, in float32/bf16/fp16; slots, lengths (B,) int64: row b attends over positions
     [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses kv head h // n_rep.
-    -> (B, n_heads * D) in q.dtype. Accumulates in float32.
+    -> (B, n_heads * D) in q.dtype. Accumulates in float32. `out`: optional float32
+    (B, n_heads * D) contiguous buffer the native kernel writes (returned when q is float32).
     """
     B, H, D = q.shape
     n_slots, max_len, n_kv, Dk = k_cache.shape
@@ -104,7 +106,8 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     q32 = q.to(torch.float32).contiguous()  # (B, H, D)
     slots = slots.to(torch.int64).contiguous()
     lengths = lengths.to(torch.int64).contiguous()
-    out = torch.empty(B, H * D, dtype=torch.float32)
+    if out is None or out.dtype != torch.float32 or out.shape != (B, H * D) or not out.is_contiguous():
+        out = torch.empty(B, H * D, dtype=torch.float32)
     rc = lib.ghmpi_decode_attention(
         q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _KV_TYPES[k_cache.dtype],
         slots.data_ptr(), lengths.data_ptr(), B, H, n_kv, D, n_slots, max_len, out.data_ptr(), 0)
