@@ -164,15 +164,36 @@ def build_or_load(name: str, sources: list[str], extra_cflags: list[str] = ()) -
         shutil.rmtree(private, ignore_errors=True)
         private.mkdir()
         try:
-            with open(private / "build.log", "w") as log, \
-                    contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                built = cpp_extension.load(
-                    name=spec["name"], sources=spec["sources"], extra_cflags=spec["cflags"],
-                    extra_ldflags=spec["ldflags"], build_directory=str(private),
-                    is_python_module=False, verbose=False)
+            if cpp_extension.is_ninja_available():
+                with open(private / "build.log", "w") as log, \
+                        contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    built = cpp_extension.load(
+                        name=spec["name"], sources=spec["sources"], extra_cflags=spec["cflags"],
+                        extra_ldflags=spec["ldflags"], build_directory=str(private),
+                        is_python_module=False, verbose=False)
+            else:  # e.g. an offline node without the ninja package: one g++ line does it
+                built = _compile_direct(spec, private / f"{spec['name']}.so")
             tmp = final_dir / f".{spec['name']}.so.{os.getpid()}"
             shutil.copyfile(built, tmp)
             os.replace(tmp, final)  # atomic: readers see no file or the whole file
         finally:
             shutil.rmtree(private, ignore_errors=True)
     return ctypes.CDLL(str(final)), final, True
+
+
+def _compile_direct(spec: dict, out: Path) -> Path:
+    """What cpp_extension.load does for one C++ file, without ninja: torch's include and library
+    paths, its C++ ABI, -shared. Raises with the compiler's message on failure."""
+    from torch.utils import cpp_extension
+
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    libs = cpp_extension.library_paths()
+    cmd = [os.environ.get("CXX", "c++"), *spec["cflags"], "-std=c++17", "-fPIC", "-shared",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *[f"-I{p}" for p in cpp_extension.include_paths()], *spec["sources"], "-o", str(out),
+           *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu",
+           *spec["ldflags"]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {r.stderr.strip()[-1500:]}")
+    return out
