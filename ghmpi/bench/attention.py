@@ -19,13 +19,10 @@ import statistics
 import time
 from typing import Any, Callable
 
-import torch
-
-from ghmpi import kernels
 from ghmpi.bench import log
-from ghmpi.model.attention import decode_attention
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# torch and the kernels are imported where used: `python -m ghmpi --help` imports this module to
+# list its options and must stay light.
 HEADS = {"gqa": (32, 8), "mha": (32, 32)}  # (n_heads, n_kv_heads), D = --head-dim
 
 
@@ -71,6 +68,8 @@ def dram_read_GBps(nbytes: int, reps: int = 4) -> float:
     """All threads reading a buffer of nbytes (>> LLC) with torch's vectorised reductions (float32
     sum and max, int64 sum): the memory's read bandwidth, best of `reps` rounds of each (the first
     pass also commits the pages)."""
+    import torch
+
     buf = torch.ones(nbytes // 8, dtype=torch.float64).view(torch.float32)
     readers = (buf.sum, buf.amax, buf.view(torch.int64).sum)
     best = float("inf")
@@ -99,7 +98,10 @@ def _time(fn: Callable[[int], Any], n_regions: int, seconds: float) -> float:
 class KVBuffers:
     """Flat K and V buffers, viewed as (n_slots, T, n_kv, D) caches for each case."""
 
-    def __init__(self, nbytes: int, dtype: torch.dtype) -> None:
+    def __init__(self, nbytes: int, dtype: str) -> None:
+        import torch
+
+        dtype = getattr(torch, dtype)
         n = nbytes // 2 // torch.empty((), dtype=dtype).element_size()
         self.k = torch.empty(n, dtype=dtype).uniform_(-1, 1)
         self.v = torch.empty(n, dtype=dtype).uniform_(-1, 1)
@@ -114,6 +116,11 @@ class KVBuffers:
 def run_case(buf: KVBuffers, n_heads: int, n_kv: int, D: int, lengths: list[int],
              paths: list[str], seconds: float, llc: int) -> dict[str, float] | None:
     """GB/s of KV read per path for one call over rows of these lengths; None if it does not fit."""
+    import torch
+
+    from ghmpi import kernels
+    from ghmpi.model.attention import decode_attention
+
     B, T = len(lengths), max(lengths)
     kc, vc = buf.view(T, n_kv, D)
     n_regions = kc.shape[0] // B
@@ -147,12 +154,17 @@ def _mixed(batch: int, contexts: list[int]) -> list[int]:
 def _split_worker(rank: int, threads: int, cpus: list[int] | None, path: str, spec: dict,
                   barrier: Any, queue: Any) -> None:
     try:
+        import torch
+
+        from ghmpi import kernels
+        from ghmpi.model.attention import decode_attention
+
         if cpus:
             os.sched_setaffinity(0, cpus)
         torch.set_num_threads(threads)
         if path == "torch":
             kernels.force("torch")
-        buf = KVBuffers(spec["nbytes"], DTYPES[spec["dtype"]])
+        buf = KVBuffers(spec["nbytes"], spec["dtype"])
         n_heads, n_kv = HEADS[spec["heads"]]
         D, B, T = spec["head_dim"], spec["batch"], spec["context"]
         kc, vc = buf.view(T, n_kv, D)
@@ -211,6 +223,10 @@ def _splits(text: str, n_cores: int) -> list[tuple[int, int]]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ghmpi import kernels
+
     cores = sorted(os.sched_getaffinity(0))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = []
     for dt in dtypes:
-        buf = KVBuffers(kv_bytes, DTYPES[dt])
+        buf = KVBuffers(kv_bytes, dt)
         for h in heads:
             n_heads, n_kv = HEADS[h]
             cases = [(B, [T] * B, str(T)) for T in contexts for B in batches]
