@@ -45,7 +45,7 @@ def _load() -> ctypes.CDLL | None:
         f = lib.ghmpi_decode_attention
         f.restype = ctypes.c_int64
         f.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
-                      + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64])
+                      + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
         lib.ghmpi_kernel_isa.restype = ctypes.c_char_p
         s.isa = lib.ghmpi_kernel_isa().decode()
         s.lib = lib
@@ -110,7 +110,8 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         out = torch.empty(B, H * D, dtype=torch.float32)
     rc = lib.ghmpi_decode_attention(
         q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _KV_TYPES[k_cache.dtype],
-        slots.data_ptr(), lengths.data_ptr(), B, H, n_kv, D, n_slots, max_len, out.data_ptr(), 0)
+        slots.data_ptr(), lengths.data_ptr(), B, H, n_kv, D, n_slots, max_len, out.data_ptr(), 0,
+        int(q.dtype == torch.bfloat16))
     if rc != 0:
         b = -rc - 1
         raise IndexError(f"decode_attention_cpu: row {b}: slot {int(slots[b])}, length "

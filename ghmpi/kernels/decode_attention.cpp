@@ -16,12 +16,17 @@
 // compiles in about a second, where <torch/extension.h> takes half a minute.
 //
 // Vector code: AVX-512F where the compiler targets it (the build passes -march=native), for head
-// dims that are a multiple of 16; plain C++ elsewhere (auto-vectorised for the host).
+// dims that are a multiple of 16; plain C++ elsewhere (auto-vectorised for the host). With
+// AVX512-BF16 and a bf16 query over a bf16 cache, q.k and p@V use vdpbf16ps (p rounded to bf16 for
+// p@V, as torch's bf16 attention does): half the instructions, no conversions of K or V.
+// Scores of 16 positions are reduced together (hsum16), V accumulators stay in registers over a
+// block. AMX is not used: the kernel is bound by memory, not by arithmetic.
 // GHMPI_PORTABLE forces the plain code (tests build both).
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +38,11 @@
 #define GHMPI_AVX512 1
 #else
 #define GHMPI_AVX512 0
+#endif
+#if GHMPI_AVX512 && defined(__AVX512BF16__)
+#define GHMPI_BF16DP 1  // vdpbf16ps: bf16 pairs multiplied and summed into fp32
+#else
+#define GHMPI_BF16DP 0
 #endif
 
 namespace {
@@ -201,6 +211,85 @@ inline void values_block(const char* vp, int64_t stride, int n, int64_t n_rep, i
 }
 #endif
 
+#if GHMPI_BF16DP
+// bf16 mode (a bf16 query over a bf16 cache, as torch computes it): q . k with vdpbf16ps straight
+// from the cache, and p @ V with p rounded to bf16, two positions per instruction.
+
+// Scores as scores_block, q (n_rep, D) bf16, K rows bf16 read in place; D % 32 == 0.
+inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, int n,
+                            int64_t n_rep, int64_t D, float scale, float* S) {
+  const uint16_t* kr[TB];
+  for (int i = 0; i < TB; ++i) kr[i] = reinterpret_cast<const uint16_t*>(kp + (i < n ? i : 0) * stride);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < n_rep; ++r) {
+    const uint16_t* qr = q + r * D;
+    __m512 acc[TB];
+    for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
+      for (int i = 0; i < TB; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kr[i] + d));
+    }
+    _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
+  }
+}
+
+// acc += sum_i p_i v_i over pairs of positions: rows i and i+1 interleaved (unpacklo/hi) make
+// 16 (v_i[d], v_i+1[d]) pairs per register, times the broadcast pair (p_i, p_i+1). The
+// accumulators of a 32-dim chunk are [lo | hi] in unpack order; unpermute() restores d order.
+// Pp: per head, 8 uint32 = the block's 16 p values as bf16 pairs.
+template <int RG, int PC>
+inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, const uint32_t* Pp,
+                           float* A, int64_t D) {
+  __m512 acc[RG][2 * PC];
+  for (int r = 0; r < RG; ++r)
+    for (int c = 0; c < 2 * PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+  for (int i = 0; i < n; i += 2) {
+    __m512i lo[PC], hi[PC];
+    for (int c = 0; c < PC; ++c) {
+      const __m512i a = _mm512_loadu_si512(vp + i * stride + (d + c * 32) * 2);
+      const __m512i b = i + 1 < n ? _mm512_loadu_si512(vp + (i + 1) * stride + (d + c * 32) * 2)
+                                  : _mm512_setzero_si512();
+      lo[c] = _mm512_unpacklo_epi16(a, b);
+      hi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int r = 0; r < RG; ++r) {
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pp[r * 8 + i / 2]));
+      for (int c = 0; c < PC; ++c) {
+        acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], (__m512bh)lo[c], p);
+        acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], (__m512bh)hi[c], p);
+      }
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int c = 0; c < 2 * PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
+}
+
+inline void values_block_dp(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
+                            const uint32_t* Pp, float* A) {
+  int64_t r = 0;
+  for (; r + 4 <= n_rep; r += 4)
+    for (int64_t d = 0; d < D; d += 64) values_pass_dp<4, 2>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+  for (; r + 2 <= n_rep; r += 2)
+    for (int64_t d = 0; d < D; d += 32) values_pass_dp<2, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+  for (; r < n_rep; ++r)
+    for (int64_t d = 0; d < D; d += 32) values_pass_dp<1, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+}
+
+// The unpack order of a 32-dim chunk back to d order: lane j of lo holds d = 8 (j / 4) + j % 4,
+// lane j of hi d = 8 (j / 4) + 4 + j % 4.
+inline void unpermute(float* a, int64_t D) {
+  float t[32];
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    for (int j = 0; j < 16; ++j) {
+      t[8 * (j / 4) + j % 4] = a[d0 + j];
+      t[8 * (j / 4) + 4 + j % 4] = a[d0 + 16 + j];
+    }
+    std::memcpy(a + d0, t, sizeof(t));
+  }
+}
+#endif
+
 inline void prefetch_range(const char* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
@@ -225,7 +314,11 @@ struct Item {
 // one item. Reused across calls.
 struct Scratch {
   std::vector<float> s, m, l, acc, kf;
+  std::vector<uint16_t> qb;  // bf16 mode: the item's query heads in bf16
+  std::vector<uint32_t> pp;  // bf16 mode: a block's p as bf16 pairs, 8 per head
   void ensure(int64_t nh, int64_t D) {
+    if (static_cast<int64_t>(qb.size()) < nh * D) qb.resize(nh * D);
+    if (static_cast<int64_t>(pp.size()) < nh * 8) pp.resize(nh * 8);
     if (static_cast<int64_t>(m.size()) < nh) {
       s.resize(nh * TB); m.resize(nh); l.resize(nh);
     }
@@ -236,7 +329,7 @@ struct Scratch {
 
 // One item: online softmax over positions [t0, t1) of row b for kv heads [g0, g1).
 // Writes either the normalised output (part < 0) or (m, l, acc) to partials.
-template <int KV, bool VEC>
+template <int KV, bool VEC, bool DP>
 void run_item(const Problem& P, const Item& it, float* partials) {
   thread_local Scratch sc;
   const int64_t D = P.D, n_rep = P.n_rep, ng = it.g1 - it.g0, nh = ng * n_rep;
@@ -256,6 +349,13 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   const char* kbase = static_cast<const char*>(P.k) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
   const char* vbase = static_cast<const char*>(P.v) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
   const int64_t run_bytes = ng * D * es;  // one position's K (or V) bytes of this item's heads
+#if GHMPI_BF16DP
+  if constexpr (DP) {  // exact: q was bf16 before the caller widened it
+    for (int64_t x = 0; x < nh * D; x += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.qb.data() + x),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + x)));
+  }
+#endif
 
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
@@ -267,6 +367,13 @@ void run_item(const Problem& P, const Item& it, float* partials) {
       }
     }
     // scores S[h][i] = scale * q_h . k_{t+i}
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      for (int64_t g = 0; g < ng; ++g)
+        scores_block_dp(sc.qb.data() + g * n_rep * D, kbase + (t * pos_stride + g * D) * es,
+                        pos_stride * es, n, n_rep, D, P.scale, S + g * n_rep * TB);
+    } else
+#endif
 #if GHMPI_AVX512
     if constexpr (VEC) {
       for (int64_t g = 0; g < ng; ++g)
@@ -302,6 +409,13 @@ void run_item(const Problem& P, const Item& it, float* partials) {
         const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
         __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh), _mm512_set1_ps(mx)));
         p = _mm512_maskz_mov_ps(mask, p);
+#if GHMPI_BF16DP
+        if constexpr (DP) {  // p @ V runs on bf16 p, as torch's bf16 attention: sum what is used
+          const __m256bh pb = _mm512_cvtneps_pbh(p);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.pp.data() + h * 8), (__m256i)pb);
+          p = _mm512_cvtpbh_ps(pb);
+        }
+#endif
         _mm512_storeu_ps(sh, p);
         sum = _mm512_reduce_add_ps(p);
       } else
@@ -317,6 +431,13 @@ void run_item(const Problem& P, const Item& it, float* partials) {
       }
     }
     // acc_h += sum_i p[h][i] * v_{t+i}
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      for (int64_t g = 0; g < ng; ++g)
+        values_block_dp(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
+                        sc.pp.data() + g * n_rep * 8, A + g * n_rep * D);
+    } else
+#endif
 #if GHMPI_AVX512
     if constexpr (VEC) {
       for (int64_t g = 0; g < ng; ++g)
@@ -342,6 +463,11 @@ void run_item(const Problem& P, const Item& it, float* partials) {
     }
   }
 
+#if GHMPI_BF16DP
+  if constexpr (DP) {
+    for (int64_t h = 0; h < nh; ++h) unpermute(A + h * D, D);
+  }
+#endif
   if (it.part < 0) {  // whole context: normalise into the output
     float* o = P.out + (it.b * P.H + h0) * D;
     for (int64_t h = 0; h < nh; ++h) {
@@ -356,10 +482,14 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   }
 }
 
-template <int KV, bool VEC>
+// Items differ in size (a short row, a context chunk): each thread takes the next one left, so
+// none waits while another still has a queue.
+template <int KV, bool VEC, bool DP = false>
 void run_items(const Problem& P, const std::vector<Item>& items, float* partials) {
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) run_item<KV, VEC>(P, items[i], partials);
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) run_item<KV, VEC, DP>(P, items[i], partials);
   });
 }
 
@@ -371,11 +501,12 @@ extern "C" {
 // or -1000000000 for an unsupported kv type.
 // q (B, H, D) fp32 contiguous; k, v (n_slots, max_len, n_kv, D) contiguous in kv_type;
 // slots, lengths (B,) int64; out (B, H * D) fp32. min_chunk: shortest context piece a row is
-// split into (positions; 0 = default).
+// split into (positions; 0 = default). q_bf16: q holds bf16 values (then a bf16 cache is read with
+// bf16 dot products where the CPU has them, p @ V on bf16 p, as torch computes bf16 attention).
 int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int64_t kv_type,
                                const int64_t* slots, const int64_t* lengths, int64_t B, int64_t H,
                                int64_t n_kv, int64_t D, int64_t n_slots, int64_t max_len,
-                               float* out, int64_t min_chunk) {
+                               float* out, int64_t min_chunk, int64_t q_bf16) {
   if (kv_type < 0 || kv_type > 2) return -1000000000;
   int64_t total = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -423,6 +554,7 @@ int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int
 
   const bool vec = GHMPI_AVX512 && D % 16 == 0;
   if (kv_type == KV_F32) vec ? run_items<KV_F32, true>(P, items, pp) : run_items<KV_F32, false>(P, items, pp);
+  else if (kv_type == KV_BF16 && vec && q_bf16 && D % 32 == 0 && GHMPI_BF16DP) run_items<KV_BF16, true, GHMPI_BF16DP>(P, items, pp);
   else if (kv_type == KV_BF16) vec ? run_items<KV_BF16, true>(P, items, pp) : run_items<KV_BF16, false>(P, items, pp);
   else vec ? run_items<KV_F16, true>(P, items, pp) : run_items<KV_F16, false>(P, items, pp);
   if (parts == 0) return 0;
@@ -463,6 +595,6 @@ int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int
 }
 
 // What the build targets, for the log line.
-const char* ghmpi_kernel_isa() { return GHMPI_AVX512 ? "avx512" : "portable"; }
+const char* ghmpi_kernel_isa() { return GHMPI_BF16DP ? "avx512+bf16" : GHMPI_AVX512 ? "avx512" : "portable"; }
 
 }  // extern "C"
