@@ -16,6 +16,7 @@ setup(
         "tokenizers",
         "transformers",  # prepare/export: the model folder's tokenizer and chat template
         "jinja2",
+        "ninja",  # torch.utils.cpp_extension builds the native CPU attention kernel with it
     ],
     extras_require={
         "test": ["pytest", "pytest-mpi", "transformers"],

@@ -264,7 +264,7 @@ class RuntimeConfig:
     SECTION: ClassVar[str] = "runtime"
     torch_threads: int = _opt(
         0, _integer(lo=0),
-        "torch threads per rank (>= 0); 0 = auto: SLURM_CPUS_PER_TASK, else (Slurm CPUs or cores on this node) / ranks on this node, >= 1")
+        "torch threads per rank (>= 0); 0 = auto: the node's CPUs (or Slurm's) split over its ranks by role, each rank pinned to its own cores unless the launcher bound it")
     progress_seconds: float = _opt(
         10.0, _number(lo=0, lo_open=True),
         "interval of rank 0's progress line (seconds, > 0)")

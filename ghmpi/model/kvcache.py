@@ -3,7 +3,10 @@
 Allocated once at its largest size with `torch.empty`: on the CPU, the kernel commits a page only
 when it is first written, so a cache sized for the worst case costs memory only as it fills.
 
-Batched decode attends every row over the same number of positions T and masks each row's tail.
+On the CPU, decode runs the native kernel (ghmpi.kernels) where it builds: it reads each row's own
+slot up to its own length, so nothing past a row's length is ever read. The rest of this note is
+about the torch fallback. Batched decode there attends every row over the same number of positions T
+and masks each row's tail.
 A masked position still enters SDPA's `p @ V` with p = 0, and 0 * NaN is NaN, so the tail must hold
 finite numbers, never allocator garbage. On the CPU each (layer, slot) keeps a high-water mark of
 positions ever written or zeroed, and the gap up to T is zeroed (in chunks) before it is read:
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ghmpi import kernels
 from ghmpi.model.attention import cached_decode_attention, decode_attention
 
 _ZERO_CHUNK = 64  # positions zeroed at a time ahead of a slot's high-water mark
@@ -44,6 +48,8 @@ class KVCache:
         # per layer, per slot: positions [0, mark) hold written or zeroed values (CPU only)
         initial = 0 if self.device.type == "cpu" else max_len
         self._mark = {layer: [initial] * n_slots for layer in self.layers}
+        # decided once: the marks are kept (and tails zeroed) by the torch path only
+        self._native = self.device.type == "cpu" and kernels.native_available()
 
     @staticmethod
     def nbytes_for(n_layers: int, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int,
@@ -64,7 +70,7 @@ class KVCache:
             raise IndexError(f"KVCache.write: slot {slot}, positions {start}..{start + L - 1} "
                              f"out of range ({self.n_slots} slots x {self.max_len} positions)")
         mark = self._mark[layer]
-        if start > mark[slot]:
+        if start > mark[slot] and not self._native:
             self._zero(layer, slot, start)
         self.k[layer][slot, start:start + L] = k
         self.v[layer][slot, start:start + L] = v
@@ -100,7 +106,8 @@ class KVCache:
         -> (B, n_heads * D) in q.dtype, on q's device. Only the first max(positions)+1
         positions are read. On a GPU, pass `ctx_len` (>= that) to skip the host sync that computing
         the max costs; on the CPU it is ignored.
-        `compute_dtype`: see `decode_attention` (default q.dtype).
+        `compute_dtype`: see `decode_attention` (default q.dtype); the CPU's native kernel
+        always reads the cache as it is and accumulates in float32.
         """
         out_device = q.device
         slots = slots.to(self.device)
@@ -112,7 +119,12 @@ class KVCache:
             self.store(layer, slots, positions, k, v)
             return cached_decode_attention(q, kc, vc, slots, positions + 1, T).to(out_device)
 
-        # CPU: no gather at all. Rows whose slots run consecutively attend on a view of the cache;
+        if self._native:  # each row reads its own slot up to its own length: no views, no zeroing
+            kc[slots, positions] = k.to(self.dtype)
+            vc[slots, positions] = v.to(self.dtype)
+            return kernels.decode_attention_cpu(q, kc, vc, slots, positions + 1).to(out_device)
+
+        # CPU, torch fallback: no gather at all. Rows whose slots run consecutively attend on a view of the cache;
         # a gathered copy would cost more than the attention (fresh pages, twice the traffic).
         ids, pos = slots.tolist(), positions.tolist()
         runs: list[tuple[int, int, int]] = []  # (row a, row b, T): slots ids[a], ids[a]+1, ...

@@ -32,6 +32,7 @@ from ghmpi.io.prompts import PromptFile
 from ghmpi.model.args import ModelArgs
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.loader import check_checkpoint
+from ghmpi.runtime import placement
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime import sizing
 from ghmpi.runtime.progress import Progress, peak_rss_mib
@@ -168,25 +169,6 @@ def _check_memory(cfg: Config, args: ModelArgs, layout: Layout, max_len: int,
                 f"topology.kv_memory_gb")
 
 
-def _threads(cfg: Config, local_size: int) -> int:
-    """Torch threads per rank: the config's, else this rank's share of the CPUs it may use.
-
-    Under Slurm that is what the allocation grants (SLURM_CPUS_PER_TASK, or the node's CPUs over
-    its ranks), not the whole machine: on a shared node the machine's count oversubscribes."""
-    if cfg.runtime.torch_threads:
-        return cfg.runtime.torch_threads
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    if os.environ.get("SLURM_CPUS_ON_NODE", "").isdigit():
-        cores = int(os.environ["SLURM_CPUS_ON_NODE"])
-    else:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-    return max(1, cores // max(local_size, 1))
-
-
 def _device(cfg: Config, node: MPI.Comm, is_tier1: bool) -> torch.device:
     """Tier-1 ranks take the node's GPUs in turn; tier 2 always computes on the CPU."""
     flags = node.allgather(is_tier1)
@@ -235,10 +217,16 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     is_tier1 = layout.is_tier1(rank)
     tier = world.Split(0 if is_tier1 else 1, rank)  # the two groups of DESIGN.md
     try:
-        torch.set_num_threads(_threads(cfg, node.Get_size()))
         device = _device(cfg, node, is_tier1)
+        kind = (placement.TIER2 if not is_tier1 else
+                placement.GPU if device.type == "cuda" else placement.CPU1)
+        place = placement.plan_node(node.allgather(placement.here(kind)), os.environ,
+                                    torch_threads=cfg.runtime.torch_threads)[node.Get_rank()]
+        placement.apply(place)
+        torch.set_num_threads(place.threads)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
+            print(f"ghmpi: {place.summary}", flush=True)
         status = _run_role(cfg, plan, world, rank, device, store, started)
     except Exception as e:
         role = layout.role(rank)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from ghmpi import kernels
 from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import Layout
 from ghmpi.model.args import ModelArgs
@@ -31,6 +32,8 @@ class Tier2:
         self.index[owned] = np.arange(len(owned))
         self.cache = KVCache(layers, max(len(owned), 1), max_len, args.n_kv_heads, args.head_dim,
                              kv_dtype, "cpu")
+        if rank == layout.slices:  # the first tier-2 rank says which attention path runs
+            print(f"ghmpi: tier 2: {kernels.describe()}", flush=True)
         self.outbox = tp.Outbox(world)
         self._inbox = np.empty(0, dtype=np.uint8)  # reused: each message is served before the next
 

@@ -1,0 +1,600 @@
+// Decode attention for tier 2: one new query token per row over that row's cached context.
+//
+// Memory bound: every step reads each row's whole K and V. So the kernel is built to stream:
+// - a work item is (row, context chunk, kv-head group); it walks its positions in order, and for
+//   each position reads the K (then V) rows of all its kv heads, which in the KVCache layout
+//   (n_slots, max_len, n_kv_heads, D) are one contiguous run of bytes;
+// - every K/V byte is read once for all n_rep query heads of its group (GQA);
+// - the next block of positions is prefetched while the current one is computed;
+// - rows are split along the context (flash-decoding) when there are too few rows for the
+//   threads, and a final pass combines the chunks' partial softmax sums; the kv heads are split
+//   too when even that leaves threads idle;
+// - fp32 accumulation and an online softmax, block by block (no scores buffer of the whole row).
+// Threads come from ATen's intra-op pool (at::parallel_for), so torch.set_num_threads rules.
+//
+// Called through ctypes (extern "C", raw pointers): only <ATen/Parallel.h> is needed, which
+// compiles in about a second, where <torch/extension.h> takes half a minute.
+//
+// Vector code: AVX-512F where the compiler targets it (the build passes -march=native), for head
+// dims that are a multiple of 16; plain C++ elsewhere (auto-vectorised for the host). With
+// AVX512-BF16 and a bf16 query over a bf16 cache, q.k and p@V use vdpbf16ps (p rounded to bf16 for
+// p@V, as torch's bf16 attention does): half the instructions, no conversions of K or V.
+// Scores of 16 positions are reduced together (hsum16), V accumulators stay in registers over a
+// block. AMX is not used: the kernel is bound by memory, not by arithmetic.
+// GHMPI_PORTABLE forces the plain code (tests build both).
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && !defined(GHMPI_PORTABLE)
+#include <immintrin.h>
+#define GHMPI_AVX512 1
+#else
+#define GHMPI_AVX512 0
+#endif
+#if GHMPI_AVX512 && defined(__AVX512BF16__)
+#define GHMPI_BF16DP 1  // vdpbf16ps: bf16 pairs multiplied and summed into fp32
+#else
+#define GHMPI_BF16DP 0
+#endif
+
+namespace {
+
+enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+constexpr int TB = 16;  // positions per block: one 16-lane vector of scores per query head
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// ---- scalar conversions (portable path, tails) --------------------------------------------
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | man << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <int KV>
+inline float load1(const void* base, int64_t i) {
+  if constexpr (KV == KV_F32) return static_cast<const float*>(base)[i];
+  else if constexpr (KV == KV_BF16) return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+}
+
+template <int KV> constexpr int64_t elsize() { return KV == KV_F32 ? 4 : 2; }
+
+#if GHMPI_AVX512
+// 16 elements of K or V at p, as fp32
+template <int KV>
+inline __m512 load16(const void* p) {
+  if constexpr (KV == KV_F32) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (KV == KV_BF16) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  }
+}
+
+// exp(x) for x <= 0 (scores minus their running max), ~1 ulp: Cody-Waite reduction to
+// r in [-ln2/2, ln2/2], degree-6 polynomial, scaled by 2^n. Large negative x gives 0.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lane j of the result = sum of all lanes of v[j]: a transpose-and-add tree, 45 instructions for
+// 16 dot products instead of 16 separate horizontal sums.
+inline __m512 hsum16(const __m512* v) {
+  __m512 s[8], u[4], w[2];
+  for (int j = 0; j < 8; ++j)
+    s[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]),
+                         _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j)
+    u[j] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(s[2 * j], s[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int j = 0; j < 2; ++j)
+    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of one kv head's n_rep query heads against n <= 16 positions:
+// S[r * TB + i] = scale * q_r . k_i, k_i at kp + i * stride bytes. q (n_rep, D) fp32.
+// K is converted to fp32 once into kf (16 x D), then each head's 16 dots share one hsum16.
+template <int KV>
+inline void scores_block(const float* q, const char* kp, int64_t stride, int n, int64_t n_rep,
+                         int64_t D, float scale, float* kf, float* S) {
+  const float* kr[TB];
+  for (int i = 0; i < n; ++i) {
+    if constexpr (KV == KV_F32) {
+      kr[i] = reinterpret_cast<const float*>(kp + i * stride);
+    } else {
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_ps(kf + i * D + d, load16<KV>(kp + i * stride + d * elsize<KV>()));
+      kr[i] = kf + i * D;
+    }
+  }
+  for (int i = n; i < TB; ++i) kr[i] = kr[0];  // a full block always: no branches, lanes unused
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < n_rep; ++r) {
+    const float* qr = q + r * D;
+    __m512 acc[TB];
+    for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(qr + d);
+      for (int i = 0; i < TB; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[i] + d), acc[i]);
+    }
+    _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
+  }
+}
+
+// acc_r += sum_i p[r][i] * v_i for one kv head's n_rep query heads, v_i at vp + i * stride bytes:
+// the accumulators of RG heads x PC 16-lane chunks stay in registers over the block's positions.
+template <int KV, int RG, int PC>
+inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const float* S,
+                        float* A, int64_t D) {
+  __m512 acc[RG][PC];
+  for (int r = 0; r < RG; ++r)
+    for (int c = 0; c < PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+  for (int i = 0; i < n; ++i) {
+    __m512 x[PC];
+    for (int c = 0; c < PC; ++c) x[c] = load16<KV>(vp + i * stride + (d + c * 16) * elsize<KV>());
+    for (int r = 0; r < RG; ++r) {
+      const __m512 p = _mm512_set1_ps(S[r * TB + i]);
+      for (int c = 0; c < PC; ++c) acc[r][c] = _mm512_fmadd_ps(p, x[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int c = 0; c < PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
+}
+
+template <int KV>
+inline void values_block(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
+                         const float* S, float* A) {
+  int64_t r = 0;
+  for (; r + 4 <= n_rep; r += 4) {
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) values_pass<KV, 4, 4>(vp, stride, n, d, S + r * TB, A + r * D, D);
+    for (; d < D; d += 16) values_pass<KV, 4, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+  }
+  for (; r + 2 <= n_rep; r += 2) {
+    int64_t d = 0;
+    for (; d + 128 <= D; d += 128) values_pass<KV, 2, 8>(vp, stride, n, d, S + r * TB, A + r * D, D);
+    for (; d < D; d += 16) values_pass<KV, 2, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+  }
+  for (; r < n_rep; ++r) {
+    int64_t d = 0;
+    for (; d + 128 <= D; d += 128) values_pass<KV, 1, 8>(vp, stride, n, d, S + r * TB, A + r * D, D);
+    for (; d < D; d += 16) values_pass<KV, 1, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+  }
+}
+#endif
+
+#if GHMPI_BF16DP
+// bf16 mode (a bf16 query over a bf16 cache, as torch computes it): q . k with vdpbf16ps straight
+// from the cache, and p @ V with p rounded to bf16, two positions per instruction.
+
+// Scores as scores_block, q (n_rep, D) bf16, K rows bf16 read in place; D % 32 == 0.
+inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, int n,
+                            int64_t n_rep, int64_t D, float scale, float* S) {
+  const uint16_t* kr[TB];
+  for (int i = 0; i < TB; ++i) kr[i] = reinterpret_cast<const uint16_t*>(kp + (i < n ? i : 0) * stride);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < n_rep; ++r) {
+    const uint16_t* qr = q + r * D;
+    __m512 acc[TB];
+    for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
+      for (int i = 0; i < TB; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kr[i] + d));
+    }
+    _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
+  }
+}
+
+// acc += sum_i p_i v_i over pairs of positions: rows i and i+1 interleaved (unpacklo/hi) make
+// 16 (v_i[d], v_i+1[d]) pairs per register, times the broadcast pair (p_i, p_i+1). The
+// accumulators of a 32-dim chunk are [lo | hi] in unpack order; unpermute() restores d order.
+// Pp: per head, 8 uint32 = the block's 16 p values as bf16 pairs.
+template <int RG, int PC>
+inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, const uint32_t* Pp,
+                           float* A, int64_t D) {
+  __m512 acc[RG][2 * PC];
+  for (int r = 0; r < RG; ++r)
+    for (int c = 0; c < 2 * PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+  for (int i = 0; i < n; i += 2) {
+    __m512i lo[PC], hi[PC];
+    for (int c = 0; c < PC; ++c) {
+      const __m512i a = _mm512_loadu_si512(vp + i * stride + (d + c * 32) * 2);
+      const __m512i b = i + 1 < n ? _mm512_loadu_si512(vp + (i + 1) * stride + (d + c * 32) * 2)
+                                  : _mm512_setzero_si512();
+      lo[c] = _mm512_unpacklo_epi16(a, b);
+      hi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+    for (int r = 0; r < RG; ++r) {
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(Pp[r * 8 + i / 2]));
+      for (int c = 0; c < PC; ++c) {
+        acc[r][2 * c] = _mm512_dpbf16_ps(acc[r][2 * c], (__m512bh)lo[c], p);
+        acc[r][2 * c + 1] = _mm512_dpbf16_ps(acc[r][2 * c + 1], (__m512bh)hi[c], p);
+      }
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int c = 0; c < 2 * PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
+}
+
+inline void values_block_dp(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
+                            const uint32_t* Pp, float* A) {
+  int64_t r = 0;
+  for (; r + 4 <= n_rep; r += 4)
+    for (int64_t d = 0; d < D; d += 64) values_pass_dp<4, 2>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+  for (; r + 2 <= n_rep; r += 2)
+    for (int64_t d = 0; d < D; d += 32) values_pass_dp<2, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+  for (; r < n_rep; ++r)
+    for (int64_t d = 0; d < D; d += 32) values_pass_dp<1, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+}
+
+// The unpack order of a 32-dim chunk back to d order: lane j of lo holds d = 8 (j / 4) + j % 4,
+// lane j of hi d = 8 (j / 4) + 4 + j % 4.
+inline void unpermute(float* a, int64_t D) {
+  float t[32];
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    for (int j = 0; j < 16; ++j) {
+      t[8 * (j / 4) + j % 4] = a[d0 + j];
+      t[8 * (j / 4) + 4 + j % 4] = a[d0 + 16 + j];
+    }
+    std::memcpy(a + d0, t, sizeof(t));
+  }
+}
+#endif
+
+inline void prefetch_range(const char* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+struct Problem {
+  const float* q;       // (B, H, D) fp32, unscaled
+  const void* k;        // (n_slots, max_len, n_kv, D)
+  const void* v;
+  const int64_t* slots;    // (B,)
+  const int64_t* lengths;  // (B,)
+  int64_t H, n_kv, D, max_len, n_rep;
+  float scale;
+  float* out;  // (B, H*D) fp32
+};
+
+struct Item {
+  int64_t b, t0, t1, g0, g1;
+  int64_t part;  // index of its partial result, or -1: the item covers its row's whole context
+};
+
+// Per-thread working set: scores of one block, running max/sum and accumulators of the heads of
+// one item. Reused across calls.
+struct Scratch {
+  std::vector<float> s, m, l, acc, kf;
+  std::vector<uint16_t> qb;  // bf16 mode: the item's query heads in bf16
+  std::vector<uint32_t> pp;  // bf16 mode: a block's p as bf16 pairs, 8 per head
+  void ensure(int64_t nh, int64_t D) {
+    if (static_cast<int64_t>(qb.size()) < nh * D) qb.resize(nh * D);
+    if (static_cast<int64_t>(pp.size()) < nh * 8) pp.resize(nh * 8);
+    if (static_cast<int64_t>(m.size()) < nh) {
+      s.resize(nh * TB); m.resize(nh); l.resize(nh);
+    }
+    if (static_cast<int64_t>(acc.size()) < nh * D) acc.resize(nh * D);
+    if (static_cast<int64_t>(kf.size()) < TB * D) kf.resize(TB * D);
+  }
+};
+
+// One item: online softmax over positions [t0, t1) of row b for kv heads [g0, g1).
+// Writes either the normalised output (part < 0) or (m, l, acc) to partials.
+template <int KV, bool VEC, bool DP>
+void run_item(const Problem& P, const Item& it, float* partials) {
+  thread_local Scratch sc;
+  const int64_t D = P.D, n_rep = P.n_rep, ng = it.g1 - it.g0, nh = ng * n_rep;
+  sc.ensure(nh, D);
+  float* S = sc.s.data();
+  float* M = sc.m.data();
+  float* L = sc.l.data();
+  float* A = sc.acc.data();
+  std::fill(M, M + nh, NEG_INF);
+  std::fill(L, L + nh, 0.0f);
+  std::fill(A, A + nh * D, 0.0f);
+  const int64_t h0 = it.g0 * n_rep;
+  const float* q = P.q + (it.b * P.H + h0) * D;  // (nh, D): the item's query heads
+  const int64_t es = elsize<KV>();
+  const int64_t pos_stride = P.n_kv * D;  // elements between consecutive positions
+  const int64_t slot = P.slots[it.b];
+  const char* kbase = static_cast<const char*>(P.k) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
+  const char* vbase = static_cast<const char*>(P.v) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
+  const int64_t run_bytes = ng * D * es;  // one position's K (or V) bytes of this item's heads
+#if GHMPI_BF16DP
+  if constexpr (DP) {  // exact: q was bf16 before the caller widened it
+    for (int64_t x = 0; x < nh * D; x += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.qb.data() + x),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + x)));
+  }
+#endif
+
+  for (int64_t t = it.t0; t < it.t1; t += TB) {
+    const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
+    {  // prefetch the next block while this one is computed
+      const int64_t tn = t + TB, nn = std::min<int64_t>(TB, it.t1 - tn);
+      for (int64_t i = 0; i < nn; ++i) {
+        prefetch_range(kbase + (tn + i) * pos_stride * es, run_bytes);
+        prefetch_range(vbase + (tn + i) * pos_stride * es, run_bytes);
+      }
+    }
+    // scores S[h][i] = scale * q_h . k_{t+i}
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      for (int64_t g = 0; g < ng; ++g)
+        scores_block_dp(sc.qb.data() + g * n_rep * D, kbase + (t * pos_stride + g * D) * es,
+                        pos_stride * es, n, n_rep, D, P.scale, S + g * n_rep * TB);
+    } else
+#endif
+#if GHMPI_AVX512
+    if constexpr (VEC) {
+      for (int64_t g = 0; g < ng; ++g)
+        scores_block<KV>(q + g * n_rep * D, kbase + (t * pos_stride + g * D) * es, pos_stride * es,
+                         n, n_rep, D, P.scale, sc.kf.data(), S + g * n_rep * TB);
+    } else
+#endif
+    {
+      for (int i = 0; i < n; ++i) {
+        const char* kp = kbase + (t + i) * pos_stride * es;
+        for (int64_t g = 0; g < ng; ++g) {
+          const void* kg = kp + g * D * es;
+          float* kf = sc.kf.data();
+          for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kg, d);
+          for (int64_t r = 0; r < n_rep; ++r) {
+            const float* qh = q + (g * n_rep + r) * D;
+            float s = 0.0f;
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
+            S[(g * n_rep + r) * TB + i] = s * P.scale;
+          }
+        }
+      }
+    }
+    // online softmax: S becomes the block's weights p, accumulators rescaled to the new max
+    for (int64_t h = 0; h < nh; ++h) {
+      float* sh = S + h * TB;
+      float mx = M[h];
+      for (int i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
+      const float alpha = M[h] == NEG_INF ? 0.0f : std::exp(M[h] - mx);
+      float sum = 0.0f;
+#if GHMPI_AVX512
+      if constexpr (VEC) {
+        const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+        __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh), _mm512_set1_ps(mx)));
+        p = _mm512_maskz_mov_ps(mask, p);
+#if GHMPI_BF16DP
+        if constexpr (DP) {  // p @ V runs on bf16 p, as torch's bf16 attention: sum what is used
+          const __m256bh pb = _mm512_cvtneps_pbh(p);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.pp.data() + h * 8), (__m256i)pb);
+          p = _mm512_cvtpbh_ps(pb);
+        }
+#endif
+        _mm512_storeu_ps(sh, p);
+        sum = _mm512_reduce_add_ps(p);
+      } else
+#endif
+      {
+        for (int i = 0; i < n; ++i) { sh[i] = std::exp(sh[i] - mx); sum += sh[i]; }
+      }
+      L[h] = L[h] * alpha + sum;
+      M[h] = mx;
+      if (alpha != 1.0f) {
+        float* ah = A + h * D;
+        for (int64_t d = 0; d < D; ++d) ah[d] *= alpha;
+      }
+    }
+    // acc_h += sum_i p[h][i] * v_{t+i}
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      for (int64_t g = 0; g < ng; ++g)
+        values_block_dp(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
+                        sc.pp.data() + g * n_rep * 8, A + g * n_rep * D);
+    } else
+#endif
+#if GHMPI_AVX512
+    if constexpr (VEC) {
+      for (int64_t g = 0; g < ng; ++g)
+        values_block<KV>(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
+                         S + g * n_rep * TB, A + g * n_rep * D);
+    } else
+#endif
+    {
+      for (int i = 0; i < n; ++i) {
+        const char* vp = vbase + (t + i) * pos_stride * es;
+        for (int64_t g = 0; g < ng; ++g) {
+          const void* vg = vp + g * D * es;
+          float* vf = sc.kf.data();
+          for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vg, d);
+          for (int64_t r = 0; r < n_rep; ++r) {
+            const int64_t h = g * n_rep + r;
+            const float p = S[h * TB + i];
+            float* ah = A + h * D;
+            for (int64_t d = 0; d < D; ++d) ah[d] += p * vf[d];
+          }
+        }
+      }
+    }
+  }
+
+#if GHMPI_BF16DP
+  if constexpr (DP) {
+    for (int64_t h = 0; h < nh; ++h) unpermute(A + h * D, D);
+  }
+#endif
+  if (it.part < 0) {  // whole context: normalise into the output
+    float* o = P.out + (it.b * P.H + h0) * D;
+    for (int64_t h = 0; h < nh; ++h) {
+      const float inv = L[h] > 0.0f ? 1.0f / L[h] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) o[h * D + d] = A[h * D + d] * inv;
+    }
+  } else {  // partial: (m[nh], l[nh], acc[nh, D]) for the combine pass
+    float* pp = partials + it.part * nh * (D + 2);
+    std::memcpy(pp, M, nh * sizeof(float));
+    std::memcpy(pp + nh, L, nh * sizeof(float));
+    std::memcpy(pp + 2 * nh, A, nh * D * sizeof(float));
+  }
+}
+
+// Items differ in size (a short row, a context chunk): each thread takes the next one left, so
+// none waits while another still has a queue.
+template <int KV, bool VEC, bool DP = false>
+void run_items(const Problem& P, const std::vector<Item>& items, float* partials) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) run_item<KV, VEC, DP>(P, items[i], partials);
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or -(1 + b) when row b's slot or length is out of range (nothing is written then),
+// or -1000000000 for an unsupported kv type.
+// q (B, H, D) fp32 contiguous; k, v (n_slots, max_len, n_kv, D) contiguous in kv_type;
+// slots, lengths (B,) int64; out (B, H * D) fp32. min_chunk: shortest context piece a row is
+// split into (positions; 0 = default). q_bf16: q holds bf16 values (then a bf16 cache is read with
+// bf16 dot products where the CPU has them, p @ V on bf16 p, as torch computes bf16 attention).
+int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int64_t kv_type,
+                               const int64_t* slots, const int64_t* lengths, int64_t B, int64_t H,
+                               int64_t n_kv, int64_t D, int64_t n_slots, int64_t max_len,
+                               float* out, int64_t min_chunk, int64_t q_bf16) {
+  if (kv_type < 0 || kv_type > 2) return -1000000000;
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (slots[b] < 0 || slots[b] >= n_slots || lengths[b] < 0 || lengths[b] > max_len) return -(1 + b);
+    total += lengths[b];
+  }
+  Problem P{q, k, v, slots, lengths, H, n_kv, D, max_len, H / n_kv,
+            1.0f / std::sqrt(static_cast<float>(D)), out};
+
+  // Split: chunks of at least min_chunk positions, small enough for ~4 items per thread; then
+  // kv-head groups if rows x chunks still leave threads without work.
+  const int64_t threads = std::max<int>(1, at::get_num_threads());
+  if (min_chunk <= 0) min_chunk = 256;
+  int64_t chunk = std::max<int64_t>(min_chunk, (total + 4 * threads - 1) / (4 * threads));
+  chunk = (chunk + TB - 1) / TB * TB;
+  int64_t n_rc = 0;
+  for (int64_t b = 0; b < B; ++b) n_rc += std::max<int64_t>(1, (lengths[b] + chunk - 1) / chunk);
+  int64_t groups = 1;
+  if (n_rc < 2 * threads) {
+    const int64_t want = std::min<int64_t>(n_kv, (2 * threads + n_rc - 1) / n_rc);
+    groups = want;
+    while (n_kv % groups) ++groups;  // a divisor of n_kv, so groups are equal
+  }
+  const int64_t gsize = n_kv / groups;
+
+  std::vector<Item> items;
+  items.reserve(n_rc * groups);
+  std::vector<int64_t> first(B + 1);  // row b's items are items[first[b] .. first[b+1])
+  int64_t parts = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    first[b] = static_cast<int64_t>(items.size());
+    const int64_t len = lengths[b];
+    const int64_t nc = std::max<int64_t>(1, (len + chunk - 1) / chunk);
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t g = 0; g < groups; ++g)
+        items.push_back({b, c * chunk, std::min(len, (c + 1) * chunk), g * gsize, (g + 1) * gsize,
+                         nc > 1 ? parts++ : -1});
+  }
+  first[B] = static_cast<int64_t>(items.size());
+
+  const int64_t nh = gsize * P.n_rep;
+  thread_local std::vector<float> partials;
+  if (static_cast<int64_t>(partials.size()) < parts * nh * (D + 2)) partials.resize(parts * nh * (D + 2));
+  float* pp = partials.data();
+
+  const bool vec = GHMPI_AVX512 && D % 16 == 0;
+  if (kv_type == KV_F32) vec ? run_items<KV_F32, true>(P, items, pp) : run_items<KV_F32, false>(P, items, pp);
+  else if (kv_type == KV_BF16 && vec && q_bf16 && D % 32 == 0 && GHMPI_BF16DP) run_items<KV_BF16, true, GHMPI_BF16DP>(P, items, pp);
+  else if (kv_type == KV_BF16) vec ? run_items<KV_BF16, true>(P, items, pp) : run_items<KV_BF16, false>(P, items, pp);
+  else vec ? run_items<KV_F16, true>(P, items, pp) : run_items<KV_F16, false>(P, items, pp);
+  if (parts == 0) return 0;
+
+  // combine the chunks of split rows: o_h = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
+  std::vector<int64_t> split_rows;
+  for (int64_t b = 0; b < B; ++b)
+    if (items[first[b]].part >= 0) split_rows.push_back(b);
+  at::parallel_for(0, static_cast<int64_t>(split_rows.size()) * groups, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> w;
+    for (int64_t x = a; x < e; ++x) {
+      const int64_t b = split_rows[x / groups], g = x % groups;
+      const int64_t nc = (first[b + 1] - first[b]) / groups;
+      float* o = out + (b * H + g * nh) * D;
+      w.resize(nc);
+      for (int64_t h = 0; h < nh; ++h) {
+        float mx = NEG_INF;
+        for (int64_t c = 0; c < nc; ++c)
+          mx = std::max(mx, pp[items[first[b] + c * groups + g].part * nh * (D + 2) + h]);
+        float l = 0.0f;
+        for (int64_t c = 0; c < nc; ++c) {
+          const float* part = pp + items[first[b] + c * groups + g].part * nh * (D + 2);
+          w[c] = part[h] == NEG_INF ? 0.0f : std::exp(part[h] - mx);
+          l += w[c] * part[nh + h];
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        float* oh = o + h * D;
+        for (int64_t d = 0; d < D; ++d) oh[d] = 0.0f;
+        for (int64_t c = 0; c < nc; ++c) {
+          const float* acc = pp + items[first[b] + c * groups + g].part * nh * (D + 2) + 2 * nh + h * D;
+          const float f = w[c] * inv;
+          for (int64_t d = 0; d < D; ++d) oh[d] += f * acc[d];
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// What the build targets, for the log line.
+const char* ghmpi_kernel_isa() { return GHMPI_BF16DP ? "avx512+bf16" : GHMPI_AVX512 ? "avx512" : "portable"; }
+
+}  // extern "C"

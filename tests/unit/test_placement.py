@@ -1,0 +1,95 @@
+"""Cores per rank on a node (ghmpi.runtime.placement): pure functions, no MPI."""
+
+import itertools
+
+import pytest
+
+from ghmpi.runtime.placement import CPU1, GPU, TIER2, RankInfo, cpu_order, plan_node, shares
+
+
+def node(kinds, cpus):
+    return [RankInfo(k, tuple(cpus)) for k in kinds]
+
+
+def check_partition(plan, cpus):
+    """Every CPU to exactly one rank, threads == its block's size."""
+    blocks = [p.cpus for p in plan]
+    assert all(b is not None for b in blocks)
+    assert sorted(itertools.chain(*blocks)) == sorted(cpus)
+    assert [p.threads for p in plan] == [len(b) for b in blocks]
+
+
+def test_default_nine_ranks_on_sixteen_cores_use_every_core():
+    plan = plan_node(node([GPU] + [TIER2] * 8, range(16)))
+    check_partition(plan, range(16))
+    assert plan[0].threads == 2 and sum(p.threads for p in plan[1:]) == 14
+    assert "pinned to disjoint blocks" in plan[0].summary
+    assert len({p.summary for p in plan}) == 1  # one line, the same on every rank
+
+
+def test_cpu_tier1_gets_half_of_what_is_left():
+    plan = plan_node(node([CPU1] + [TIER2] * 4, range(16)))
+    check_partition(plan, range(16))
+    assert [p.threads for p in plan] == [8, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 16, 17, 64])
+@pytest.mark.parametrize("kinds", [[GPU], [CPU1], [GPU, TIER2], [CPU1, TIER2, TIER2],
+                                   [GPU] + [TIER2] * 8, [GPU, GPU] + [TIER2] * 6, [GPU, GPU],
+                                   [TIER2] * 4])
+def test_shares_give_every_cpu_to_someone_and_none_twice(kinds, n):
+    s = shares(kinds, n)
+    assert len(s) == len(kinds) and min(s) >= 1
+    assert sum(s) == (n if n >= len(kinds) else len(kinds))  # oversubscribed: 1 each
+    t2 = [x for x, k in zip(s, kinds) if k == TIER2]
+    assert not t2 or max(t2) - min(t2) <= 1
+
+
+def test_oversubscribed_node_is_not_pinned():
+    plan = plan_node(node([CPU1] + [TIER2] * 8, range(2)))
+    assert [p.threads for p in plan] == [1] * 9 and all(p.cpus is None for p in plan)
+    assert "oversubscribed" in plan[0].summary
+
+
+def test_launcher_bound_ranks_keep_their_cpus():
+    ranks = [RankInfo(GPU, (0, 1)), RankInfo(TIER2, (2, 3, 4)), RankInfo(TIER2, (5, 6, 7))]
+    plan = plan_node(ranks)
+    assert [p.threads for p in plan] == [2, 3, 3] and all(p.cpus is None for p in plan)
+    assert "bound by the launcher" in plan[0].summary
+
+
+def test_socket_bound_groups_are_split_within_each_socket():
+    s0, s1 = tuple(range(8)), tuple(range(8, 16))
+    ranks = [RankInfo(GPU, s0)] + [RankInfo(TIER2, s0)] * 4 + [RankInfo(TIER2, s1)] * 4
+    plan = plan_node(ranks)
+    check_partition(plan[:5], s0)
+    check_partition(plan[5:], s1)
+
+
+def test_slurm_allocation_smaller_than_the_affinity_is_counted_not_pinned():
+    plan = plan_node(node([GPU] + [TIER2] * 3, range(64)), {"SLURM_CPUS_ON_NODE": "8"})
+    assert [p.threads for p in plan] == [2, 2, 2, 2] and all(p.cpus is None for p in plan)
+    plan = plan_node(node([TIER2] * 4, range(64)), {"SLURM_CPUS_PER_TASK": "3"})
+    assert [p.threads for p in plan] == [3] * 4
+    # the allocation is the affinity (cgroups): pinned as usual
+    check_partition(plan_node(node([GPU] + [TIER2] * 3, range(8)), {"SLURM_CPUS_ON_NODE": "8"}), range(8))
+    # one rank alone: the allocation, not the machine
+    assert plan_node(node([TIER2], range(64)), {"SLURM_CPUS_PER_TASK": "4"})[0].threads == 4
+
+
+def test_explicit_torch_threads_win():
+    plan = plan_node(node([GPU] + [TIER2] * 8, range(16)), torch_threads=3)
+    assert [p.threads for p in plan] == [3] * 9 and all(p.cpus is None for p in plan)
+    assert "runtime.torch_threads=3" in plan[0].summary
+
+
+def test_blocks_are_whole_cores_of_one_socket():
+    # 2 sockets x 2 cores x 2 SMT threads, Linux numbering: siblings are c and c + 4
+    topo = {c: (c % 4 // 2, c % 2) for c in range(8)}
+    assert cpu_order(range(8), topo) == [0, 4, 1, 5, 2, 6, 3, 7]
+    plan = plan_node(node([TIER2] * 4, range(8)), topology=topo)
+    assert [p.cpus for p in plan] == [(0, 4), (1, 5), (2, 6), (3, 7)]
+
+
+def test_only_gpu_ranks_share_everything():
+    assert [p.threads for p in plan_node(node([GPU, GPU], range(32)))] == [16, 16]
