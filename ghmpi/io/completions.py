@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from ghmpi.errors import InputError
+from ghmpi.errors import InputError, StorageError
 from ghmpi.io.prompts import ragged_blocks
 
 __all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions",
@@ -47,7 +49,8 @@ class CompletionStore:
     """
 
     def __init__(self, output: str | os.PathLike, n_prompts: int, job_id: str,
-                 overwrite: bool = False, flush_every: int = 256, flush_seconds: float = 5.0) -> None:
+                 overwrite: bool = False, flush_every: int = 256, flush_seconds: float = 5.0,
+                 queue_shards: int = 4) -> None:
         self.output = os.fspath(output)
         self.parts = self.output + ".parts"
         self.n_prompts = int(n_prompts)
@@ -87,17 +90,28 @@ class CompletionStore:
                 shutil.rmtree(self.parts)
             self.done = np.ones(self.n_prompts, dtype=np.bool_)
         else:
-            if not parts_ours:
-                shutil.rmtree(self.parts)
-            os.makedirs(self.parts, exist_ok=True)
-            if not meta_ok:
-                _write_atomic(os.path.join(self.parts, JOB_FILE),
-                              json.dumps({"job_id": self.job_id, "n_prompts": self.n_prompts},
-                                         indent=2).encode() + b"\n")
-            self.done = self._scan_shards()
+            try:
+                if not parts_ours:
+                    shutil.rmtree(self.parts)
+                os.makedirs(self.parts, exist_ok=True)
+                if not meta_ok:
+                    _write_atomic(os.path.join(self.parts, JOB_FILE),
+                                  json.dumps({"job_id": self.job_id, "n_prompts": self.n_prompts},
+                                             indent=2).encode() + b"\n")
+                self.done = self._scan_shards()
+            except OSError as e:  # read-only, full, denied: before any work
+                raise StorageError(self.parts, e, "prepare the parts folder") from None
         self._taken = self.done.copy()  # done or buffered: add() refuses these
         self._buffer: list[tuple[int, np.ndarray, int]] = []
         self._last_flush = time.monotonic()
+        # The writer thread: shards wait in a bounded queue, so a slow disk slows `add` (the
+        # caller) instead of growing memory; the lock guards the buffer and `done`.
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_shards)))
+        self._writer: threading.Thread | None = None
+        self._writing: tuple[str, float] | None = None  # (path, since) of the shard being written
+        self.error: StorageError | None = None  # the first failed write; nothing written after it
+        self.lost = 0  # completions handed to the writer but not persisted (after an error)
 
     @property
     def n_done(self) -> int:
@@ -151,43 +165,121 @@ class CompletionStore:
     # ---- writing ------------------------------------------------------------------------------
 
     def add(self, index: int, tokens: Sequence[int] | np.ndarray, finish_reason: int) -> None:
-        """Record prompt `index`'s completion; persisted at the next (possibly automatic) flush."""
+        """Record prompt `index`'s completion; persisted at the next (possibly automatic) flush.
+
+        An automatic flush hands a shard to the writer thread and returns: it blocks only while
+        `queue_shards` shards already wait for the disk (backpressure, bounded memory)."""
         if not 0 <= index < self.n_prompts:
             raise ValueError(f"prompt index {index} out of range [0, {self.n_prompts})")
-        if self._taken[index]:
-            raise ValueError(f"prompt {index} already has a completion")
         if finish_reason not in (FINISH_STOP, FINISH_LENGTH):
             raise ValueError(f"finish_reason must be {FINISH_STOP} or {FINISH_LENGTH}, "
                              f"got {finish_reason}")
-        self._taken[index] = True
-        self._buffer.append((int(index), np.asarray(tokens, dtype=np.int32).reshape(-1),
-                             int(finish_reason)))
-        if (len(self._buffer) >= self.flush_every
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
+        with self._lock:
+            if self._taken[index]:
+                raise ValueError(f"prompt {index} already has a completion")
+            self._taken[index] = True
+            self._buffer.append((int(index), np.asarray(tokens, dtype=np.int32).reshape(-1),
+                                 int(finish_reason)))
+            due = (len(self._buffer) >= self.flush_every
+                   or time.monotonic() - self._last_flush >= self.flush_seconds)
+        if due:
+            self._submit()
 
     def flush(self) -> None:
-        """Persist the buffered completions as one new shard (atomically, durably)."""
-        self._last_flush = time.monotonic()
-        if not self._buffer:
-            return
-        index = np.array([b[0] for b in self._buffer], dtype=np.int64)
-        lengths = np.array([b[1].size for b in self._buffer], dtype=np.int64)
+        """Persist the buffered completions as one new shard (atomically, durably) and wait until
+        every shard handed to the writer is on disk. Raises StorageError if one could not be."""
+        self._submit()
+        self._queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def persist(self, timeout: float) -> bool:
+        """Like `flush`, from any thread, waiting at most `timeout` seconds (the disk itself may
+        hang). True when everything finished so far is on disk."""
+        deadline = time.monotonic() + timeout
+        return self._submit(timeout=timeout) and self.wait(max(0.0, deadline - time.monotonic()))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the shards handed to the writer are on disk (or failed); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        q = self._queue
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                q.all_tasks_done.wait(left)
+        return self.error is None
+
+    @property
+    def stuck_on(self) -> tuple[str, float] | None:
+        """(shard path, seconds) of a shard the writer has been writing for over a second."""
+        w = self._writing
+        if w is None or time.monotonic() - w[1] < 1.0:
+            return None
+        return w[0], time.monotonic() - w[1]
+
+    def _submit(self, timeout: float | None = None) -> bool:
+        """Hand the buffer to the writer thread as the next shard. False if the queue stayed full
+        for `timeout` seconds (the shard stays queued for the writer all the same)."""
+        with self._lock:
+            self._last_flush = time.monotonic()
+            if not self._buffer:
+                return True
+            batch, self._buffer = self._buffer, []
+            name = f"shard-{self._next_shard:08d}.h5"
+            self._next_shard += 1
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="ghmpi-shard-writer",
+                                            daemon=True)
+            self._writer.start()
+        try:
+            self._queue.put((name, batch), timeout=timeout)
+        except queue.Full:  # back into the buffer: a later flush writes it (under another name)
+            with self._lock:
+                self._buffer[:0] = batch
+            return False
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                name, batch = item
+                if self.error is None:
+                    self._write_shard(name, batch)
+                if self.error is not None:
+                    self.lost += len(batch)
+            finally:
+                self._queue.task_done()
+
+    def _write_shard(self, name: str, batch: list[tuple[int, np.ndarray, int]]) -> None:
+        """Write one shard as *.tmp, fsync, rename, fsync the folder (writer thread)."""
+        index = np.array([b[0] for b in batch], dtype=np.int64)
+        lengths = np.array([b[1].size for b in batch], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (k+1,)
-        tokens = np.concatenate([b[1] for b in self._buffer]).astype(np.int32)
-        reasons = np.array([b[2] for b in self._buffer], dtype=np.uint8)
-        name = f"shard-{self._next_shard:08d}.h5"
+        tokens = np.concatenate([b[1] for b in batch]).astype(np.int32)
+        reasons = np.array([b[2] for b in batch], dtype=np.uint8)
         path = os.path.join(self.parts, name)
-        with h5py.File(path + ".tmp", "w") as f:
-            for key, value in (("index", index), ("offsets", offsets), ("tokens", tokens),
-                               ("finish_reason", reasons)):
-                f.create_dataset(key, data=value, track_times=False)
-        _fsync_path(path + ".tmp")
-        os.rename(path + ".tmp", path)
-        _fsync_path(self.parts)
-        self._next_shard += 1
-        self.done[index] = True
-        self._buffer = []
+        self._writing = (path, time.monotonic())
+        try:
+            with h5py.File(path + ".tmp", "w") as f:
+                for key, value in (("index", index), ("offsets", offsets), ("tokens", tokens),
+                                   ("finish_reason", reasons)):
+                    f.create_dataset(key, data=value, track_times=False)
+            _fsync_path(path + ".tmp")
+            os.rename(path + ".tmp", path)
+            _fsync_path(self.parts)
+        except (OSError, RuntimeError) as e:
+            self.error = StorageError(path, _os_error(e), "write shard")
+            _remove_quietly(path + ".tmp")  # only whole shards, and the space back
+            return
+        finally:
+            self._writing = None
+        with self._lock:
+            self.done[index] = True
 
     def finalize(self, attrs: Mapping[str, str | int | float]) -> None:
         """Write the final file in prompt order, replace the output with it, drop the parts.
@@ -203,8 +295,22 @@ class CompletionStore:
                                f"(first: {int(missing[0])})")
         names, shard_of, start, lengths, reasons = self._locate()
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (N+1,)
-        total = int(offsets[-1])
         tmp = self.output + ".tmp"
+        try:
+            self._write_final(tmp, attrs, names, shard_of, start, lengths, offsets, reasons)
+            _fsync_path(tmp)
+            os.replace(tmp, self.output)
+            _fsync_path(os.path.dirname(os.path.abspath(self.output)))
+        except (OSError, RuntimeError) as e:
+            _remove_quietly(tmp)
+            raise StorageError(tmp, _os_error(e), "write the final file") from None
+        shutil.rmtree(self.parts, ignore_errors=True)  # a leftover is removed by the next run
+        self.complete = True
+
+    def _write_final(self, tmp: str, attrs: Mapping[str, str | int | float], names: list[str],
+                     shard_of: np.ndarray, start: np.ndarray, lengths: np.ndarray,
+                     offsets: np.ndarray, reasons: np.ndarray) -> None:
+        total = int(offsets[-1])
         opts = dict(compression="gzip", shuffle=True, track_times=False)
         with h5py.File(tmp, "w") as f:
             tok_ds = f.create_dataset("tokens", (total,), np.int32,
@@ -221,11 +327,6 @@ class CompletionStore:
                 tok_ds[int(offsets[a]):int(offsets[b])] = buf
             for key, value in {**attrs, "job_id": self.job_id}.items():
                 f.attrs[key] = value
-        _fsync_path(tmp)
-        os.replace(tmp, self.output)
-        _fsync_path(os.path.dirname(os.path.abspath(self.output)))
-        shutil.rmtree(self.parts)
-        self.complete = True
 
     def _locate(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Shard names, and per prompt: shard number (into names), token start in that shard,
@@ -253,9 +354,20 @@ class CompletionStore:
         return names, shard_of, start, lengths, reasons
 
     def close(self) -> None:
-        """Persist whatever is buffered (finished completions are never thrown away)."""
-        if not self.complete:
-            self.flush()
+        """Persist whatever is buffered (finished completions are never thrown away) and stop
+        the writer thread."""
+        try:
+            if not self.complete:
+                self.flush()
+        finally:
+            self.close_writer()
+
+    def close_writer(self) -> None:
+        """Stop the writer thread once the shards handed to it are written (or failed)."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
 
     def __enter__(self) -> "CompletionStore":
         return self
@@ -295,6 +407,28 @@ def _final_identity(path: str) -> tuple[str | None, int | None]:
     if isinstance(job, bytes):
         job = job.decode()
     return (str(job) if job is not None else None), n
+
+
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
+
+
+def _os_error(e: BaseException) -> OSError:
+    """An OSError with an errno for what h5py raised: HDF5 reports a failed write as a
+    RuntimeError whose text holds `errno = N`."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    m = _ERRNO_IN_TEXT.search(str(e))
+    if m:
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n))
+    return OSError(None, " ".join(str(e).split())[:200])
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _write_atomic(path: str, data: bytes) -> None:

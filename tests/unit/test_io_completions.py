@@ -69,6 +69,7 @@ def test_flush_policy_and_resume(tmp_path: Path) -> None:
     store = CompletionStore(out, 10, "j", flush_every=4, flush_seconds=1e9)
     for i in range(6):
         store.add(i, *fake_completion(i))
+    assert store.wait(timeout=30)  # the writer thread has the shard on disk
     assert store.n_done == 4  # one shard of 4 written, 2 still buffered
     shards = sorted(p.name for p in (tmp_path / "c.h5.parts").iterdir())
     assert shards == ["job.json", "shard-00000000.h5"]
@@ -83,7 +84,7 @@ def test_flush_policy_and_resume(tmp_path: Path) -> None:
         store.add(5, [1], 7)
     store.flush_seconds = 0.0  # now every add flushes at once
     store.add(4, *fake_completion(4))
-    assert store.n_done == 5
+    assert store.wait(timeout=30) and store.n_done == 5
     with pytest.raises(RuntimeError, match="not done"):
         store.finalize({})
 
@@ -200,6 +201,7 @@ def test_ignores_tmp_and_unreadable_shards(tmp_path: Path) -> None:
     assert s.ignored_shards == ["shard-00000005.h5"]
     assert not (parts / "shard-00000002.h5.tmp").exists()
     s.add(4, [4], FINISH_STOP)  # numbering continues past the damaged shard
+    assert s.wait(timeout=30)
     assert (parts / "shard-00000006.h5").exists()
     s.add(5, [5], FINISH_LENGTH)
     s.finalize({})
