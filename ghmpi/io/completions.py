@@ -413,14 +413,14 @@ _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
 
 
 def _os_error(e: BaseException) -> OSError:
-    """An OSError with an errno for what h5py raised: HDF5 reports a failed write as a
-    RuntimeError whose text holds `errno = N`."""
-    if isinstance(e, OSError) and e.errno is not None:
-        return e
+    """An OSError with an errno and a short text for what h5py raised: HDF5 reports a failed
+    write as a RuntimeError (or OSError) whose long text holds `errno = N`."""
     m = _ERRNO_IN_TEXT.search(str(e))
-    if m:
+    if m:  # HDF5's own text is a page long: the errno says it in a few words
         n = int(m.group(1))
         return OSError(n, os.strerror(n))
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
     return OSError(None, " ".join(str(e).split())[:200])
 
 
