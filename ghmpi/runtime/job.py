@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -210,10 +211,20 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     finally:
         if lock is not None:
             lock.release()
-    status = world.bcast(status, root=0)  # every rank exits with rank 0's verdict (e.g. 74)
+    status = _agree(world, status)  # every rank exits with rank 0's verdict (e.g. 74)
     tier.Free()
     node.Free()
     return status
+
+
+def _agree(world: MPI.Comm, status: int) -> int:
+    """Rank 0's exit status on every rank, so the launcher reports it whichever rank exits first.
+    Nonblocking and sleeping: the other ranks wait out rank 0's finalize without spinning."""
+    buf = np.array([status], dtype=np.int64)
+    req = world.Ibcast(buf, root=0)
+    while not req.Test():
+        time.sleep(0.01)
+    return int(buf[0])
 
 
 def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device) -> None:
