@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from ghmpi.errors import InputError, StorageError
+from ghmpi.io.identity import identity_difference
 from ghmpi.io.prompts import ragged_blocks
 
 __all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions",
@@ -50,7 +51,7 @@ class CompletionStore:
 
     def __init__(self, output: str | os.PathLike, n_prompts: int, job_id: str,
                  overwrite: bool = False, flush_every: int = 256, flush_seconds: float = 5.0,
-                 queue_shards: int = 4) -> None:
+                 queue_shards: int = 4, identity: dict | None = None) -> None:
         self.output = os.fspath(output)
         self.parts = self.output + ".parts"
         self.n_prompts = int(n_prompts)
@@ -77,11 +78,14 @@ class CompletionStore:
                                  "(it is replaced when the new job finishes)")
         has_parts = os.path.isdir(self.parts)
         meta = self._read_job_file() if has_parts else None
-        meta_ok = meta == {"job_id": self.job_id, "n_prompts": self.n_prompts}
+        meta_ok = meta is not None and (meta["job_id"], meta["n_prompts"]) == (self.job_id,
+                                                                              self.n_prompts)
         # Parts without a readable job.json are ours only if nothing was ever persisted there.
         parts_ours = not has_parts or meta_ok or (meta is None and not self._shard_names())
         if not parts_ours and not overwrite and not self.complete:
-            raise InputError(f"{self.parts} holds the partial results of another job; set "
+            differs = identity_difference(identity or {}, (meta or {}).get("identity"))
+            raise InputError(f"{self.parts} holds the partial results of another job"
+                             f"{f' (it differs in: {differs})' if differs else ''}; set "
                              "io.overwrite: true to discard them and start afresh")
 
         # -- act --
@@ -95,9 +99,11 @@ class CompletionStore:
                     shutil.rmtree(self.parts)
                 os.makedirs(self.parts, exist_ok=True)
                 if not meta_ok:
+                    meta_new = {"job_id": self.job_id, "n_prompts": self.n_prompts}
+                    if identity is not None:
+                        meta_new["identity"] = identity
                     _write_atomic(os.path.join(self.parts, JOB_FILE),
-                                  json.dumps({"job_id": self.job_id, "n_prompts": self.n_prompts},
-                                             indent=2).encode() + b"\n")
+                                  json.dumps(meta_new, indent=2).encode() + b"\n")
                 self.done = self._scan_shards()
             except OSError as e:  # read-only, full, denied: before any work
                 raise StorageError(self.parts, e, "prepare the parts folder") from None
@@ -124,7 +130,8 @@ class CompletionStore:
         try:
             with open(os.path.join(self.parts, JOB_FILE), encoding="utf-8") as f:
                 meta = json.load(f)
-            return {"job_id": meta["job_id"], "n_prompts": meta["n_prompts"]}
+            return {"job_id": meta["job_id"], "n_prompts": meta["n_prompts"],
+                    **({"identity": meta["identity"]} if "identity" in meta else {})}
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

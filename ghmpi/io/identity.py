@@ -25,7 +25,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["model_identity", "job_identity", "generation_settings", "canonical_json"]
+__all__ = ["model_identity", "job_identity", "identity_parts", "identity_digest",
+           "identity_difference", "generation_settings", "canonical_json"]
 
 IDENTITY_VERSION = "ghmpi-job-identity-2"
 SAMPLES_PER_FILE = 16  # weight samples per safetensors file
@@ -85,12 +86,48 @@ def generation_settings(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def job_identity(cfg: Any, prompts_sha: str, model_id: str) -> str:
-    """What a completion depends on: prompts, model, compute dtype(s), generation settings.
-
-    `cfg` is a `ghmpi.config.Config`."""
+def identity_parts(cfg: Any, prompts_sha: str, model_id: str) -> dict[str, Any]:
+    """What a completion depends on, as data: prompts, model, compute dtype(s), generation
+    settings. `cfg` is a `ghmpi.config.Config`. Kept in the parts folder, so that a refusal can
+    say what differs."""
     what = {"version": IDENTITY_VERSION, "prompts": prompts_sha, "model": model_id,
             "dtype": cfg.model.dtype, "generation": generation_settings(cfg)}
     if cfg.kv_dtype != cfg.model.dtype:
         what["kv_dtype"] = cfg.kv_dtype
-    return hashlib.sha256(canonical_json(what).encode()).hexdigest()
+    return what
+
+
+def job_identity(cfg: Any, prompts_sha: str, model_id: str) -> str:
+    """The digest of `identity_parts`: the job id."""
+    return identity_digest(identity_parts(cfg, prompts_sha, model_id))
+
+
+def identity_digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
+
+
+_WHAT = {"prompts": "prompts (content)", "model": "model (weights or config)",
+         "dtype": "model.dtype", "kv_dtype": "topology.kv_dtype", "version": "ghmpi identity version"}
+
+
+def identity_difference(ours: dict[str, Any], theirs: Any) -> str:
+    """'generation.temperature (0.7 there, default here), model (weights or config)': what
+    differs between two `identity_parts`; '' when unknown (an older parts folder)."""
+    if not isinstance(theirs, dict):
+        return ""
+    said = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if a == b:
+            continue
+        if key == "generation" and isinstance(a, dict) and isinstance(b, dict):
+            for name in sorted(set(a) | set(b)):
+                if a.get(name) != b.get(name):
+                    here = canonical_json(a[name]) if name in a else "default"
+                    there = canonical_json(b[name]) if name in b else "default"
+                    said.append(f"generation.{name} ({there} there, {here} here)")
+        elif key in ("dtype", "kv_dtype"):
+            said.append(f"{_WHAT[key]} ({b or 'auto'} there, {a or 'auto'} here)")
+        else:
+            said.append(_WHAT.get(key, key))
+    return ", ".join(said)

@@ -27,7 +27,7 @@ from ghmpi.config import Config, config_to_yaml
 from ghmpi.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_STALLED, EXIT_STORAGE,
                           EXIT_USAGE, ConfigError, GhmpiError, StorageError)
 from ghmpi.io.completions import CompletionStore
-from ghmpi.io.identity import job_identity, model_identity
+from ghmpi.io.identity import identity_digest, identity_parts, model_identity
 from ghmpi.io.ownership import OutputLock
 from ghmpi.io.prompts import PromptFile
 from ghmpi.model.args import ModelArgs
@@ -76,7 +76,8 @@ def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore, Ou
         stats = pf.validate(args.vocab_size, args.max_seq_len)
     if cfg.topology.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("topology.device is cuda but no CUDA device is visible on rank 0")
-    job_id = job_identity(cfg, stats.sha256, model_identity(cfg.model.path))
+    identity = identity_parts(cfg, stats.sha256, model_identity(cfg.model.path))
+    job_id = identity_digest(identity)
     out_dir = os.path.dirname(os.path.abspath(cfg.io.output))
     if not os.path.exists(out_dir):  # like `mkdir -p`: the default job writes into out/
         try:
@@ -87,7 +88,8 @@ def plan_job(cfg: Config, world_size: int) -> tuple[JobPlan, CompletionStore, Ou
     lock.acquire()
     try:
         store = CompletionStore(cfg.io.output, stats.n_prompts, job_id, overwrite=cfg.io.overwrite,
-                                flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds)
+                                flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds,
+                                identity=identity)
         on_gpu = _cuda_wanted(cfg)
         t = cfg.topology
         mbs, size = auto_batches(world_size, t.slices, stats.n_prompts - store.n_done,

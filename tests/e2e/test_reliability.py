@@ -236,6 +236,7 @@ def test_resume_survives_moving_the_model_and_a_new_layout(tmp_path, prompts_fil
     base = ["-c", str(job), "--set", f"model.path={moved}", "--set", f"io.prompts={prompts}"]
     r = ghmpi(3, *base, "--set", "generation.temperature=0.7", timeout=120)  # another job
     assert r.returncode == 2 and "another job" in r.stderr, r.stderr
+    assert "generation.temperature (default there, 0.7 here)" in r.stderr, r.stderr
     r = ghmpi(3, *base, "--set", "topology.slices=2", "--set", "topology.micro_batch_size=3",
               "--set", "runtime.torch_threads=1", timeout=240)
     assert r.returncode == 0, r.stderr

@@ -121,3 +121,22 @@ def test_a_new_generation_field_at_its_default_keeps_the_identity() -> None:
                               generation=dataclasses.replace(newer.generation,
                                                              repetition_penalty=1.2))
     assert job_identity(changed, "p", "m") != job_identity(cfg, "p", "m")
+
+
+def test_a_refusal_says_what_differs(tmp_path: Path) -> None:
+    from ghmpi.errors import InputError
+    from ghmpi.io.completions import CompletionStore
+    from ghmpi.io.identity import identity_difference, identity_digest, identity_parts
+
+    first = identity_parts(_cfg(), "p" * 64, "m" * 64)
+    with CompletionStore(tmp_path / "c.h5", 3, identity_digest(first), identity=first) as s:
+        s.add(0, [1], 1)
+    second = identity_parts(_cfg("generation.temperature=0.7", "model.dtype=float32"),
+                            "p" * 64, "n" * 64)
+    assert identity_difference(second, first) == (
+        "model.dtype (bfloat16 there, float32 here), generation.temperature (default there, "
+        "0.7 here), model (weights or config)")
+    with pytest.raises(InputError, match=r"another job \(it differs in: model\.dtype .*"
+                                         r"generation\.temperature .*model \(weights or config\)\)"):
+        CompletionStore(tmp_path / "c.h5", 3, identity_digest(second), identity=second)
+    assert identity_difference(second, None) == ""  # parts of an older ghmpi: no details
