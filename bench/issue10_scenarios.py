@@ -94,7 +94,7 @@ def ghmpi_lines(text: str, limit: int = 6) -> list[str]:
     keep = [l for l in text.splitlines()
             if (l.startswith("ghmpi:") and "progress:" not in l and "resolved config" not in l)
             or "MPI_ABORT" in l or "Traceback" in l or "Error" in l]
-    return [l[:400] for l in keep[-limit:]]
+    return [l[:800] for l in keep[-limit:]]
 
 
 def report(name: str, rc: int | None, out: str, err: str, seconds: float) -> None:
