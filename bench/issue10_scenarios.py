@@ -28,6 +28,7 @@ from ghmpi.io.prompts import PromptFile, write_prompts  # noqa: E402
 PY = sys.executable
 MPIRUN = os.environ.get("MPIRUN") or str(Path(PY).parent / "mpirun")
 HANG_WAIT = float(os.environ.get("HANG_WAIT", "90"))  # how long a hang is watched before killing
+# STALL_TIMEOUT=default HANG_WAIT=400 shows the default runtime.stall_timeout (300 s) at work
 
 
 def has_key(key: str) -> bool:
@@ -121,14 +122,19 @@ def job_args(tmp: Path, out: Path, *extra: str, model: Path | None = None) -> li
             "--set", "runtime.progress_seconds=1000", *extra]
 
 
+STALL = os.environ.get("STALL_TIMEOUT", "20")  # seconds; "default": the config's default (300)
+
+
 def stall_args() -> list[str]:
-    return ["--set", "runtime.stall_timeout=20"] if has_key("runtime.stall_timeout") else []
+    if STALL == "default" or not has_key("runtime.stall_timeout"):
+        return []
+    return ["--set", f"runtime.stall_timeout={STALL}"]
 
 
 def scenario_stall(tmp: Path, slices: int, victim: int) -> None:
     what = "tier-2 rank 2" if slices == 1 else f"later slice (rank {victim}, topology.slices={slices})"
     print(f"== scenario: a hung rank: SIGSTOP {what} after the first shard"
-          f"{' (runtime.stall_timeout=20)' if stall_args() else ''}")
+          f"{f' (runtime.stall_timeout={STALL})' if stall_args() else ''}")
     out = tmp / f"stall{slices}" / "c.h5"
     out.parent.mkdir()
     args = job_args(tmp, out, "--set", f"topology.slices={slices}", *stall_args())

@@ -1,9 +1,10 @@
 """Completions: persisted as they finish (crash-safe, resumable), assembled in prompt order at the end.
 
 While a job runs, finished completions are buffered and written as small HDF5 *shards* into
-`<output>.parts/`, next to a `job.json` naming the job. A shard is written as `*.tmp`, fsynced,
-then renamed, and the folder fsynced: a job killed at any moment (SIGKILL, node failure) leaves
-only whole shards, and loses at most the completions still buffered. A new `CompletionStore` over
+`<output>.parts/`, next to a `job.json` naming the job. A writer thread (ghmpi/io/shards.py)
+writes each shard as `*.tmp`, fsyncs it, renames it and fsyncs the folder, off the job's loop: a
+job killed at any moment (SIGKILL, node failure) leaves only whole shards, and loses at most the
+completions still buffered or queued. A new `CompletionStore` over
 the same folder finds what is done; `finalize` writes the final file (DESIGN.md, "Completions
 file") in prompt order from the shards. The final file's datasets depend only on the completions,
 so a job run in one go and the same job resumed after kills produce identical datasets.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import threading
@@ -28,6 +28,7 @@ import numpy as np
 
 from ghmpi.errors import InputError, StorageError
 from ghmpi.io.identity import identity_difference
+from ghmpi.io.shards import ShardWriter, fsync_path, os_error, remove_quietly
 from ghmpi.io.prompts import ragged_blocks
 
 __all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions",
@@ -113,11 +114,7 @@ class CompletionStore:
         # The writer thread: shards wait in a bounded queue, so a slow disk slows `add` (the
         # caller) instead of growing memory; the lock guards the buffer and `done`.
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_shards)))
-        self._writer: threading.Thread | None = None
-        self._writing: tuple[str, float] | None = None  # (path, since) of the shard being written
-        self.error: StorageError | None = None  # the first failed write; nothing written after it
-        self.lost = 0  # completions handed to the writer but not persisted (after an error)
+        self._writer = ShardWriter(self.parts, queue_shards, on_written=self._written)
 
     @property
     def n_done(self) -> int:
@@ -196,7 +193,7 @@ class CompletionStore:
         """Persist the buffered completions as one new shard (atomically, durably) and wait until
         every shard handed to the writer is on disk. Raises StorageError if one could not be."""
         self._submit()
-        self._queue.join()
+        self._writer.wait()
         if self.error is not None:
             raise self.error
 
@@ -208,27 +205,26 @@ class CompletionStore:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the shards handed to the writer are on disk (or failed); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        q = self._queue
-        with q.all_tasks_done:
-            while q.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                q.all_tasks_done.wait(left)
-        return self.error is None
+        return self._writer.wait(timeout)
+
+    @property
+    def error(self) -> StorageError | None:
+        """The first failed shard write; nothing is written after it."""
+        return self._writer.error
+
+    @property
+    def lost(self) -> int:
+        """Completions handed to the writer but not persisted (after an error)."""
+        return self._writer.lost
 
     @property
     def stuck_on(self) -> tuple[str, float] | None:
         """(shard path, seconds) of a shard the writer has been writing for over a second."""
-        w = self._writing
-        if w is None or time.monotonic() - w[1] < 1.0:
-            return None
-        return w[0], time.monotonic() - w[1]
+        return self._writer.stuck_on
 
     def _submit(self, timeout: float | None = None) -> bool:
-        """Hand the buffer to the writer thread as the next shard. False if the queue stayed full
-        for `timeout` seconds (the shard stays queued for the writer all the same)."""
+        """Hand the buffer to the writer thread as the next shard. False if its queue stayed
+        full for `timeout` seconds (the completions go back into the buffer)."""
         with self._lock:
             self._last_flush = time.monotonic()
             if not self._buffer:
@@ -236,55 +232,13 @@ class CompletionStore:
             batch, self._buffer = self._buffer, []
             name = f"shard-{self._next_shard:08d}.h5"
             self._next_shard += 1
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="ghmpi-shard-writer",
-                                            daemon=True)
-            self._writer.start()
-        try:
-            self._queue.put((name, batch), timeout=timeout)
-        except queue.Full:  # back into the buffer: a later flush writes it (under another name)
-            with self._lock:
+        if not self._writer.submit(name, batch, timeout=timeout):
+            with self._lock:  # a later flush writes them (under another name)
                 self._buffer[:0] = batch
             return False
         return True
 
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                name, batch = item
-                if self.error is None:
-                    self._write_shard(name, batch)
-                if self.error is not None:
-                    self.lost += len(batch)
-            finally:
-                self._queue.task_done()
-
-    def _write_shard(self, name: str, batch: list[tuple[int, np.ndarray, int]]) -> None:
-        """Write one shard as *.tmp, fsync, rename, fsync the folder (writer thread)."""
-        index = np.array([b[0] for b in batch], dtype=np.int64)
-        lengths = np.array([b[1].size for b in batch], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (k+1,)
-        tokens = np.concatenate([b[1] for b in batch]).astype(np.int32)
-        reasons = np.array([b[2] for b in batch], dtype=np.uint8)
-        path = os.path.join(self.parts, name)
-        self._writing = (path, time.monotonic())
-        try:
-            with h5py.File(path + ".tmp", "w") as f:
-                for key, value in (("index", index), ("offsets", offsets), ("tokens", tokens),
-                                   ("finish_reason", reasons)):
-                    f.create_dataset(key, data=value, track_times=False)
-            _fsync_path(path + ".tmp")
-            os.rename(path + ".tmp", path)
-            _fsync_path(self.parts)
-        except (OSError, RuntimeError) as e:
-            self.error = StorageError(path, _os_error(e), "write shard")
-            _remove_quietly(path + ".tmp")  # only whole shards, and the space back
-            return
-        finally:
-            self._writing = None
+    def _written(self, index: np.ndarray) -> None:
         with self._lock:
             self.done[index] = True
 
@@ -305,12 +259,12 @@ class CompletionStore:
         tmp = self.output + ".tmp"
         try:
             self._write_final(tmp, attrs, names, shard_of, start, lengths, offsets, reasons)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self.output)
-            _fsync_path(os.path.dirname(os.path.abspath(self.output)))
+            fsync_path(os.path.dirname(os.path.abspath(self.output)))
         except (OSError, RuntimeError) as e:
-            _remove_quietly(tmp)
-            raise StorageError(tmp, _os_error(e), "write the final file") from None
+            remove_quietly(tmp)
+            raise StorageError(tmp, os_error(e), "write the final file") from None
         shutil.rmtree(self.parts, ignore_errors=True)  # a leftover is removed by the next run
         self.complete = True
 
@@ -371,10 +325,7 @@ class CompletionStore:
 
     def close_writer(self) -> None:
         """Stop the writer thread once the shards handed to it are written (or failed)."""
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
+        self._writer.close()
 
     def __enter__(self) -> "CompletionStore":
         return self
@@ -416,44 +367,13 @@ def _final_identity(path: str) -> tuple[str | None, int | None]:
     return (str(job) if job is not None else None), n
 
 
-_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
-
-
-def _os_error(e: BaseException) -> OSError:
-    """An OSError with an errno and a short text for what h5py raised: HDF5 reports a failed
-    write as a RuntimeError (or OSError) whose long text holds `errno = N`."""
-    m = _ERRNO_IN_TEXT.search(str(e))
-    if m:  # HDF5's own text is a page long: the errno says it in a few words
-        n = int(m.group(1))
-        return OSError(n, os.strerror(n))
-    if isinstance(e, OSError) and e.errno is not None:
-        return e
-    return OSError(None, " ".join(str(e).split())[:200])
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 def _write_atomic(path: str, data: bytes) -> None:
     with open(path + ".tmp", "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.rename(path + ".tmp", path)
-    _fsync_path(os.path.dirname(path))
-
-
-def _fsync_path(path: str) -> None:
-    """fsync a file (after h5py closed it) or a folder (to make a rename durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(os.path.dirname(path))
 
 
 class CompletionFile:

@@ -287,14 +287,16 @@ def test_sigkill_at_random_times(tmp_path: Path) -> None:
 def test_a_slow_disk_blocks_add_instead_of_growing_memory(tmp_path: Path, monkeypatch) -> None:
     import threading
 
+    from ghmpi.io import shards
+
     gate = threading.Event()
-    real = CompletionStore._write_shard
+    real = shards.write_shard
 
-    def slow(self, name, batch):  # the disk answers only when the test opens the gate
+    def slow(path, batch):  # the disk answers only when the test opens the gate
         gate.wait(30)
-        real(self, name, batch)
+        return real(path, batch)
 
-    monkeypatch.setattr(CompletionStore, "_write_shard", slow)
+    monkeypatch.setattr(shards, "write_shard", slow)
     store = CompletionStore(tmp_path / "c.h5", 20, "j", flush_every=1, queue_shards=2)
     added = []
 
@@ -350,9 +352,9 @@ def test_a_failed_write_is_reported_and_leaves_only_whole_shards(tmp_path: Path,
 
 
 def test_h5py_write_failure_text_gives_the_errno() -> None:
-    from ghmpi.io.completions import _os_error
+    from ghmpi.io.shards import os_error
 
-    e = _os_error(RuntimeError("Disable slist on flush dest failure failed (file write failed: "
+    e = os_error(RuntimeError("Disable slist on flush dest failure failed (file write failed: "
                                "time = x, filename = 'a', errno = 28, error message = 'No space')"))
     assert e.errno == 28 and e.strerror == os.strerror(28)
 
