@@ -4,6 +4,12 @@ Rank 0 checks the whole job before any work (model, prompts, output, rank count,
 broadcasts one verdict, so a bad input ends every rank with the same one-line error and no rank
 waits forever. Then COMM_WORLD is split into tier 1 and tier 2 and each rank runs its loop. An
 exception on any rank prints one line naming the rank and role and aborts the whole job.
+
+Rank 0 also holds the output's lock (one job per output, ghmpi/io/ownership.py) from the checks
+to the end, and runs the stall watchdog (ghmpi/runtime/watchdog.py): no token for
+runtime.stall_timeout seconds persists the finished work, names the ranks waited on and aborts
+the world with EXIT_STALLED. A storage error while persisting drains the job like a stop request
+and ends every rank with EXIT_STORAGE and one line saying how many completions are safe.
 """
 
 from __future__ import annotations
@@ -310,7 +316,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
         store.flush()
         done = status == EXIT_OK and store.n_done == plan.n_prompts
         if done:
-            _finalize(cfg, plan, store, progress, started)
+            wall = _finalize(cfg, plan, store, progress, started)
     except StorageError as e:
         print(f"ghmpi: error: {e}; {store.n_done} of {plan.n_prompts} completions are safe in "
               f"{store.parts}; make room or fix the filesystem (space, quota, permissions, "
@@ -320,7 +326,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     finally:
         store.close_writer()
     if done:
-        progress.summary(time.time() - started, cfg.io.output)
+        progress.summary(wall, cfg.io.output)
         return EXIT_OK
     name = signal.Signals(signals.received()).name if signals.received() else "a stop request"
     print(f"ghmpi: interrupted by {name}: {store.n_done} of {plan.n_prompts} prompts are saved "
@@ -329,7 +335,8 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
 
 
 def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Progress,
-              started: float) -> None:
+              started: float) -> float:
+    """Write the final file (StorageError if the filesystem fails); the job's wall time."""
     wall = time.time() - started
     store.finalize({
         "config": config_to_yaml(cfg),
@@ -341,6 +348,7 @@ def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Prog
         "tokens_per_s": progress.sampled / wall if wall > 0 else 0.0,
         "rank0_peak_rss_mib": peak_rss_mib(),
     })
+    return wall
 
 
 __all__ = ["run", "plan_job", "JobPlan"]
