@@ -114,8 +114,10 @@ def build_parser(with_io: bool = True) -> argparse.ArgumentParser:
         description="Offline LLM batch inference as an MPI job: the GPU ranks (tier 1) run the "
                     "weights, the CPU ranks (tier 2) hold the KV cache and run attention. "
                     "With no command, `run` is assumed.",
-        epilog="exit status: 0 done; 1 a rank failed; 2 bad input (one `ghmpi: error:` line); "
-               "75 interrupted (finished work is saved, rerun to resume)",
+        epilog="exit status: 0 done; 1 a rank failed; 2 bad input (one `ghmpi: error:` line) or "
+               "the output in use by another job; 74 the output's filesystem failed (full, quota, "
+               "read-only); 75 interrupted; 76 stalled (no token for runtime.stall_timeout s); "
+               "after 74, 75 and 76 finished work is saved: rerun to resume",
     )
     parser.add_argument("--version", action="version", version=f"ghmpi {ghmpi.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -268,6 +268,10 @@ class RuntimeConfig:
     progress_seconds: float = _opt(
         10.0, _number(lo=0, lo_open=True),
         "interval of rank 0's progress line (seconds, > 0)")
+    stall_timeout: float = _opt(
+        300.0, _number(lo=0),
+        "end the job (exit 76) when no token was produced for this long, naming the ranks waited "
+        "on; finished work is saved (seconds, >= 0); 0 = never")
 
     def __post_init__(self) -> None:
         _validate(self)

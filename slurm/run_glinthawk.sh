@@ -9,8 +9,10 @@
 # srun and mpirun fill nodes in order, so with --ntasks-per-node=T the first ceil(S/T) nodes hold
 # tier 1: put the GPU nodes first, or use run_glinthawk_het.sh to ask for GPU and CPU nodes apart.
 #
-# Exit status = ghmpi's: 0 done, 2 bad input (nothing ran), 75 interrupted (time limit or scancel;
-# finished prompts are persisted: `sbatch` the same command again and it resumes), else failure.
+# Exit status = ghmpi's: 0 done, 2 bad input (nothing ran) or the output in use by another job,
+# 74 the output's filesystem failed (full, quota, read-only), 75 interrupted (time limit or
+# scancel), 76 stalled (a hung rank; runtime.stall_timeout); after 74/75/76 finished prompts are
+# persisted: `sbatch` the same command again and it resumes. Anything else: a failure.
 # Do not delete <output>.parts/ between attempts: that is what the rerun resumes from.
 #
 # Environment knobs (all optional; sbatch exports the submitting shell's environment by default):

@@ -10,8 +10,9 @@
 # and this script adds `--set topology.slices=<tasks of component 0>` (last, so it wins), so that
 # world ranks 0..S-1 -- tier 1 -- are exactly the GPU ranks.
 #
-# Exit status = ghmpi's: 0 done, 2 bad input, 75 interrupted (persisted; resubmit to resume), else
-# failure. Environment knobs as in run_glinthawk.sh (GHMPI_VENV, GHMPI_PYTHON, GHMPI_LAUNCH_ARGS,
+# Exit status = ghmpi's: 0 done, 2 bad input (or the output in use by another job), 74 storage
+# error, 75 interrupted, 76 stalled (74/75/76: persisted; resubmit to resume), else failure.
+# Environment knobs as in run_glinthawk.sh (GHMPI_VENV, GHMPI_PYTHON, GHMPI_LAUNCH_ARGS,
 # GHMPI_SRUN_MPI); there is no mpirun fallback here: Open MPI's mpirun only sees component 0 of a
 # heterogeneous allocation (measured: it refuses hosts of component 1, and without --host it puts
 # every rank on component 0's nodes). Use run_glinthawk.sh with a plain allocation instead.

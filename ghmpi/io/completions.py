@@ -1,9 +1,10 @@
 """Completions: persisted as they finish (crash-safe, resumable), assembled in prompt order at the end.
 
 While a job runs, finished completions are buffered and written as small HDF5 *shards* into
-`<output>.parts/`, next to a `job.json` naming the job. A shard is written as `*.tmp`, fsynced,
-then renamed, and the folder fsynced: a job killed at any moment (SIGKILL, node failure) leaves
-only whole shards, and loses at most the completions still buffered. A new `CompletionStore` over
+`<output>.parts/`, next to a `job.json` naming the job. A writer thread (ghmpi/io/shards.py)
+writes each shard as `*.tmp`, fsyncs it, renames it and fsyncs the folder, off the job's loop: a
+job killed at any moment (SIGKILL, node failure) leaves only whole shards, and loses at most the
+completions still buffered or queued. A new `CompletionStore` over
 the same folder finds what is done; `finalize` writes the final file (DESIGN.md, "Completions
 file") in prompt order from the shards. The final file's datasets depend only on the completions,
 so a job run in one go and the same job resumed after kills produce identical datasets.
@@ -18,13 +19,16 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from ghmpi.errors import InputError
+from ghmpi.errors import InputError, StorageError
+from ghmpi.io.identity import identity_difference
+from ghmpi.io.shards import ShardWriter, fsync_path, os_error, remove_quietly
 from ghmpi.io.prompts import ragged_blocks
 
 __all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions",
@@ -47,7 +51,8 @@ class CompletionStore:
     """
 
     def __init__(self, output: str | os.PathLike, n_prompts: int, job_id: str,
-                 overwrite: bool = False, flush_every: int = 256, flush_seconds: float = 5.0) -> None:
+                 overwrite: bool = False, flush_every: int = 256, flush_seconds: float = 5.0,
+                 queue_shards: int = 4, identity: dict | None = None) -> None:
         self.output = os.fspath(output)
         self.parts = self.output + ".parts"
         self.n_prompts = int(n_prompts)
@@ -74,11 +79,14 @@ class CompletionStore:
                                  "(it is replaced when the new job finishes)")
         has_parts = os.path.isdir(self.parts)
         meta = self._read_job_file() if has_parts else None
-        meta_ok = meta == {"job_id": self.job_id, "n_prompts": self.n_prompts}
+        meta_ok = meta is not None and (meta["job_id"], meta["n_prompts"]) == (self.job_id,
+                                                                              self.n_prompts)
         # Parts without a readable job.json are ours only if nothing was ever persisted there.
         parts_ours = not has_parts or meta_ok or (meta is None and not self._shard_names())
         if not parts_ours and not overwrite and not self.complete:
-            raise InputError(f"{self.parts} holds the partial results of another job; set "
+            differs = identity_difference(identity or {}, (meta or {}).get("identity"))
+            raise InputError(f"{self.parts} holds the partial results of another job"
+                             f"{f' (it differs in: {differs})' if differs else ''}; set "
                              "io.overwrite: true to discard them and start afresh")
 
         # -- act --
@@ -87,17 +95,26 @@ class CompletionStore:
                 shutil.rmtree(self.parts)
             self.done = np.ones(self.n_prompts, dtype=np.bool_)
         else:
-            if not parts_ours:
-                shutil.rmtree(self.parts)
-            os.makedirs(self.parts, exist_ok=True)
-            if not meta_ok:
-                _write_atomic(os.path.join(self.parts, JOB_FILE),
-                              json.dumps({"job_id": self.job_id, "n_prompts": self.n_prompts},
-                                         indent=2).encode() + b"\n")
-            self.done = self._scan_shards()
+            try:
+                if not parts_ours:
+                    shutil.rmtree(self.parts)
+                os.makedirs(self.parts, exist_ok=True)
+                if not meta_ok:
+                    meta_new = {"job_id": self.job_id, "n_prompts": self.n_prompts}
+                    if identity is not None:
+                        meta_new["identity"] = identity
+                    _write_atomic(os.path.join(self.parts, JOB_FILE),
+                                  json.dumps(meta_new, indent=2).encode() + b"\n")
+                self.done = self._scan_shards()
+            except OSError as e:  # read-only, full, denied: before any work
+                raise StorageError(self.parts, e, "prepare the parts folder") from None
         self._taken = self.done.copy()  # done or buffered: add() refuses these
         self._buffer: list[tuple[int, np.ndarray, int]] = []
         self._last_flush = time.monotonic()
+        # The writer thread: shards wait in a bounded queue, so a slow disk slows `add` (the
+        # caller) instead of growing memory; the lock guards the buffer and `done`.
+        self._lock = threading.Lock()
+        self._writer = ShardWriter(self.parts, queue_shards, on_written=self._written)
 
     @property
     def n_done(self) -> int:
@@ -110,7 +127,8 @@ class CompletionStore:
         try:
             with open(os.path.join(self.parts, JOB_FILE), encoding="utf-8") as f:
                 meta = json.load(f)
-            return {"job_id": meta["job_id"], "n_prompts": meta["n_prompts"]}
+            return {"job_id": meta["job_id"], "n_prompts": meta["n_prompts"],
+                    **({"identity": meta["identity"]} if "identity" in meta else {})}
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -151,43 +169,78 @@ class CompletionStore:
     # ---- writing ------------------------------------------------------------------------------
 
     def add(self, index: int, tokens: Sequence[int] | np.ndarray, finish_reason: int) -> None:
-        """Record prompt `index`'s completion; persisted at the next (possibly automatic) flush."""
+        """Record prompt `index`'s completion; persisted at the next (possibly automatic) flush.
+
+        An automatic flush hands a shard to the writer thread and returns: it blocks only while
+        `queue_shards` shards already wait for the disk (backpressure, bounded memory)."""
         if not 0 <= index < self.n_prompts:
             raise ValueError(f"prompt index {index} out of range [0, {self.n_prompts})")
-        if self._taken[index]:
-            raise ValueError(f"prompt {index} already has a completion")
         if finish_reason not in (FINISH_STOP, FINISH_LENGTH):
             raise ValueError(f"finish_reason must be {FINISH_STOP} or {FINISH_LENGTH}, "
                              f"got {finish_reason}")
-        self._taken[index] = True
-        self._buffer.append((int(index), np.asarray(tokens, dtype=np.int32).reshape(-1),
-                             int(finish_reason)))
-        if (len(self._buffer) >= self.flush_every
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
+        with self._lock:
+            if self._taken[index]:
+                raise ValueError(f"prompt {index} already has a completion")
+            self._taken[index] = True
+            self._buffer.append((int(index), np.asarray(tokens, dtype=np.int32).reshape(-1),
+                                 int(finish_reason)))
+            due = (len(self._buffer) >= self.flush_every
+                   or time.monotonic() - self._last_flush >= self.flush_seconds)
+        if due:
+            self._submit()
 
     def flush(self) -> None:
-        """Persist the buffered completions as one new shard (atomically, durably)."""
-        self._last_flush = time.monotonic()
-        if not self._buffer:
-            return
-        index = np.array([b[0] for b in self._buffer], dtype=np.int64)
-        lengths = np.array([b[1].size for b in self._buffer], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (k+1,)
-        tokens = np.concatenate([b[1] for b in self._buffer]).astype(np.int32)
-        reasons = np.array([b[2] for b in self._buffer], dtype=np.uint8)
-        name = f"shard-{self._next_shard:08d}.h5"
-        path = os.path.join(self.parts, name)
-        with h5py.File(path + ".tmp", "w") as f:
-            for key, value in (("index", index), ("offsets", offsets), ("tokens", tokens),
-                               ("finish_reason", reasons)):
-                f.create_dataset(key, data=value, track_times=False)
-        _fsync_path(path + ".tmp")
-        os.rename(path + ".tmp", path)
-        _fsync_path(self.parts)
-        self._next_shard += 1
-        self.done[index] = True
-        self._buffer = []
+        """Persist the buffered completions as one new shard (atomically, durably) and wait until
+        every shard handed to the writer is on disk. Raises StorageError if one could not be."""
+        self._submit()
+        self._writer.wait()
+        if self.error is not None:
+            raise self.error
+
+    def persist(self, timeout: float) -> bool:
+        """Like `flush`, from any thread, waiting at most `timeout` seconds (the disk itself may
+        hang). True when everything finished so far is on disk."""
+        deadline = time.monotonic() + timeout
+        return self._submit(timeout=timeout) and self.wait(max(0.0, deadline - time.monotonic()))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the shards handed to the writer are on disk (or failed); False on timeout."""
+        return self._writer.wait(timeout)
+
+    @property
+    def error(self) -> StorageError | None:
+        """The first failed shard write; nothing is written after it."""
+        return self._writer.error
+
+    @property
+    def lost(self) -> int:
+        """Completions handed to the writer but not persisted (after an error)."""
+        return self._writer.lost
+
+    @property
+    def stuck_on(self) -> tuple[str, float] | None:
+        """(shard path, seconds) of a shard the writer has been writing for over a second."""
+        return self._writer.stuck_on
+
+    def _submit(self, timeout: float | None = None) -> bool:
+        """Hand the buffer to the writer thread as the next shard. False if its queue stayed
+        full for `timeout` seconds (the completions go back into the buffer)."""
+        with self._lock:
+            self._last_flush = time.monotonic()
+            if not self._buffer:
+                return True
+            batch, self._buffer = self._buffer, []
+            name = f"shard-{self._next_shard:08d}.h5"
+            self._next_shard += 1
+        if not self._writer.submit(name, batch, timeout=timeout):
+            with self._lock:  # a later flush writes them (under another name)
+                self._buffer[:0] = batch
+            return False
+        return True
+
+    def _written(self, index: np.ndarray) -> None:
+        with self._lock:
+            self.done[index] = True
 
     def finalize(self, attrs: Mapping[str, str | int | float]) -> None:
         """Write the final file in prompt order, replace the output with it, drop the parts.
@@ -203,8 +256,22 @@ class CompletionStore:
                                f"(first: {int(missing[0])})")
         names, shard_of, start, lengths, reasons = self._locate()
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (N+1,)
-        total = int(offsets[-1])
         tmp = self.output + ".tmp"
+        try:
+            self._write_final(tmp, attrs, names, shard_of, start, lengths, offsets, reasons)
+            fsync_path(tmp)
+            os.replace(tmp, self.output)
+            fsync_path(os.path.dirname(os.path.abspath(self.output)))
+        except (OSError, RuntimeError) as e:
+            remove_quietly(tmp)
+            raise StorageError(tmp, os_error(e), "write the final file") from None
+        shutil.rmtree(self.parts, ignore_errors=True)  # a leftover is removed by the next run
+        self.complete = True
+
+    def _write_final(self, tmp: str, attrs: Mapping[str, str | int | float], names: list[str],
+                     shard_of: np.ndarray, start: np.ndarray, lengths: np.ndarray,
+                     offsets: np.ndarray, reasons: np.ndarray) -> None:
+        total = int(offsets[-1])
         opts = dict(compression="gzip", shuffle=True, track_times=False)
         with h5py.File(tmp, "w") as f:
             tok_ds = f.create_dataset("tokens", (total,), np.int32,
@@ -221,11 +288,6 @@ class CompletionStore:
                 tok_ds[int(offsets[a]):int(offsets[b])] = buf
             for key, value in {**attrs, "job_id": self.job_id}.items():
                 f.attrs[key] = value
-        _fsync_path(tmp)
-        os.replace(tmp, self.output)
-        _fsync_path(os.path.dirname(os.path.abspath(self.output)))
-        shutil.rmtree(self.parts)
-        self.complete = True
 
     def _locate(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Shard names, and per prompt: shard number (into names), token start in that shard,
@@ -253,9 +315,17 @@ class CompletionStore:
         return names, shard_of, start, lengths, reasons
 
     def close(self) -> None:
-        """Persist whatever is buffered (finished completions are never thrown away)."""
-        if not self.complete:
-            self.flush()
+        """Persist whatever is buffered (finished completions are never thrown away) and stop
+        the writer thread."""
+        try:
+            if not self.complete:
+                self.flush()
+        finally:
+            self.close_writer()
+
+    def close_writer(self) -> None:
+        """Stop the writer thread once the shards handed to it are written (or failed)."""
+        self._writer.close()
 
     def __enter__(self) -> "CompletionStore":
         return self
@@ -303,16 +373,7 @@ def _write_atomic(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(path + ".tmp", path)
-    _fsync_path(os.path.dirname(path))
-
-
-def _fsync_path(path: str) -> None:
-    """fsync a file (after h5py closed it) or a folder (to make a rename durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(os.path.dirname(path))
 
 
 class CompletionFile:

@@ -4,12 +4,16 @@ Rank 0 checks the whole job before any work (model, prompts, output, rank count,
 broadcasts one verdict, so a bad input ends every rank with the same one-line error and no rank
 waits forever. Then COMM_WORLD is split into tier 1 and tier 2 and each rank runs its loop. An
 exception on any rank prints one line naming the rank and role and aborts the whole job.
+
+Rank 0 also holds the output's lock (one job per output, ghmpi/io/ownership.py) from the checks
+to the end, and runs the stall watchdog (ghmpi/runtime/watchdog.py): no token for
+runtime.stall_timeout seconds persists the finished work, names the ranks waited on and aborts
+the world with EXIT_STALLED. A storage error while persisting drains the job like a stop request
+and ends every rank with EXIT_STORAGE and one line saying how many completions are safe.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import sys
@@ -17,8 +21,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
-from pathlib import Path
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -26,8 +30,11 @@ import ghmpi
 from ghmpi import signals
 from ghmpi.comm.topology import Layout, auto_batches
 from ghmpi.config import Config, config_to_yaml
-from ghmpi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, GhmpiError
+from ghmpi.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_STALLED, EXIT_STORAGE,
+                          EXIT_USAGE, ConfigError, GhmpiError, StorageError)
 from ghmpi.io.completions import CompletionStore
+from ghmpi.io.identity import identity_digest, identity_parts, model_identity
+from ghmpi.io.ownership import OutputLock
 from ghmpi.io.prompts import PromptFile
 from ghmpi.model.args import ModelArgs
 from ghmpi.model.kvcache import KVCache
@@ -37,8 +44,11 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime import sizing
 from ghmpi.runtime.progress import Progress, peak_rss_mib
 from ghmpi.runtime.scheduler import Scheduler
+from ghmpi.runtime.watchdog import Watchdog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FAILED = {"error": EXIT_USAGE, "failed": EXIT_FAILURE, "storage": EXIT_STORAGE}  # verdict -> exit
+PERSIST_ON_STALL_S = 30.0  # how long a stalled job waits for its finished work to reach the disk
 
 
 @dataclass(frozen=True)
@@ -54,33 +64,14 @@ class JobPlan:
     on_gpu: bool
 
 
-def model_identity(path: str) -> str:
-    """Digest of a checkpoint's config and tensor headers (names, dtypes, shapes, sizes):
-    cheap for a 70B model, and it changes when the architecture or files change."""
-    h = hashlib.sha256(os.path.abspath(path).encode())
-    folder = Path(path)
-    h.update((folder / "config.json").read_bytes())
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(f.name.encode() + fh.read(min(n, 100_000_000)))
-        h.update(str(f.stat().st_size).encode())
-    return h.hexdigest()
-
-
-def job_identity(cfg: Config, prompts_sha: str, model_id: str) -> str:
-    """What a completion depends on: prompts, model, compute dtype, generation settings."""
-    gen = json.dumps({"generation": cfg.generation.__repr__(), "dtype": cfg.model.dtype})
-    return hashlib.sha256("\n".join([prompts_sha, model_id, gen]).encode()).hexdigest()
-
-
 def _cuda_wanted(cfg: Config) -> bool:
     return cfg.topology.device == "cuda" or (cfg.topology.device == "auto" and torch.cuda.is_available())
 
 
 def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
-             ) -> tuple[JobPlan, CompletionStore]:
-    """Check everything checkable before work starts (rank 0). Raises GhmpiError."""
+             ) -> tuple[JobPlan, CompletionStore, OutputLock]:
+    """Check everything checkable before work starts (rank 0), and take the output's lock.
+    Raises GhmpiError (bad input, or the output in use by another job) or StorageError."""
     if cfg.topology.slices > world_size:  # the cheapest check first, in the user's terms
         raise ConfigError(f"topology.slices is {cfg.topology.slices} but the MPI world has only "
                           f"{world_size} rank(s); start at least {cfg.topology.slices} ranks or "
@@ -94,32 +85,42 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
         stats = pf.validate(args.vocab_size, args.max_seq_len)
     if cfg.topology.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("topology.device is cuda but no CUDA device is visible on rank 0")
-    job_id = job_identity(cfg, stats.sha256, model_identity(cfg.model.path))
+    identity = identity_parts(cfg, stats.sha256, model_identity(cfg.model.path))
+    job_id = identity_digest(identity)
     out_dir = os.path.dirname(os.path.abspath(cfg.io.output))
     if not os.path.exists(out_dir):  # like `mkdir -p`: the default job writes into out/
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
             raise GhmpiError(f"io.output {cfg.io.output}: cannot create folder {out_dir} ({e.strerror})")
-    store = CompletionStore(cfg.io.output, stats.n_prompts, job_id, overwrite=cfg.io.overwrite,
-                            flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds)
-    on_gpu = _cuda_wanted(cfg)
-    t = cfg.topology
-    most_new = max(cfg.generation.max_new_tokens, stats.max_max_new_tokens or 0)
-    max_len = min(args.max_seq_len, stats.max_prompt_len + most_new)
-    budgets = _budgets(cfg, args, world_size, ranks_on_node, on_gpu)
-    kv_item = torch.empty((), dtype=DTYPES[cfg.kv_dtype]).element_size()
-    layers_per_slice = -(-args.n_layers // t.slices)
-    layers_per_t2 = layers_per_slice * max(1, -(-t.slices // max(world_size - t.slices, 1)))
-    mbs, size = auto_batches(
-        world_size, t.slices, stats.n_prompts - store.n_done, t.micro_batches,
-        t.micro_batch_size, on_gpu, t.hybrid_slots,
-        local_fit=budgets.tier1.nbytes // sizing.slot_bytes(args, layers_per_slice, max_len, kv_item),
-        remote_fit=budgets.tier2.nbytes // sizing.slot_bytes(args, layers_per_t2, max_len, kv_item))
-    layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
-    _check_memory(cfg, args, layout, max_len, budgets)
+    lock = OutputLock(cfg.io.output)  # one job per output, before its files are touched
+    lock.acquire()
+    try:
+        store = CompletionStore(cfg.io.output, stats.n_prompts, job_id, overwrite=cfg.io.overwrite,
+                                flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds,
+                                identity=identity)
+        on_gpu = _cuda_wanted(cfg)
+        t = cfg.topology
+        most_new = max(cfg.generation.max_new_tokens, stats.max_max_new_tokens or 0)
+        max_len = min(args.max_seq_len, stats.max_prompt_len + most_new)
+        budgets = _budgets(cfg, args, world_size, ranks_on_node, on_gpu)
+        kv_item = torch.empty((), dtype=DTYPES[cfg.kv_dtype]).element_size()
+        layers_per_slice = -(-args.n_layers // t.slices)
+        layers_per_t2 = layers_per_slice * max(1, -(-t.slices // max(world_size - t.slices, 1)))
+        mbs, size = auto_batches(
+            world_size, t.slices, stats.n_prompts - store.n_done, t.micro_batches,
+            t.micro_batch_size, on_gpu, t.hybrid_slots,
+            local_fit=budgets.tier1.nbytes // sizing.slot_bytes(args, layers_per_slice, max_len,
+                                                                kv_item),
+            remote_fit=budgets.tier2.nbytes // sizing.slot_bytes(args, layers_per_t2, max_len,
+                                                                 kv_item))
+        layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
+        _check_memory(cfg, args, layout, max_len, budgets)
+    except BaseException:
+        lock.release()
+        raise
     plan = JobPlan(args, layout, max_len, stats.n_prompts, store.n_done, job_id, on_gpu)
-    return plan, store
+    return plan, store, lock
 
 
 @dataclass(frozen=True)
@@ -189,27 +190,31 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     signals.install()  # idempotent; the CLI did it before the heavy imports
     started = time.time()
     verdict: tuple[str, object] = ("ok", None)
-    store = None
+    store = lock = None
     node = world.Split_type(MPI.COMM_TYPE_SHARED)  # collective: before rank 0 may fail alone
     if rank == 0:
         try:
             if callable(cfg):
                 cfg = cfg()
-            plan, store = plan_job(cfg, world.Get_size(), node.Get_size())
+            plan, store, lock = plan_job(cfg, world.Get_size(), node.Get_size())
             verdict = ("complete", (cfg, plan)) if store.complete else ("ok", (cfg, plan))
         except GhmpiError as e:
             verdict = ("error", str(e))
+        except StorageError as e:
+            verdict = ("storage", f"{e}; nothing was generated; make room or fix the filesystem "
+                                  "(space, quota, permissions, read-only mount) and run the job again")
         except Exception as e:  # a bug, not bad input: still end every rank, with a reason
             traceback.print_exc()
             verdict = ("failed", f"{type(e).__name__}: {e}")
-        if verdict[0] in ("error", "failed"):  # speak before any rank is released to exit
+        if verdict[0] in _FAILED:  # speak before any rank is released to exit
             print(f"ghmpi: error: {' '.join(str(verdict[1]).split())}", file=sys.stderr, flush=True)
     kind, payload = world.bcast(verdict, root=0)
-    if kind in ("error", "failed"):
-        return EXIT_USAGE if kind == "error" else EXIT_FAILURE
+    if kind in _FAILED:
+        return _FAILED[kind]
     cfg, plan = payload
     if kind == "complete":
         if rank == 0:
+            lock.release()
             print(f"ghmpi: {cfg.io.output} is already complete ({plan.n_prompts} prompts); "
                   f"nothing to do", flush=True)
         return EXIT_OK
@@ -227,18 +232,34 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
-        status = _run_role(cfg, plan, world, rank, device, store, started)
+        status = _run_role(cfg, plan, world, rank, device, store, lock, started)
     except Exception as e:
         role = layout.role(rank)
         print(f"ghmpi: error: rank {rank} ({role}) failed: {type(e).__name__}: {e}",
               file=sys.stderr, flush=True)
         if os.environ.get("GHMPI_DEBUG"):
             traceback.print_exc()
+        if lock is not None:
+            lock.release()
         world.Abort(EXIT_FAILURE)
         return EXIT_FAILURE  # not reached
+    finally:
+        if lock is not None:
+            lock.release()
+    status = _agree(world, status)  # every rank exits with rank 0's verdict (e.g. 74)
     tier.Free()
     node.Free()
     return status
+
+
+def _agree(world: MPI.Comm, status: int) -> int:
+    """Rank 0's exit status on every rank, so the launcher reports it whichever rank exits first.
+    Nonblocking and sleeping: the other ranks wait out rank 0's finalize without spinning."""
+    buf = np.array([status], dtype=np.int64)
+    req = world.Ibcast(buf, root=0)
+    while not req.Test():
+        time.sleep(0.01)
+    return int(buf[0])
 
 
 def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device) -> None:
@@ -251,7 +272,7 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
 
 
 def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,
-              store: CompletionStore | None, started: float) -> int:
+              store: CompletionStore | None, lock: OutputLock | None, started: float) -> int:
     from ghmpi.model.llama import Transformer  # loading weights: tier 1 only
     from ghmpi.runtime.tier1 import SamplingParams, Tier1
     from ghmpi.runtime.tier2 import Tier2
@@ -281,40 +302,84 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                           plan.max_len, cfg.topology.prefill_tokens)
     progress = Progress(plan.n_prompts, plan.n_done, cfg.runtime.progress_seconds)
 
+    def on_stall(reason: str) -> None:  # the watchdog's thread: persist, say why, end the job
+        saved = store.persist(timeout=PERSIST_ON_STALL_S)
+        print(f"ghmpi: error: stalled: {reason}; {store.n_done} of {plan.n_prompts} completions "
+              f"are saved in {store.parts}"
+              f"{'' if saved else ' (the newest did not reach the disk in time)'}; ending the job "
+              f"(exit {EXIT_STALLED}); run the same job again to resume", file=sys.stderr, flush=True)
+        lock.release()
+        world.Abort(EXIT_STALLED)
+
+    def describe() -> str:
+        stuck = store.stuck_on
+        disk = f"; the disk: writing {stuck[0]} for {stuck[1]:.0f} s" if stuck else ""
+        return tier1.waiting_on() + disk
+
+    watchdog = Watchdog(cfg.runtime.stall_timeout, describe, on_stall)
+    sampled = [0]
+
     def on_finished(finished: list) -> None:
+        watchdog.beat()
         for f in finished:
             store.add(f.index, f.tokens, f.reason)
         progress.finished(finished)
 
+    def tick(generated: int) -> None:
+        if generated != sampled[0]:  # a token since the last look
+            sampled[0] = generated
+            watchdog.beat()
+        progress.tick(generated)
+
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults,
                   scheduler=scheduler, on_finished=on_finished,
-                  should_drain=lambda: signals.received() is not None, tick=progress.tick)
+                  should_drain=lambda: signals.received() is not None or store.error is not None,
+                  tick=tick)
     gen_started = time.time()
     status = tier1.run()
     gen_wall = time.time() - gen_started
+    watchdog.stop()
     progress.sampled = tier1.generated
     prompts.close()
-    store.flush()
-    wall = time.time() - started
-    if status == EXIT_OK and store.n_done == plan.n_prompts:
-        store.finalize({
-            "config": config_to_yaml(cfg),
-            "ghmpi_version": ghmpi.__version__,
-            "model_path": cfg.model.path,
-            "prompts": plan.n_prompts,
-            "generated_tokens": progress.tokens,
-            "wall_time_s": wall,
-            "tokens_per_s": progress.sampled / wall if wall > 0 else 0.0,
-            "generate_time_s": gen_wall,  # from the first pass to the last token
-            "generate_tokens_per_s": progress.sampled / gen_wall if gen_wall > 0 else 0.0,
-            "rank0_peak_rss_mib": peak_rss_mib(),
-        })
+    try:
+        store.flush()
+        done = status == EXIT_OK and store.n_done == plan.n_prompts
+        if done:
+            wall = _finalize(cfg, plan, store, progress, started, gen_wall)
+    except StorageError as e:
+        print(f"ghmpi: error: {e}; {store.n_done} of {plan.n_prompts} completions are safe in "
+              f"{store.parts}; make room or fix the filesystem (space, quota, permissions, "
+              f"read-only mount), then run the same job again to resume (exit {EXIT_STORAGE})",
+              file=sys.stderr, flush=True)
+        return EXIT_STORAGE
+    finally:
+        store.close_writer()
+    if done:
         progress.summary(wall, cfg.io.output)
         return EXIT_OK
     name = signal.Signals(signals.received()).name if signals.received() else "a stop request"
     print(f"ghmpi: interrupted by {name}: {store.n_done} of {plan.n_prompts} prompts are saved "
           f"in {cfg.io.output}.parts; run the same job again to resume", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED if status != EXIT_OK else EXIT_FAILURE
+
+
+def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Progress,
+              started: float, gen_wall: float) -> float:
+    """Write the final file (StorageError if the filesystem fails); the job's wall time."""
+    wall = time.time() - started
+    store.finalize({
+        "config": config_to_yaml(cfg),
+        "ghmpi_version": ghmpi.__version__,
+        "model_path": cfg.model.path,
+        "prompts": plan.n_prompts,
+        "generated_tokens": progress.tokens,
+        "wall_time_s": wall,
+        "tokens_per_s": progress.sampled / wall if wall > 0 else 0.0,
+        "generate_time_s": gen_wall,  # from the first pass to the last token (load excluded)
+        "generate_tokens_per_s": progress.sampled / gen_wall if gen_wall > 0 else 0.0,
+        "rank0_peak_rss_mib": peak_rss_mib(),
+    })
+    return wall
 
 
 __all__ = ["run", "plan_job", "JobPlan"]

@@ -296,3 +296,42 @@ class Tier1:
         for r in self.group:
             self.outbox.send(tp.pack([status]), r, tp.TAG_STOP)
         self.outbox.drain()
+
+    # -- the stall watchdog's question (runs on its thread: reads state, completes nothing) -----
+    def waiting_on(self) -> str:
+        """The ranks this slice waits on: tier-2 replies not in, sends not taken, micro-batches
+        out on the ring (slice 0: launched, tokens not back)."""
+        def outstanding(req: MPI.Request) -> bool:
+            try:
+                return not req.Get_status()  # does not complete or free the request
+            except Exception:
+                return True
+
+        def role(r: int) -> str:
+            return f"rank {r} ({self.layout.role(r)})"
+
+        replies: dict[int, set[int]] = {}
+        for p in list(self.waiting):
+            for req, buf, _ in list(p.waits):
+                if outstanding(req):
+                    for (mb, owner), b in list(self.replies.items()):
+                        if mb == p.mb and np.may_share_memory(b, buf):
+                            replies.setdefault(owner, set()).add(p.mb)
+        sends: dict[int, set[int]] = {}
+        for key, req in list(self.outbox._keyed.items()):
+            if outstanding(req):
+                dest = key[2] if key[0] == "work" else self.j + 1
+                sends.setdefault(dest, set()).add(key[1])
+        said = []
+        for r in sorted(set(replies) | set(sends)):
+            what = ([f"attention replies of micro-batch(es) {sorted(replies[r])}"] if r in replies
+                    else []) + ([f"to take our message(s) of micro-batch(es) {sorted(sends[r])}"]
+                                if r in sends else [])
+            said.append(f"{role(r)}: {' and '.join(what)}")
+        here = {p.mb for p in list(self.ready) + list(self.waiting)}
+        ring = sorted(set(self.home) - here)
+        if self.first and ring and self.layout.slices > 1:
+            later = range(1, self.layout.slices)
+            said.append(f"micro-batch(es) {ring} out on the ring, tokens not back from "
+                        f"{', '.join(role(r) for r in later)} (or the tier-2 ranks they wait on)")
+        return "; ".join(said) or "nothing outstanding on this rank (rank 0 itself is stuck)"

@@ -207,6 +207,51 @@ def test_scancel_then_resubmit_resumes(slurm: Slurm, prompts: Path, reference: d
         assert max(done) >= 1, logs
 
 
+def _rank_pid(job: str, rank: int) -> int | None:
+    """pid of world rank `rank` of Slurm job `job` (the test cluster runs on this host)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+            argv = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (env.get(b"SLURM_JOB_ID") == job.encode() and env.get(b"SLURM_PROCID") == str(rank).encode()
+                and b"ghmpi" in argv and b"python" in argv):
+            return int(d.name)
+    return None
+
+
+def test_a_stopped_rank_ends_the_job_with_76_and_resubmitting_resumes(
+        slurm: Slurm, prompts: Path, reference: dict, tmp_path: Path) -> None:
+    """The stall watchdog's exit status passes through srun and the batch script."""
+    out = tmp_path / "completions.h5"
+    args = [*PLAIN_ALLOC, f"--output={tmp_path}/%x-%j.out", str(PLAIN), *job_args(prompts, out)]
+    job = slurm.submit([*args, "--set", "runtime.stall_timeout=4"])
+    deadline = time.monotonic() + 180
+    while not shards(out):
+        assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), job_logs(tmp_path)
+        assert time.monotonic() < deadline, f"no shard after 180 s\n{job_logs(tmp_path)}"
+        time.sleep(0.2)
+    pid = _rank_pid(job, 2)
+    assert pid is not None, "tier-2 rank 2 not found"
+    os.kill(pid, 19)  # SIGSTOP: a rank hung in the kernel
+    try:
+        slurm.wait_ended(job, timeout=120)
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    logs = job_logs(tmp_path)
+    assert "ghmpi: error: stalled: no token for" in logs and "rank 2 (tier-2 #1)" in logs, logs
+    assert "ghmpi exited with status 76" in logs, logs
+    rc = slurm.submit_and_wait(args)
+    assert rc == 0, f"resubmitted job exit {rc}\n{job_logs(tmp_path)}"
+    assert_same(read_completions(out), reference, "stall + resubmit")
+
+
 # ---------------------------------------------------------------------------- fail-fast paths
 def test_broken_environment_fails_fast_with_exit_2(slurm: Slurm, tmp_path: Path) -> None:
     p = slurm.sbatch_wait(["--ntasks=1", f"--output={tmp_path}/%x-%j.out", str(PLAIN)],

@@ -69,6 +69,7 @@ def test_flush_policy_and_resume(tmp_path: Path) -> None:
     store = CompletionStore(out, 10, "j", flush_every=4, flush_seconds=1e9)
     for i in range(6):
         store.add(i, *fake_completion(i))
+    assert store.wait(timeout=30)  # the writer thread has the shard on disk
     assert store.n_done == 4  # one shard of 4 written, 2 still buffered
     shards = sorted(p.name for p in (tmp_path / "c.h5.parts").iterdir())
     assert shards == ["job.json", "shard-00000000.h5"]
@@ -83,7 +84,7 @@ def test_flush_policy_and_resume(tmp_path: Path) -> None:
         store.add(5, [1], 7)
     store.flush_seconds = 0.0  # now every add flushes at once
     store.add(4, *fake_completion(4))
-    assert store.n_done == 5
+    assert store.wait(timeout=30) and store.n_done == 5
     with pytest.raises(RuntimeError, match="not done"):
         store.finalize({})
 
@@ -200,6 +201,7 @@ def test_ignores_tmp_and_unreadable_shards(tmp_path: Path) -> None:
     assert s.ignored_shards == ["shard-00000005.h5"]
     assert not (parts / "shard-00000002.h5.tmp").exists()
     s.add(4, [4], FINISH_STOP)  # numbering continues past the damaged shard
+    assert s.wait(timeout=30)
     assert (parts / "shard-00000006.h5").exists()
     s.add(5, [5], FINISH_LENGTH)
     s.finalize({})
@@ -278,3 +280,132 @@ def test_sigkill_at_random_times(tmp_path: Path) -> None:
     run_in_order(ref, n, list(range(n)), job="crash-job")
     assert datasets(out) == datasets(ref)
     assert not (tmp_path / "crash" / "c.h5.parts").exists()
+
+
+# ---- the writer thread: bounded, and storage errors in plain words ---------------------------
+
+def test_a_slow_disk_blocks_add_instead_of_growing_memory(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from ghmpi.io import shards
+
+    gate = threading.Event()
+    real = shards.write_shard
+
+    def slow(path, batch):  # the disk answers only when the test opens the gate
+        gate.wait(30)
+        return real(path, batch)
+
+    monkeypatch.setattr(shards, "write_shard", slow)
+    store = CompletionStore(tmp_path / "c.h5", 20, "j", flush_every=1, queue_shards=2)
+    added = []
+
+    def producer() -> None:
+        for i in range(6):
+            store.add(i, [i], FINISH_STOP)
+            added.append(i)
+
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    # one shard with the writer, two queued: the fourth add waits for the disk
+    assert added == [0, 1, 2], added
+    gate.set()
+    t.join(30)
+    assert added == list(range(6))
+    store.close()
+    assert CompletionStore(tmp_path / "c.h5", 20, "j").n_done == 6
+
+
+def test_a_failed_write_is_reported_and_leaves_only_whole_shards(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from ghmpi.errors import StorageError
+
+    out = tmp_path / "c.h5"
+    store = CompletionStore(out, 10, "j", flush_every=2)
+    for i in range(4):
+        store.add(i, [i], FINISH_STOP)
+    store.flush()
+    real_rename = os.rename
+
+    def no_quota(src, dst):  # the quota runs out at the next shard's rename
+        if str(src).endswith(".h5.tmp"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", no_quota)
+    for i in range(4, 8):
+        store.add(i, [i], FINISH_STOP)
+    with pytest.raises(StorageError) as e:
+        store.flush()
+    msg = str(e.value)
+    assert "cannot write shard" in msg and "shard-00000002.h5" in msg and "(EDQUOT)" in msg
+    assert store.n_done == 4 and store.lost == 4
+    parts = tmp_path / "c.h5.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["job.json", "shard-00000000.h5",
+                                                       "shard-00000001.h5"]
+    monkeypatch.setattr(os, "rename", real_rename)
+    store.close_writer()
+    again = CompletionStore(out, 10, "j")  # the rerun resumes from the whole shards
+    assert again.n_done == 4 and again.ignored_shards == []
+
+
+def test_h5py_write_failure_text_gives_the_errno() -> None:
+    from ghmpi.io.shards import os_error
+
+    e = os_error(RuntimeError("Disable slist on flush dest failure failed (file write failed: "
+                               "time = x, filename = 'a', errno = 28, error message = 'No space')"))
+    assert e.errno == 28 and e.strerror == os.strerror(28)
+
+
+@pytest.fixture()
+def tiny_fs(tmp_path: Path):
+    """A 96 KiB tmpfs (root only): a real full filesystem."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_filesystem(tiny_fs: Path) -> None:
+    from ghmpi.errors import StorageError
+
+    out = tiny_fs / "c.h5"
+    n = 400
+    store = CompletionStore(out, n, "j", flush_every=5)
+    with pytest.raises(StorageError, match=r"No space left on device \(ENOSPC\)"):
+        for i in range(n):
+            store.add(i, *fake_completion(i))
+        store.flush()
+    store.close_writer()
+    assert 0 < store.n_done < n
+    assert not list((tiny_fs / "c.h5.parts").glob("*.tmp"))  # removed: the space is back
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_fs)], check=True)
+    again = CompletionStore(out, n, "j", flush_every=50)
+    assert again.n_done == store.n_done and again.ignored_shards == []
+    for i in np.flatnonzero(~again.done).tolist():
+        again.add(i, *fake_completion(i))
+    again.flush()
+    filler = tiny_fs / "filler"  # another user fills the disk before the final file is written
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    with pytest.raises(StorageError, match=r"cannot write the final file .*c\.h5\.tmp.*ENOSPC"):
+        again.finalize({})
+    assert not out.exists() and not (tiny_fs / "c.h5.tmp").exists()
+    assert CompletionStore(out, n, "j").n_done == n  # every shard still whole
+    filler.unlink()
+    again.finalize({})
+    tokens, reasons = read_completions(out)
+    for i in range(n):
+        assert np.array_equal(tokens[i], fake_completion(i)[0])
