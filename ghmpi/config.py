@@ -230,6 +230,13 @@ class TopologyConfig:
     hybrid_slots: int = _opt(
         0, _integer(lo=0),
         "slots of each micro-batch whose KV cache stays on tier 1 (>= 0, <= micro_batch_size)")
+    gpu_micro_batches: int = _opt(
+        0, _integer(lo=0),
+        "hybrid: micro-batches whose KV cache stays wholly on the GPU, run beside the "
+        "tier-2-served ones and never waiting on them (>= 0; needs tier-2 ranks)")
+    gpu_micro_batch_size: int = _opt(
+        0, _integer(lo=0),
+        "slots per GPU micro-batch (>= 0); 0 = auto: the GPU's KV budget")
     device: str = _opt(
         "auto", _choice("auto", "cpu", "cuda"),
         "tier-1 device: auto | cpu | cuda; auto = cuda if a GPU is visible")
@@ -265,6 +272,10 @@ class RuntimeConfig:
     torch_threads: int = _opt(
         0, _integer(lo=0),
         "torch threads per rank (>= 0); 0 = auto: the node's CPUs (or Slurm's) split over its ranks by role, each rank pinned to its own cores unless the launcher bound it")
+    reply_delay_ms: float = _opt(
+        0.0, _number(lo=0),
+        "hold every tier-2 reply this long before sending it (ms, >= 0): emulates a network hop "
+        "between the tiers; auto micro-batch counts grow with it")
     progress_seconds: float = _opt(
         10.0, _number(lo=0, lo_open=True),
         "interval of rank 0's progress line (seconds, > 0)")

@@ -95,11 +95,12 @@ def run(args: argparse.Namespace) -> dict:
         log(f"batch {B}: {t * 1e3:.2f} ms/step (eager {t_eager * 1e3:.2f}), {roof / t:.0%} of "
             f"the HBM roofline")
     attn = _attention_side_by_side(device, dtype, a, args.repeat) if gpu else []
+    fused = _fused_check(model, device) if gpu and model.fused is not None else {}
     return {"suite": "decode", "device": torch.cuda.get_device_name(device) if gpu else "cpu",
             "torch": torch.__version__, "shape": shape, "dtype": args.dtype,
             "layers": a.n_layers, "weights_GB": wbytes / 1e9, "copy_GBps": bw,
             "decode_attention": gpu_decode_path() if gpu else "cpu", "steps": rows_out,
-            "attention": attn}
+            "attention": attn, "fused_vs_torch_rel_err": fused}
 
 
 def _attention_side_by_side(device, dtype, a, repeat: int) -> list[dict]:
@@ -130,3 +131,26 @@ def _attention_side_by_side(device, dtype, a, repeat: int) -> list[dict]:
                         speedup=t_sdpa / t_in, rel_err=err))
         del kc, vc
     return out
+
+
+def _fused_check(model, device) -> dict:
+    """The fused elementwise kernels against the torch ops they replace (bf16 rounding apart)."""
+    from ghmpi.model.llama import rms_norm
+    from ghmpi.model.rope import apply_rope
+
+    f, a, dt = model.fused, model.args, model.dtype
+    x = torch.randn(256, a.dim, device=device, dtype=dt)
+    y = torch.randn_like(x)
+    w = torch.randn(a.dim, device=device, dtype=dt)
+
+    def rel(got, ref):
+        return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+    h, n = f.add_rms_norm(x, y, w, a.norm_eps)
+    q = torch.randn(256, a.n_heads, a.head_dim, device=device, dtype=dt)
+    cos, sin = model.rotary.cos_sin(torch.arange(256, device=device) * 7, dt)
+    gu = torch.randn(256, 2 * a.hidden_dim, device=device, dtype=dt)
+    g, u = gu.chunk(2, dim=-1)
+    return {"add": rel(h, x + y), "rms_norm": rel(n, rms_norm(x + y, w, a.norm_eps)),
+            "rope": rel(f.rope(q, cos, sin), apply_rope(q, cos, sin)),
+            "silu_mul": rel(f.silu_mul(gu), torch.nn.functional.silu(g) * u)}

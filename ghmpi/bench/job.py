@@ -72,46 +72,39 @@ def _mpirun(given: str | None) -> str:
     return str(beside) if beside.exists() else "mpirun"
 
 
-def run(args: argparse.Namespace) -> dict:
-    gpu = torch.cuda.is_available()
-    shape = args.shape or ("llama3-8b" if gpu else "tiny")
-    N = args.prompts or (256 if gpu else 8)
-    L = args.prompt_len or (512 if gpu else 16)
-    new = args.new or (128 if gpu else 8)
-    work = Path(args.workdir)
-    t0 = time.perf_counter()
-    model_dir = build(work / (shape + (f"-{args.layers}l" if args.layers else "")), shape,
-                      args.layers)
-    log(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.0f} s")
+def make_inputs(work: Path, shape: str, layers: int | None, N: int, L: int
+                ) -> tuple[Path, Path, np.ndarray]:
+    """The random checkpoint (built once, reused) and a prompts file of N random prompts of L
+    tokens -> (model folder, prompts file, the token ids (N, L))."""
     import json
 
+    t0 = time.perf_counter()
+    model_dir = build(work / (shape + (f"-{layers}l" if layers else "")), shape, layers)
+    log(f"checkpoint {model_dir} ready in {time.perf_counter() - t0:.0f} s")
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     ids = np.random.default_rng(0).integers(3, vocab, (N, L)).astype(np.int32)
     prompts = work / f"prompts-{N}x{L}.h5"
     with PromptWriter(prompts) as w:
         for row in ids:
             w.add(row)
-    result: dict = {"suite": "job", "shape": shape, "prompts": N, "prompt_len": L, "new": new,
-                    "device": torch.cuda.get_device_name() if gpu else "cpu",
-                    "torch": torch.__version__}
-    if not args.no_hf:
-        log("transformers generate ...")
-        hf = _hf_generate(model_dir, ids, new, args.dtype)
-        result["transformers"] = hf
-        log(f"transformers: {hf['tokens_per_s']:.0f} tokens/s")
-    out = work / f"out-{shape}-{N}x{L}-{new}-n{args.np}.h5"
+    return model_dir, prompts, ids
+
+
+def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, dtype: str,
+              overrides: list[str], mpirun: str | None = None) -> dict:
+    """Run the job under mpirun; -> its figures from the output file and its summary lines."""
     import shutil
 
     out.unlink(missing_ok=True)  # a complete output would make the job a no-op
     shutil.rmtree(str(out) + ".parts", ignore_errors=True)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    cmd = [_mpirun(args.mpirun), *root, "--oversubscribe", "--bind-to", "none", "-n", str(args.np),
-           sys.executable, "-m",
-           "ghmpi", "--set", f"model.path={model_dir}", "--set", f"io.prompts={prompts}",
-           "--set", f"io.output={out}", "--set", f"generation.max_new_tokens={new}",
-           "--set", "generation.ignore_eos=true", "--set", "io.overwrite=true",
-           "--set", f"model.dtype={args.dtype}", "--set", "runtime.progress_seconds=1000"]
-    for o in args.overrides:
+    cmd = [_mpirun(mpirun), *root, "--oversubscribe", "--bind-to", "none", "-n", str(ranks),
+           sys.executable, "-m", "ghmpi", "--set", f"model.path={model_dir}",
+           "--set", f"io.prompts={prompts}", "--set", f"io.output={out}",
+           "--set", f"generation.max_new_tokens={new}", "--set", "generation.ignore_eos=true",
+           "--set", "io.overwrite=true", "--set", f"model.dtype={dtype}",
+           "--set", "runtime.progress_seconds=1000"]
+    for o in overrides:
         cmd += ["--set", o]
     log("ghmpi: " + " ".join(shlex.quote(c) for c in cmd))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -121,15 +114,38 @@ def run(args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"ghmpi bench job: the job failed with exit status {proc.returncode}")
+        raise SystemExit(f"ghmpi bench: the job failed with exit status {proc.returncode}")
+    keys = ("generated_tokens", "wall_time_s", "tokens_per_s", "generate_time_s",
+            "generate_tokens_per_s", "tier1_busy_fraction", "tier2_busy_fraction")
     with h5py.File(out, "r") as f:
-        attrs = {k: f.attrs[k] for k in ("generated_tokens", "wall_time_s", "tokens_per_s",
-                                         "generate_time_s", "generate_tokens_per_s")
-                 if k in f.attrs}
+        attrs = {k: f.attrs[k] for k in keys if k in f.attrs}
     job = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in attrs.items()}
     job["process_wall_s"] = wall
-    job["ranks"] = args.np
-    job["summary"] = [l for l in proc.stdout.splitlines() if l.startswith("ghmpi: done")][-1:]
+    job["ranks"] = ranks
+    job["summary"] = [l for l in proc.stdout.splitlines()
+                      if l.startswith(("ghmpi: done", "ghmpi: tier", "ghmpi: placement"))
+                      or " micro-batches x " in l]
+    return job
+
+
+def run(args: argparse.Namespace) -> dict:
+    gpu = torch.cuda.is_available()
+    shape = args.shape or ("llama3-8b" if gpu else "tiny")
+    N = args.prompts or (256 if gpu else 8)
+    L = args.prompt_len or (512 if gpu else 16)
+    new = args.new or (128 if gpu else 8)
+    work = Path(args.workdir)
+    model_dir, prompts, ids = make_inputs(work, shape, args.layers, N, L)
+    result: dict = {"suite": "job", "shape": shape, "prompts": N, "prompt_len": L, "new": new,
+                    "device": torch.cuda.get_device_name() if gpu else "cpu",
+                    "torch": torch.__version__}
+    if not args.no_hf:
+        log("transformers generate ...")
+        hf = _hf_generate(model_dir, ids, new, args.dtype)
+        result["transformers"] = hf
+        log(f"transformers: {hf['tokens_per_s']:.0f} tokens/s")
+    out = work / f"out-{shape}-{N}x{L}-{new}-n{args.np}.h5"
+    job = run_ghmpi(model_dir, prompts, out, args.np, new, args.dtype, args.overrides, args.mpirun)
     result["ghmpi"] = job
     if "transformers" in result and "generate_tokens_per_s" in job:
         result["ghmpi_over_transformers"] = job["generate_tokens_per_s"] / result["transformers"]["tokens_per_s"]

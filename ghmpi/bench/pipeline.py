@@ -1,11 +1,149 @@
-"""Placeholder until the suite lands: it reports that it is not written yet."""
+"""`bench pipeline`: the two-tier ring against its tiers' capacities, measured in the same run.
+
+- tier-1 capacity: tokens/s tier 1 would give if attention cost nothing: one eager pass of a
+  micro-batch with attention on a one-token context, the micro-batches run one after another;
+- tier-2 capacity: tokens/s the tier-2 ranks' decode attention allows: the native kernel run by
+  as many processes x threads as the job's tier-2 ranks get, all at once, on the job's mean
+  context (aggregate KV GB/s over the KV bytes one token-step reads);
+- the job (`mpirun -n N`) at each reply delay (a network hop emulated by `runtime.reply_delay_ms`),
+  as generated tokens/s, over min(tier-1, tier-2 capacity) and over the zero-delay run;
+- optionally the single tier (-n 1) and a hybrid layout (`--hybrid K`: K GPU micro-batches beside
+  the tier-2-served ones), to see whether tier 2 adds throughput.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ghmpi.bench import log
+from ghmpi.bench.common import pick_device, random_model, timed
+from ghmpi.bench.decode import DT
+from ghmpi.bench.job import make_inputs, run_ghmpi
+from ghmpi.model.kvcache import KVCache
+from ghmpi.runtime.passplan import build_plan, run_local_pass
+from ghmpi.runtime.scheduler import Row
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default=None, help="llama3-8b (default on a GPU) | tiny")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--workdir", default="/tmp/ghmpi-bench")
+    p.add_argument("--np", type=int, default=None, help="MPI ranks of the two-tier job (9)")
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DT))
+    p.add_argument("--delays", default="0", help="reply delays in ms (comma list), e.g. 0,2,5,10,20")
+    p.add_argument("--single", action="store_true", help="also run the single tier (-n 1)")
+    p.add_argument("--hybrid", type=int, default=0, help="also run K GPU micro-batches beside tier 2")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="extra --set KEY=VALUE for every job (repeatable)")
+
+
+def _layout(summary: list[str]) -> tuple[int, int]:
+    """(micro-batches, slots each) of the tier-2-served micro-batches, from the job's line."""
+    for line in summary:
+        m = re.search(r"(\d+) micro-batches x (\d+) slots", line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    raise RuntimeError(f"no layout line in {summary}")
+
+
+def tier1_capacity(shape: str, layers: int | None, dtype: torch.dtype, mb_size: int) -> float:
+    """Tokens/s of eager decode passes of `mb_size` rows whose attention costs nothing."""
+    device = pick_device("auto")
+    model = random_model(shape, device, dtype, layers)
+    a = model.args
+    cache = KVCache(model.layers, mb_size, 2, a.n_kv_heads, a.head_dim, dtype, device)
+    owner = np.full(mb_size, -1, dtype=np.int64)
+    rows = [Row(b, b, 0, np.array([5]), False) for b in range(mb_size)]
+
+    def step():
+        plan = build_plan(rows, owner, np.arange(mb_size), device)
+        return run_local_pass(model, cache, plan).argmax(-1).cpu()
+
+    t = timed(step, device, repeat=5)
+    del model, cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return mb_size / t
+
+
+def tier2_capacity(shape: str, layers: int | None, dtype: str, ranks: int, threads: int,
+                   rows: int, context: int) -> tuple[float, float]:
+    """(tokens/s, aggregate KV GB/s) of `ranks` processes x `threads` attending `rows` rows of
+    `context` tokens each, all at once (the native kernel, as the tier-2 ranks run it)."""
+    from ghmpi.bench.attention import run_split
+    from ghmpi.bench.checkpoint import hf_config
+
+    cfg = hf_config(shape, layers)
+    D = cfg["hidden_size"] // cfg["num_attention_heads"]
+    heads = "gqa" if cfg["num_key_value_heads"] < cfg["num_attention_heads"] else "mha"
+    itemsize = 2 if dtype != "float32" else 4
+    per_call = 2 * rows * context * cfg["num_key_value_heads"] * D * itemsize
+    spec = dict(nbytes=max(4 * per_call, 2**26), dtype=dtype, heads=heads, head_dim=D, batch=rows,
+                context=context, reps=20)
+    cores = sorted(os.sched_getaffinity(0))
+    gbps = run_split(ranks, threads, "native", spec, cores)
+    token_bytes = context * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * D * itemsize
+    return gbps * 1e9 / token_bytes, gbps
 
 
 def run(args: argparse.Namespace) -> dict:
-    raise SystemExit("ghmpi bench pipeline: not written yet")
+    gpu = torch.cuda.is_available()
+    shape = args.shape or ("llama3-8b" if gpu else "tiny")
+    ranks = args.np or (9 if gpu else 3)
+    N = args.prompts or (256 if gpu else 8)
+    L = args.prompt_len or (512 if gpu else 16)
+    new = args.new or (128 if gpu else 8)
+    work = Path(args.workdir)
+    model_dir, prompts, _ = make_inputs(work, shape, args.layers, N, L)
+    result: dict = {"suite": "pipeline", "shape": shape, "ranks": ranks, "prompts": N,
+                    "prompt_len": L, "new": new,
+                    "device": torch.cuda.get_device_name() if gpu else "cpu"}
+    jobs = []
+    for d in [float(x) for x in args.delays.split(",")]:
+        out = work / f"pipe-{shape}-n{ranks}-d{d:g}.h5"
+        job = run_ghmpi(model_dir, prompts, out, ranks, new, args.dtype,
+                        [*args.overrides, f"runtime.reply_delay_ms={d}"])
+        job["delay_ms"] = d
+        jobs.append(job)
+        log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s")
+    mbs, size = _layout(jobs[0]["summary"])
+    n_tier2 = ranks - 1
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, (cores - (2 if gpu else 1)) // n_tier2)
+    context = L + new // 2
+    rows = max(1, -(-size // n_tier2))  # a tier-2 rank's rows of one micro-batch
+    cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, n_tier2, threads,
+                                rows * mbs, context)
+    cap1 = tier1_capacity(shape, args.layers, DT[args.dtype], size)
+    bound = min(cap1, cap2)
+    base = jobs[0]["generate_tokens_per_s"]
+    result.update(micro_batches=mbs, micro_batch_size=size, tier2_threads_per_rank=threads,
+                  mean_context=context, tier1_capacity_tps=cap1, tier2_capacity_tps=cap2,
+                  tier2_kv_GBps=gbps, bound_tps=bound)
+    result["jobs"] = [dict(delay_ms=j["delay_ms"], tokens_per_s=j["generate_tokens_per_s"],
+                           of_bound=j["generate_tokens_per_s"] / bound,
+                           of_zero_delay=j["generate_tokens_per_s"] / base,
+                           tier1_busy=j.get("tier1_busy_fraction", 0.0),
+                           tier2_busy=j.get("tier2_busy_fraction", 0.0)) for j in jobs]
+    result["job_summaries"] = [j["summary"] for j in jobs]
+    if args.single:
+        single = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-n1.h5", 1, new, args.dtype,
+                           args.overrides)
+        result["single_tier_tps"] = single["generate_tokens_per_s"]
+    if args.hybrid:
+        hyb = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-hybrid.h5", ranks, new,
+                        args.dtype, [*args.overrides, f"topology.gpu_micro_batches={args.hybrid}"])
+        result["hybrid_tps"] = hyb["generate_tokens_per_s"]
+        result["hybrid_summary"] = hyb["summary"]
+        if args.single:
+            result["hybrid_target_tps"] = result["single_tier_tps"] + 0.9 * cap2
+    return result

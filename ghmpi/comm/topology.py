@@ -6,6 +6,7 @@ starting processes. World ranks 0..slices-1 are tier 1 (slice j on rank j); the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ghmpi.errors import ConfigError
@@ -29,9 +30,11 @@ class Layout:
     world_size: int
     slices: int
     n_layers: int
-    micro_batches: int
+    micro_batches: int  # tier-2-served micro-batches (all micro-batches without tier 2)
     micro_batch_size: int
-    hybrid_slots: int  # slots of each micro-batch kept on tier 1
+    hybrid_slots: int  # slots of each of those micro-batches kept on tier 1
+    gpu_micro_batches: int = 0  # more micro-batches whose KV stays wholly on tier 1 (hybrid)
+    gpu_micro_batch_size: int = 0  # their size (0: micro_batch_size)
 
     def __post_init__(self) -> None:
         if self.slices < 1:
@@ -43,6 +46,8 @@ class Layout:
         if self.slices > self.n_layers:
             raise ConfigError(
                 f"topology.slices is {self.slices} but the model has only {self.n_layers} layers")
+        if self.gpu_micro_batches and not self.gpu_micro_batch_size:
+            object.__setattr__(self, "gpu_micro_batch_size", self.micro_batch_size)
         if self.hybrid_slots > self.micro_batch_size:
             raise ConfigError(
                 f"topology.hybrid_slots ({self.hybrid_slots}) exceeds topology.micro_batch_size "
@@ -87,25 +92,56 @@ class Layout:
         """Slices whose attention the tier-2 world rank `rank` computes."""
         return [j for j in range(self.slices) if rank in self.tier2_group(j)]
 
-    # -- slots -------------------------------------------------------------------------------
+    # -- slots ----------------------------------------------------------------------------
+    # Slots are numbered micro-batch by micro-batch: first the GPU micro-batches (wholly on
+    # tier 1, gpu_micro_batch_size slots each), then the others (micro_batch_size slots each,
+    # the first hybrid_slots of each kept on tier 1, the rest on tier 2).
+    @property
+    def n_micro_batches(self) -> int:
+        return self.gpu_micro_batches + self.micro_batches
+
     @property
     def n_slots(self) -> int:
-        return self.micro_batches * self.micro_batch_size
+        return self.gpu_micro_batches * self.gpu_micro_batch_size \
+            + self.micro_batches * self.micro_batch_size
+
+    @property
+    def max_micro_batch_size(self) -> int:
+        return max(self.micro_batch_size, self.gpu_micro_batch_size)
 
     def micro_batch_slots(self, m: int) -> range:
-        return range(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
+        g, gs = self.gpu_micro_batches, self.gpu_micro_batch_size
+        if m < g:
+            return range(m * gs, (m + 1) * gs)
+        start = g * gs + (m - g) * self.micro_batch_size
+        return range(start, start + self.micro_batch_size)
+
+    def _remote_index(self, slot: int) -> int:
+        """Index of a tier-2 slot among the tier-2 slots (-1 for a tier-1 slot)."""
+        if self.n_tier2 == 0:
+            return -1
+        rel = slot - self.gpu_micro_batches * self.gpu_micro_batch_size
+        if rel < 0:
+            return -1
+        mb, i = divmod(rel, self.micro_batch_size)
+        if i < self.hybrid_slots:
+            return -1
+        return mb * (self.micro_batch_size - self.hybrid_slots) + i - self.hybrid_slots
 
     def is_local(self, slot: int) -> bool:
-        return self.n_tier2 == 0 or slot % self.micro_batch_size < self.hybrid_slots
+        return self._remote_index(slot) < 0
+
+    def is_gpu_micro_batch(self, m: int) -> bool:
+        return m < self.gpu_micro_batches or self.n_tier2 == 0
 
     def owner(self, slot: int, j: int) -> int:
         """World rank holding the KV cache of `slot` for slice j's layers, or LOCAL (tier 1).
 
         A slot keeps the same index inside every slice's group, so its owner is fixed for life."""
-        if self.is_local(slot):
+        remote = self._remote_index(slot)
+        if remote < 0:
             return LOCAL
         group = self.tier2_group(j)
-        remote = slot - (slot // self.micro_batch_size + 1) * self.hybrid_slots  # index among remote slots
         return group[remote % len(group)]
 
     def owned_slots(self, rank: int) -> list[int]:
@@ -119,16 +155,19 @@ class Layout:
 
 def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: int,
                  micro_batch_size: int, on_gpu: bool, hybrid_slots: int = 0,
-                 local_fit: int | None = None, remote_fit: int | None = None) -> tuple[int, int]:
+                 local_fit: int | None = None, remote_fit: int | None = None,
+                 reply_delay_ms: float = 0.0) -> tuple[int, int]:
     """Defaults for the micro-batch count and size where the config says 0 (auto).
 
     With tier-2 ranks, two micro-batches per slice keep tier 1 busy while the other waits on
     attention; without tier 2 one batch is the single-tier baseline. The size fills the memory:
     `local_fit` slots fit a tier-1 rank's KV budget, `remote_fit` a tier-2 rank's (None: no
     limit); it never exceeds what the prompts can fill, and a CPU tier 1 (tests, debugging)
-    stays at 64."""
+    stays at 64. A delay between the tiers (`reply_delay_ms`) is hidden by more micro-batches in
+    flight: one more per slice for every 2 ms (about one tier-2 layer of a large micro-batch)."""
     has_tier2 = world_size > slices
-    mbs = micro_batches or (2 * slices if has_tier2 else 1)
+    extra = slices * math.ceil(reply_delay_ms / 2.0) if has_tier2 else 0
+    mbs = micro_batches or (2 * slices + extra if has_tier2 else 1)
     if micro_batch_size:
         return mbs, micro_batch_size
     size = -(-max(n_prompts, 1) // mbs)

@@ -8,6 +8,7 @@ request completes, so no rank ever blocks in a send while its peer is blocked to
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Hashable, Sequence
 
@@ -139,3 +140,33 @@ class Backoff:
         self.rounds += 1
         if self.rounds > 8:
             time.sleep(min(self.cap, 1e-5 * (self.rounds - 8)))
+
+
+class BusyClock:
+    """Where a rank's time goes: `working()` around work, `idle()` around waiting; the rest
+    (polling, bookkeeping) is neither. Seconds, from time.perf_counter."""
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.idle_s = 0.0
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def working(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy += time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def idle(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.idle_s += time.perf_counter() - t
+
+    def figures(self) -> tuple[float, float, float]:
+        """(busy s, idle s, wall s since start)."""
+        return self.busy, self.idle_s, time.perf_counter() - self.started

@@ -36,6 +36,18 @@ class LayerWeights:
     w2: torch.Tensor  # (dim, hidden_dim)  down_proj
 
 
+def _fused_kernels(device: torch.device, dtype: torch.dtype):
+    """The fused Triton elementwise kernels for a bf16/fp16 model on a GPU, else None (torch ops:
+    the CPU, float32 (exact to HF), no Triton, or GHMPI_GPU_KERNEL=torch)."""
+    if device.type != "cuda" or dtype == torch.float32 or os.environ.get("GHMPI_GPU_KERNEL") == "torch":
+        return None
+    try:
+        from ghmpi.kernels import triton_fused
+    except Exception:
+        return None
+    return triton_fused
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """As HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
     dtype = x.dtype
@@ -66,6 +78,7 @@ class Transformer:
         self.output = output  # (vocab, dim) LM head (the embedding matrix when tied) or None
         self.loaded_names = loaded_names  # checkpoint tensor names this slice read
         self.rotary = Rotary(args, device)
+        self.fused = _fused_kernels(device, dtype)  # None: the torch ops (CPU, float32)
 
     @property
     def has_embed(self) -> bool:
@@ -154,7 +167,9 @@ class Transformer:
         input RMSNorm, q/k/v projections (+bias), RoPE on q and k. `layer` is a global index."""
         w = self._layer(layer)
         a = self.args
-        h = rms_norm(x, w.attention_norm, a.norm_eps)
+        f = self.fused
+        h = rms_norm(x, w.attention_norm, a.norm_eps) if f is None else \
+            f.add_rms_norm(x, None, w.attention_norm, a.norm_eps)[1]
         qkv = F.linear(h, w.wqkv, w.bqkv)  # (n, q_size + 2 * kv_size)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         n = x.shape[0]
@@ -162,12 +177,19 @@ class Transformer:
         k = k.view(n, a.n_kv_heads, a.head_dim)  # (n, n_kv_heads, head_dim)
         v = v.reshape(n, a.n_kv_heads, a.head_dim)  # contiguous copy, so callers may keep it
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        if f is not None:
+            return f.rope(q, cos, sin), f.rope(k, cos, sin), v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def post_attention(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """x (n, dim) the layer's residual input, o (n, n_heads * hd) attention output
         -> x + wo(o) + mlp(norm(x + wo(o))), shape (n, dim)."""
         w = self._layer(layer)
+        f = self.fused
+        if f is not None:
+            h, n = f.add_rms_norm(x, F.linear(o.to(x.dtype), w.wo, w.bo), w.ffn_norm,
+                                  self.args.norm_eps)
+            return h + F.linear(f.silu_mul(F.linear(n, w.w13)), w.w2)
         h = x + F.linear(o.to(x.dtype), w.wo, w.bo)
         gate, up = F.linear(rms_norm(h, w.ffn_norm, self.args.norm_eps), w.w13).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, w.w2)

@@ -107,14 +107,21 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
         kv_item = torch.empty((), dtype=DTYPES[cfg.kv_dtype]).element_size()
         layers_per_slice = -(-args.n_layers // t.slices)
         layers_per_t2 = layers_per_slice * max(1, -(-t.slices // max(world_size - t.slices, 1)))
+        local_fit = budgets.tier1.nbytes // sizing.slot_bytes(args, layers_per_slice, max_len,
+                                                              kv_item)
+        remaining = stats.n_prompts - store.n_done
+        gpu_mbs = t.gpu_micro_batches if world_size > t.slices else 0
+        gpu_size = t.gpu_micro_batch_size
+        if gpu_mbs and not gpu_size:  # the GPU's budget, shared by its micro-batches
+            gpu_size = max(1, min(local_fit // gpu_mbs, -(-max(remaining, 1) // gpu_mbs)))
         mbs, size = auto_batches(
-            world_size, t.slices, stats.n_prompts - store.n_done, t.micro_batches,
-            t.micro_batch_size, on_gpu, t.hybrid_slots,
-            local_fit=budgets.tier1.nbytes // sizing.slot_bytes(args, layers_per_slice, max_len,
-                                                                kv_item),
+            world_size, t.slices, remaining - gpu_mbs * gpu_size, t.micro_batches,
+            t.micro_batch_size, on_gpu, t.hybrid_slots, local_fit=local_fit,
             remote_fit=budgets.tier2.nbytes // sizing.slot_bytes(args, layers_per_t2, max_len,
-                                                                 kv_item))
-        layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots)
+                                                                 kv_item),
+            reply_delay_ms=cfg.runtime.reply_delay_ms)
+        layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots,
+                        gpu_mbs, gpu_size)
         _check_memory(cfg, args, layout, max_len, budgets)
     except BaseException:
         lock.release()
@@ -266,6 +273,7 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
     l = plan.layout
     print("ghmpi: resolved config:\n" + config_to_yaml(cfg).rstrip(), flush=True)
     print(f"ghmpi: {world_size} ranks: {l.slices} tier-1 ({device}), {l.n_tier2} tier-2; "
+          f"{f'{l.gpu_micro_batches} GPU micro-batches x {l.gpu_micro_batch_size} slots + ' if l.gpu_micro_batches else ''}"
           f"{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
           f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}; "
           f"{plan.n_prompts} prompts, {plan.n_done} already done", flush=True)
@@ -283,7 +291,11 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     kv_dtype = DTYPES[cfg.kv_dtype]
     faults = FaultInjector(rank, cfg.faults.rank, cfg.faults.after_steps)
     if not layout.is_tier1(rank):
-        return Tier2(world, layout, args, wire, kv_dtype, plan.max_len, faults).run()
+        t2 = Tier2(world, layout, args, wire, kv_dtype, plan.max_len, faults,
+                   cfg.runtime.reply_delay_ms / 1e3)
+        status = t2.run()
+        _gather_clocks(world, t2.busy)
+        return status
 
     j = rank
     layers = layout.slice_layers(j)
@@ -293,11 +305,14 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     g = cfg.generation
     sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.seed)
     if j != 0:
-        return Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, sampling, faults).run()
+        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, sampling, faults)
+        status = t1.run()
+        _gather_clocks(world, t1.clock)
+        return status
 
     prompts = PromptFile(cfg.io.prompts)
     scheduler = Scheduler(prompts.iter_prompts(skip=store.done),
-                          [layout.micro_batch_slots(m) for m in range(layout.micro_batches)],
+                          [layout.micro_batch_slots(m) for m in range(layout.n_micro_batches)],
                           g.max_new_tokens, args.eos_token_ids, g.stop_token_ids, g.ignore_eos,
                           plan.max_len, cfg.topology.prefill_tokens)
     progress = Progress(plan.n_prompts, plan.n_done, cfg.runtime.progress_seconds)
@@ -339,13 +354,16 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     status = tier1.run()
     gen_wall = time.time() - gen_started
     watchdog.stop()
+    tiers = _tier_figures(layout, _gather_clocks(world, tier1.clock))
+    if tiers:
+        print(f"ghmpi: {tiers['line']}", flush=True)
     progress.sampled = tier1.generated
     prompts.close()
     try:
         store.flush()
         done = status == EXIT_OK and store.n_done == plan.n_prompts
         if done:
-            wall = _finalize(cfg, plan, store, progress, started, gen_wall)
+            wall = _finalize(cfg, plan, store, progress, started, gen_wall, tiers)
     except StorageError as e:
         print(f"ghmpi: error: {e}; {store.n_done} of {plan.n_prompts} completions are safe in "
               f"{store.parts}; make room or fix the filesystem (space, quota, permissions, "
@@ -363,8 +381,41 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     return EXIT_INTERRUPTED if status != EXIT_OK else EXIT_FAILURE
 
 
+def _gather_clocks(world: MPI.Comm, clock, timeout: float = 30.0) -> np.ndarray | None:
+    """Every rank's (busy, idle, wall) seconds at rank 0, after the loops end; None elsewhere or
+    if a rank does not answer in time (the figures are for people, never worth a hang)."""
+    mine = np.array(clock.figures(), dtype=np.float64)
+    rank, size = world.Get_rank(), world.Get_size()
+    out = np.zeros((size, 3), dtype=np.float64) if rank == 0 else None
+    req = world.Igather(mine, [out, MPI.DOUBLE] if rank == 0 else None, root=0)
+    deadline = time.monotonic() + timeout
+    while not req.Test():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
+    return out
+
+
+def _tier_figures(layout, clocks: np.ndarray | None) -> dict:
+    """Busy shares per tier (busy / wall of each rank's loop), for the summary and the output."""
+    if clocks is None:
+        return {}
+    busy = clocks[:, 0] / np.maximum(clocks[:, 2], 1e-9)
+    t1 = busy[:layout.slices]
+    t2 = busy[layout.slices:]
+    line = f"tier 1 busy {t1.mean():.0%}" + (f" (slices {', '.join(f'{b:.0%}' for b in t1)})"
+                                             if len(t1) > 1 else "")
+    if len(t2):
+        line += (f"; tier 2 busy {t2.mean():.0%} (min {t2.min():.0%}, max {t2.max():.0%} over "
+                 f"{len(t2)} ranks)")
+    return {"line": line, "tier1_busy_fraction": float(t1.mean()),
+            "tier2_busy_fraction": float(t2.mean()) if len(t2) else 0.0,
+            "rank_busy_s": clocks[:, 0].tolist(), "rank_idle_s": clocks[:, 1].tolist(),
+            "rank_wall_s": clocks[:, 2].tolist()}
+
+
 def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Progress,
-              started: float, gen_wall: float) -> float:
+              started: float, gen_wall: float, tiers: dict) -> float:
     """Write the final file (StorageError if the filesystem fails); the job's wall time."""
     wall = time.time() - started
     store.finalize({
@@ -378,6 +429,7 @@ def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Prog
         "generate_time_s": gen_wall,  # from the first pass to the last token (load excluded)
         "generate_tokens_per_s": progress.sampled / gen_wall if gen_wall > 0 else 0.0,
         "rank0_peak_rss_mib": peak_rss_mib(),
+        **{k: v for k, v in tiers.items() if k != "line"},
     })
     return wall
 

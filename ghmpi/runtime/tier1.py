@@ -82,7 +82,8 @@ class Tier1:
         self.local_index[local] = np.arange(len(local))
         # The single tier on a GPU replays its decode passes as CUDA graphs (one spare slot
         # absorbs the padding rows of a bucket).
-        graphs = (self.device.type == "cuda" and layout.slices == 1 and layout.n_tier2 == 0
+        graphs = (self.device.type == "cuda" and layout.slices == 1
+                  and (layout.n_tier2 == 0 or layout.gpu_micro_batches > 0)
                   and os.environ.get("GHMPI_CUDA_GRAPHS", "1") != "0")
         self.cache = (KVCache(list(self.layers), len(local) + graphs, max_len,
                               self.args.n_kv_heads, self.args.head_dim, kv_dtype, self.device)
@@ -91,7 +92,7 @@ class Tier1:
         if self.device.type == "cuda":
             warm_up_cuda(self.args, model.dtype, self.device)
         if graphs and local:
-            self.graphs = DecodeGraphs(model, self.cache, layout.micro_batch_size, len(local))
+            self.graphs = DecodeGraphs(model, self.cache, layout.max_micro_batch_size, len(local))
             self.graphs.capture_all()
         self.owner = np.array([layout.owner(s, j) for s in range(layout.n_slots)], dtype=np.int64)
         self.group = layout.tier2_group(j)
@@ -100,6 +101,7 @@ class Tier1:
         self.home: set[int] = set()  # slice 0: micro-batches out on the ring
         self.plans: dict[int, list[Row]] = {}  # slice 0: rows of each micro-batch's pass in flight
         self.generated = 0  # tokens sampled (slice 0 counts)
+        self.clock = tp.BusyClock()
 
     # -- passes ------------------------------------------------------------------------------
     def _new_pass(self, mb: int, rows: list[Row], x: torch.Tensor | None) -> Pass:
@@ -148,7 +150,7 @@ class Tier1:
         buf = self.replies.get((mb, owner))
         if buf is None:
             buf = self.replies[(mb, owner)] = self.wire.alloc(
-                self.layout.micro_batch_size * self.row_bytes)
+                self.layout.max_micro_batch_size * self.row_bytes)
         return buf
 
     def _replies_in(self, p: Pass) -> bool:
@@ -235,11 +237,12 @@ class Tier1:
     def run(self) -> int:
         """Serve until done (slice 0 decides) and return the job's exit status."""
         if self.first:
-            for mb in range(self.layout.micro_batches):
+            for mb in range(self.layout.n_micro_batches):
                 self._launch(mb)
         backoff = tp.Backoff()
         status = None
         while status is None:
+            t_iter = time.perf_counter()
             busy = False
             still = []
             for p in self.waiting:
@@ -278,6 +281,12 @@ class Tier1:
                 backoff.reset()
             else:
                 backoff.idle()
+            # an iteration that did work is busy time (its GPU work is synchronised on the way:
+            # replies, shipping, sampling); one that found nothing to do is idle time
+            if busy:
+                self.clock.busy += time.perf_counter() - t_iter
+            else:
+                self.clock.idle_s += time.perf_counter() - t_iter
         if not self.first:
             self._stop_tier2(status)
         return status

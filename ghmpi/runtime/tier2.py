@@ -7,6 +7,9 @@ nonblocking. It never blocks in a send, so it can never deadlock with tier 1.
 
 from __future__ import annotations
 
+import collections
+import time
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -22,7 +25,8 @@ from ghmpi.runtime.wire import WireFormat, decode_work
 
 class Tier2:
     def __init__(self, world: MPI.Comm, layout: Layout, args: ModelArgs, wire: WireFormat,
-                 kv_dtype: torch.dtype, max_len: int, faults: FaultInjector):
+                 kv_dtype: torch.dtype, max_len: int, faults: FaultInjector,
+                 reply_delay_s: float = 0.0):
         self.world, self.layout, self.args, self.wire, self.faults = world, layout, args, wire, faults
         rank = world.Get_rank()
         self.served = layout.slices_served(rank)
@@ -35,6 +39,9 @@ class Tier2:
         if rank == layout.slices:  # the first tier-2 rank says which attention path runs
             print(f"ghmpi: tier 2: {kernels.describe()}", flush=True)
         self.outbox = tp.Outbox(world)
+        self.delay = reply_delay_s  # emulated network hop: replies wait this long
+        self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
+        self.busy = tp.BusyClock()
         self._inbox = np.empty(0, dtype=np.uint8)  # reused: each message is served before the next
 
     def _receive_into(self, nbytes: int) -> np.ndarray:
@@ -58,17 +65,31 @@ class Tier2:
             # In the activations' dtype, as the model would on one GPU (SDPA accumulates in
             # float32); upcasting a bf16 cache would copy every context first (~7x slower).
             o = self.cache.decode(w.layer, slots, positions, w.q, w.k, w.v)  # (n_dec, H*D)
-            self.outbox.send(self.wire.to_bytes([o]), source, tp.TAG_REPLY + w.mb)
+            reply = self.wire.to_bytes([o])
+            if self.delay:
+                self.held.append((time.monotonic() + self.delay, reply, source, tp.TAG_REPLY + w.mb))
+            else:
+                self.outbox.send(reply, source, tp.TAG_REPLY + w.mb)
+
+    def _release_held(self) -> None:
+        """Send the held replies whose delay has passed (in order: one delay for all)."""
+        now = time.monotonic()
+        while self.held and self.held[0][0] <= now:
+            _, reply, dest, tag = self.held.popleft()
+            self.outbox.send(reply, dest, tag)
 
     def run(self) -> int:
         """Serve until every slice we serve has sent STOP; return the job's exit status."""
         stops, status = 0, 0
         backoff = tp.Backoff()
-        while stops < len(self.served):
+        while stops < len(self.served) or self.held:
+            if self.held:
+                self._release_held()
             msg = tp.try_recv(self.world, buffer=self._receive_into)
             self.outbox.poll()
             if msg is None:
-                backoff.idle()
+                with self.busy.idle():
+                    backoff.idle()
                 continue
             backoff.reset()
             buf, source, tag = msg
@@ -76,7 +97,8 @@ class Tier2:
                 stops += 1
                 status = int(tp.unpack(buf)[0][0])
             elif tag == tp.TAG_WORK:
-                self._serve(buf, source)
+                with self.busy.working():
+                    self._serve(buf, source)
             else:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
         self.outbox.drain()
