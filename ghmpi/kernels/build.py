@@ -183,17 +183,21 @@ def build_or_load(name: str, sources: list[str], extra_cflags: list[str] = ()) -
 
 def _compile_direct(spec: dict, out: Path) -> Path:
     """What cpp_extension.load does for one C++ file, without ninja: torch's include and library
-    paths, its C++ ABI, -shared. Raises with the compiler's message on failure."""
+    paths and C++ ABI; compiled, then linked without -fopenmp (which would add the system's
+    libgomp next to torch's). Raises with the compiler's message on failure."""
     from torch.utils import cpp_extension
 
+    cxx = os.environ.get("CXX", "c++")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     libs = cpp_extension.library_paths()
-    cmd = [os.environ.get("CXX", "c++"), *spec["cflags"], "-std=c++17", "-fPIC", "-shared",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           *[f"-I{p}" for p in cpp_extension.include_paths()], *spec["sources"], "-o", str(out),
-           *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu",
-           *spec["ldflags"]]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {r.stderr.strip()[-1500:]}")
+    obj = out.with_suffix(".o")
+    compile_cmd = [cxx, *spec["cflags"], "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                   *[f"-I{p}" for p in cpp_extension.include_paths()], "-c", *spec["sources"],
+                   "-o", str(obj)]
+    link_cmd = [cxx, "-shared", str(obj), "-o", str(out), *[f"-L{p}" for p in libs],
+                *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", *spec["ldflags"]]
+    for cmd in (compile_cmd, link_cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {r.stderr.strip()[-1500:]}")
     return out
