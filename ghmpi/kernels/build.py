@@ -28,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,21 +111,23 @@ def build_spec(name: str, sources: list[str], extra_cflags: list[str] = ()) -> d
 def _locked(path: Path, wait_s: float) -> Iterator[bool]:
     """Hold an exclusive flock on `path` (True), or give up after wait_s or where the file
     system cannot lock (False): the caller then builds privately, which is still safe."""
-    fd = None
+    fd, locked = None, False
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise
+                    break  # e.g. ENOLCK on an NFS without locking
                 time.sleep(0.2)
-        yield True
     except OSError:
-        yield False
+        pass
+    try:
+        yield locked
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
@@ -153,7 +156,14 @@ def build_or_load(name: str, sources: list[str], extra_cflags: list[str] = ()) -
     final = final_dir / f"{spec['name']}.so"
     if final.exists():
         return ctypes.CDLL(str(final)), final, False
-    final_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        final_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build for this machine under /tmp instead
+        final_dir = Path(tempfile.gettempdir()) / f"ghmpi-kernels-{os.getuid()}" / spec["key"]
+        final = final_dir / final.name
+        if final.exists():
+            return ctypes.CDLL(str(final)), final, False
+        final_dir.mkdir(parents=True, exist_ok=True)
     with _locked(final_dir / ".lock", LOCK_WAIT_S):
         if final.exists():  # another process built it while we waited
             return ctypes.CDLL(str(final)), final, False
