@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
     for P, T in _splits(args.splits, n_cores):
         if P > split_batch:
             continue
-        spec = {"nbytes": kv_bytes // P, "dtype": dtypes[0], "heads": heads[0], "head_dim": D,
+        spec = {"nbytes": min(kv_bytes, 4 << 30) // P, "dtype": dtypes[0], "heads": heads[0], "head_dim": D,
                 "batch": split_batch // P, "context": split_ctx, "reps": 10 if not args.tiny else 3}
         row = {"ranks": P, "threads": T, "dtype": spec["dtype"], "heads": spec["heads"],
                "batch_per_rank": spec["batch"], "context": split_ctx}

@@ -77,7 +77,8 @@ def native_available() -> bool:
 def describe() -> str:
     """One line: which CPU attention path runs, and why."""
     if native_available():
-        return (f"CPU attention: native kernel ({_state.isa}, {torch.get_num_threads()} threads) "
+        n = torch.get_num_threads()
+        return (f"CPU attention: native kernel ({_state.isa}, {n} thread{'s' if n > 1 else ''}) "
                 f"from {_state.path}")
     reason = "forced" if _state.forced == "torch" else _state.reason
     return f"CPU attention: torch fallback ({reason})"

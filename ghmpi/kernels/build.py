@@ -28,6 +28,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,21 +111,23 @@ def build_spec(name: str, sources: list[str], extra_cflags: list[str] = ()) -> d
 def _locked(path: Path, wait_s: float) -> Iterator[bool]:
     """Hold an exclusive flock on `path` (True), or give up after wait_s or where the file
     system cannot lock (False): the caller then builds privately, which is still safe."""
-    fd = None
+    fd, locked = None, False
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise
+                    break  # e.g. ENOLCK on an NFS without locking
                 time.sleep(0.2)
-        yield True
     except OSError:
-        yield False
+        pass
+    try:
+        yield locked
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
@@ -153,7 +156,14 @@ def build_or_load(name: str, sources: list[str], extra_cflags: list[str] = ()) -
     final = final_dir / f"{spec['name']}.so"
     if final.exists():
         return ctypes.CDLL(str(final)), final, False
-    final_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        final_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build for this machine under /tmp instead
+        final_dir = Path(tempfile.gettempdir()) / f"ghmpi-kernels-{os.getuid()}" / spec["key"]
+        final = final_dir / final.name
+        if final.exists():
+            return ctypes.CDLL(str(final)), final, False
+        final_dir.mkdir(parents=True, exist_ok=True)
     with _locked(final_dir / ".lock", LOCK_WAIT_S):
         if final.exists():  # another process built it while we waited
             return ctypes.CDLL(str(final)), final, False
@@ -183,17 +193,21 @@ def build_or_load(name: str, sources: list[str], extra_cflags: list[str] = ()) -
 
 def _compile_direct(spec: dict, out: Path) -> Path:
     """What cpp_extension.load does for one C++ file, without ninja: torch's include and library
-    paths, its C++ ABI, -shared. Raises with the compiler's message on failure."""
+    paths and C++ ABI; compiled, then linked without -fopenmp (which would add the system's
+    libgomp next to torch's). Raises with the compiler's message on failure."""
     from torch.utils import cpp_extension
 
+    cxx = os.environ.get("CXX", "c++")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     libs = cpp_extension.library_paths()
-    cmd = [os.environ.get("CXX", "c++"), *spec["cflags"], "-std=c++17", "-fPIC", "-shared",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           *[f"-I{p}" for p in cpp_extension.include_paths()], *spec["sources"], "-o", str(out),
-           *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu",
-           *spec["ldflags"]]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {r.stderr.strip()[-1500:]}")
+    obj = out.with_suffix(".o")
+    compile_cmd = [cxx, *spec["cflags"], "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                   *[f"-I{p}" for p in cpp_extension.include_paths()], "-c", *spec["sources"],
+                   "-o", str(obj)]
+    link_cmd = [cxx, "-shared", str(obj), "-o", str(out), *[f"-L{p}" for p in libs],
+                *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu", *spec["ldflags"]]
+    for cmd in (compile_cmd, link_cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {r.stderr.strip()[-1500:]}")
     return out

@@ -5,9 +5,8 @@ when it is first written, so a cache sized for the worst case costs memory only 
 
 On the CPU, decode runs the native kernel (ghmpi.kernels) where it builds: it reads each row's own
 slot up to its own length, so nothing past a row's length is ever read. The rest of this note is
-about the torch fallback. Batched decode there attends every row over the same number of positions T
-and masks each row's tail.
-A masked position still enters SDPA's `p @ V` with p = 0, and 0 * NaN is NaN, so the tail must hold
+about the torch fallback, whose batched decode attends every row over the same number of positions
+T and masks each row's tail. A masked position still enters SDPA's `p @ V` with p = 0, and 0 * NaN is NaN, so the tail must hold
 finite numbers, never allocator garbage. On the CPU each (layer, slot) keeps a high-water mark of
 positions ever written or zeroed, and the gap up to T is zeroed (in chunks) before it is read:
 every position is zeroed at most once, and pages are still committed only as contexts grow. Other
@@ -124,8 +123,9 @@ class KVCache:
             vc[slots, positions] = v.to(self.dtype)
             return kernels.decode_attention_cpu(q, kc, vc, slots, positions + 1).to(out_device)
 
-        # CPU, torch fallback: no gather at all. Rows whose slots run consecutively attend on a view of the cache;
-        # a gathered copy would cost more than the attention (fresh pages, twice the traffic).
+        # CPU, torch fallback: no gather at all. Rows whose slots run consecutively attend on a
+        # view of the cache; a gathered copy would cost more than the attention (fresh pages,
+        # twice the traffic).
         ids, pos = slots.tolist(), positions.tolist()
         runs: list[tuple[int, int, int]] = []  # (row a, row b, T): slots ids[a], ids[a]+1, ...
         for b, s in enumerate(ids):
