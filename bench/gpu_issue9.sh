@@ -14,5 +14,5 @@ step decode $PY -m ghmpi bench decode --batches 1,64,256,max -o "$OUT/decode.jso
 T=200 step attention $PY -m ghmpi bench attention --contexts 512,8192 --batches 1,64,256 \
   --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 -o "$OUT/attention.json"
 T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts ${PIPE_PROMPTS:-128} \
-  --new ${PIPE_NEW:-64} --delays 0,2,5,10,20 --single --hybrid 1 -o "$OUT/pipeline.json"
+  --new ${PIPE_NEW:-64} --delays 0,2,5,10,20 --single --hybrid 1 --hybrid-share 0.75 -o "$OUT/pipeline.json"
 for f in decode attention pipeline; do echo "---- $f"; grep -v "^ghmpi bench:\|Loading weights" "$OUT/$f.txt" | tail -${TAILN:-40}; done

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delays", default="0", help="reply delays in ms (comma list), e.g. 0,2,5,10,20")
     p.add_argument("--single", action="store_true", help="also run the single tier (-n 1)")
     p.add_argument("--hybrid", type=int, default=0, help="also run K GPU micro-batches beside tier 2")
+    p.add_argument("--hybrid-share", type=float, default=0.0,
+                   help="share of the prompts the hybrid's GPU micro-batches hold (0: auto, the "
+                        "GPU's budget)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra --set KEY=VALUE for every job (repeatable)")
 
@@ -140,8 +143,12 @@ def run(args: argparse.Namespace) -> dict:
                            args.overrides)
         result["single_tier_tps"] = single["generate_tokens_per_s"]
     if args.hybrid:
+        extra = [f"topology.gpu_micro_batches={args.hybrid}"]
+        if args.hybrid_share:
+            extra.append(f"topology.gpu_micro_batch_size="
+                         f"{max(1, int(args.hybrid_share * N) // args.hybrid)}")
         hyb = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-hybrid.h5", ranks, new,
-                        args.dtype, [*args.overrides, f"topology.gpu_micro_batches={args.hybrid}"])
+                        args.dtype, [*args.overrides, *extra])
         result["hybrid_tps"] = hyb["generate_tokens_per_s"]
         result["hybrid_summary"] = hyb["summary"]
         if args.single:
