@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
                         [*args.overrides, f"runtime.reply_delay_ms={d}"])
         job["delay_ms"] = d
         jobs.append(job)
-        log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s")
+        log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s; "
+            + " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l))
     mbs, size = _layout(jobs[0]["summary"])
     n_tier2 = ranks - 1
     cores = len(os.sched_getaffinity(0))
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         single = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-n1.h5", 1, new, args.dtype,
                            args.overrides)
         result["single_tier_tps"] = single["generate_tokens_per_s"]
+        log(f"single tier: {single['generate_tokens_per_s']:.0f} tokens/s")
     if args.hybrid:
         extra = [f"topology.gpu_micro_batches={args.hybrid}"]
         if args.hybrid_share:
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         hyb = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-hybrid.h5", ranks, new,
                         args.dtype, [*args.overrides, *extra])
         result["hybrid_tps"] = hyb["generate_tokens_per_s"]
+        log(f"hybrid: {hyb['generate_tokens_per_s']:.0f} tokens/s; " + " | ".join(hyb["summary"]))
         result["hybrid_summary"] = hyb["summary"]
         if args.single:
             result["hybrid_target_tps"] = result["single_tier_tps"] + 0.9 * cap2

@@ -125,18 +125,25 @@ class Tier1:
 
     def _ship(self, p: Pass, q, k, v) -> None:
         """Send each tier-2 owner one message with its decode rows' q/k/v and the prompts' K/V.
-        The GPU is synchronised once for all of them (Outbox copies into pinned buffers)."""
+        Every message is copied into its pinned buffer first and the GPU synchronised once for
+        all of them; that sync also retires the copies out of this micro-batch's reply buffers,
+        so their receives can be posted again."""
+        msgs = []
         for sh in p.plan.remote:
             idx = sh.dec_index
-            if len(sh.dec_slots):  # post the receive before the request goes out
-                buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
-                req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=tp.TAG_REPLY + p.mb)
-                p.waits.append((req, buf, idx))
             key = ("work", p.mb, sh.owner)
             msg = encode_work(self.wire, p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
                               [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
                               [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
-                              buffer=lambda n: self.outbox.buffer(key, n))
+                              buffer=lambda n, key=key: self.outbox.buffer(key, n), sync=False)
+            msgs.append((sh, key, msg))
+        if msgs and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        for sh, key, msg in msgs:
+            if len(sh.dec_slots):  # post the receive before the request goes out
+                buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
+                req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=tp.TAG_REPLY + p.mb)
+                p.waits.append((req, buf, sh.dec_index))
             self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 
     @property

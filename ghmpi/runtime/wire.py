@@ -42,15 +42,16 @@ class WireFormat:
         return self._joined(parts).cpu().numpy()
 
     def frame(self, header: Sequence[int], parts: Sequence[torch.Tensor],
-              buffer: Callable[[int], np.ndarray]) -> np.ndarray:
+              buffer: Callable[[int], np.ndarray], sync: bool = True) -> np.ndarray:
         """Header words, then the parts' bytes, written into `buffer(size)`; on a GPU the bytes go
-        straight into the (pinned) buffer and the stream is synchronised before it is sent."""
+        straight into the (pinned) buffer and the stream is synchronised before it is sent
+        (`sync=False`: the caller synchronises once for a batch of messages)."""
         joined = self._joined(parts)
         buf = buffer(frame_size(len(header), joined.numel()))
         at = write_header(buf, header)
         if joined.numel():
             torch.from_numpy(buf[at:]).copy_(joined, non_blocking=self.pinned)
-            if joined.device.type == "cuda":
+            if sync and joined.device.type == "cuda":
                 torch.cuda.current_stream(joined.device).synchronize()
         return buf
 
@@ -61,7 +62,9 @@ class WireFormat:
         if n == 0:
             return torch.empty(shape, dtype=self.dtype, device=device)
         t = torch.frombuffer(buf[:n * self.itemsize], dtype=self.dtype).view(shape)
-        return t.to(device, non_blocking=False)
+        # from a pinned buffer the copy is asynchronous: the caller must not refill `buf` before
+        # the stream has passed it (tier 1 synchronises before posting the next receive)
+        return t.to(device, non_blocking=self.pinned)
 
     def split(self, buf: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
         """Cut a payload into CPU tensors of the given shapes, in order (views, no copy)."""
@@ -110,9 +113,9 @@ def encode_work(wire: WireFormat, mb: int, layer: int, dec_slots: Sequence[int],
                 dec_pos: Sequence[int], fill_slots: Sequence[int], fill_len: Sequence[int],
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kf: Sequence[torch.Tensor], vf: Sequence[torch.Tensor],
-                buffer: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+                buffer: Callable[[int], np.ndarray] | None = None, sync: bool = True) -> np.ndarray:
     header = [mb, layer, len(dec_slots), len(fill_slots), *dec_slots, *dec_pos, *fill_slots, *fill_len]
-    return wire.frame(header, [q, k, v, *kf, *vf], buffer or wire.alloc)
+    return wire.frame(header, [q, k, v, *kf, *vf], buffer or wire.alloc, sync)
 
 
 def decode_work(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,

@@ -39,3 +39,19 @@ def test_sampled_completions_identical_across_layouts(tmp_path, prompts_file, re
         results.append(read_output(out))
     assert results[0] == results[1] == results[2]
     assert results[0] != reference  # sampling did something
+
+
+def test_gpu_micro_batches_beside_tier2_with_reply_delay_are_exact(tmp_path, prompts_file,
+                                                                    reference):
+    """Micro-batches wholly on tier 1 beside tier-2-served ones, replies held 3 ms (an emulated
+    network hop): the same tokens; and the summary says how busy each tier was."""
+    out = tmp_path / "completions.h5"
+    job = write_job(tmp_path / "job.yaml", prompts_file, out,
+                    topology={"gpu_micro_batches": 1, "gpu_micro_batch_size": 3,
+                              "micro_batches": 2, "micro_batch_size": 3},
+                    runtime={"reply_delay_ms": 3})
+    r = ghmpi(3, "-c", str(job))
+    assert r.returncode == 0, r.stderr
+    assert "1 GPU micro-batches x 3 slots + 2 micro-batches x 3 slots" in r.stdout
+    assert "ghmpi: tier 1 busy" in r.stdout and "tier 2 busy" in r.stdout
+    assert read_output(out) == reference
