@@ -262,9 +262,9 @@ class Tier1:
             if self.layout.world_size > 1:
                 status = self._poll_messages()
             if self.ready:
-                # Furthest along first: it frees its slots (and the ring) soonest.
-                p = max(self.ready, key=lambda q: q.layer)
-                self.ready.remove(p)
+                # A GPU micro-batch's graph pass first (it never waits on tier 2), then the pass
+                # furthest along: it frees its slots (and the ring) soonest.
+                p = self._next_ready()
                 if self.graphs is not None and DecodeGraphs.eligible(p.plan):
                     for _ in self.layers:
                         self.faults.step()
@@ -297,6 +297,16 @@ class Tier1:
         if not self.first:
             self._stop_tier2(status)
         return status
+
+    def _next_ready(self) -> Pass:
+        if self.graphs is not None:
+            for p in self.ready:
+                if DecodeGraphs.eligible(p.plan):
+                    self.ready.remove(p)
+                    return p
+        p = max(self.ready, key=lambda q: q.layer)
+        self.ready.remove(p)
+        return p
 
     def _all_done(self) -> bool:
         return self.scheduler.queue_empty and not self.scheduler.active
