@@ -230,6 +230,8 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     tier = world.Split(0 if is_tier1 else 1, rank)  # the two groups of DESIGN.md
     try:
         device = _device(cfg, node, is_tier1)
+        if device.type == "cuda":  # kernels (Triton) launch on the current device
+            torch.cuda.set_device(device)
         kind = (placement.TIER2 if not is_tier1 else
                 placement.GPU if device.type == "cuda" else placement.CPU1)
         place = placement.plan_node(node.allgather(placement.here(kind)), os.environ,
