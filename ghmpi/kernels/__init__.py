@@ -40,6 +40,7 @@ def _load() -> ctypes.CDLL | None:
         s.reason = f"{_ENV}=torch"
         return None
     extra = ["-DGHMPI_PORTABLE"] if os.environ.get(_ENV, "").strip().lower() == "portable" else []
+    extra += os.environ.get("GHMPI_KERNEL_CFLAGS", "").split()  # experiments: a variant, own cache key
     try:
         lib, s.path, _ = build.build_or_load("ghmpi_attention", ["decode_attention.cpp"], extra)
         f = lib.ghmpi_decode_attention

@@ -49,6 +49,9 @@ namespace {
 
 enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 constexpr int TB = 16;  // positions per block: one 16-lane vector of scores per query head
+#ifndef GHMPI_PREFETCH_BLOCKS
+#define GHMPI_PREFETCH_BLOCKS 1  // how many blocks ahead the next K/V are prefetched
+#endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // ---- scalar conversions (portable path, tails) --------------------------------------------
@@ -291,7 +294,9 @@ inline void unpermute(float* a, int64_t D) {
 #endif
 
 inline void prefetch_range(const char* p, int64_t bytes) {
+#ifndef GHMPI_NO_PREFETCH
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+#endif
 }
 
 struct Problem {
@@ -359,8 +364,8 @@ void run_item(const Problem& P, const Item& it, float* partials) {
 
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
-    {  // prefetch the next block while this one is computed
-      const int64_t tn = t + TB, nn = std::min<int64_t>(TB, it.t1 - tn);
+    {  // prefetch a block ahead while this one is computed
+      const int64_t tn = t + GHMPI_PREFETCH_BLOCKS * TB, nn = std::min<int64_t>(TB, it.t1 - tn);
       for (int64_t i = 0; i < nn; ++i) {
         prefetch_range(kbase + (tn + i) * pos_stride * es, run_bytes);
         prefetch_range(vbase + (tn + i) * pos_stride * es, run_bytes);
