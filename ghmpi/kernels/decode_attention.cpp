@@ -295,7 +295,10 @@ inline void unpermute(float* a, int64_t D) {
 
 inline void prefetch_range(const char* p, int64_t bytes) {
 #ifndef GHMPI_NO_PREFETCH
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+#ifndef GHMPI_PREFETCH_LOCALITY
+#define GHMPI_PREFETCH_LOCALITY 3  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
+#endif
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, GHMPI_PREFETCH_LOCALITY);
 #endif
 }
 
