@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
             n_heads, n_kv = HEADS[h]
             cases = [(B, [T] * B, str(T)) for T in contexts for B in batches]
             cases += [(B, _mixed(B, contexts), f"mixed {min(contexts)}-{max(contexts)}")
-                      for B in batches if B > 1]
+                      for B in batches if B > 1 and min(contexts) < max(contexts)]
             if dt != dtypes[0]:  # other dtypes: GQA, one context, to show the dtype costs nothing
                 if h != heads[0]:
                     continue
