@@ -42,12 +42,15 @@ def _load() -> ctypes.CDLL | None:
         s.reason = f"{_ENV}=torch"
         return None
     extra = ["-DGHMPI_PORTABLE"] if os.environ.get(_ENV, "").strip().lower() == "portable" else []
+    extra += os.environ.get("GHMPI_KERNEL_CFLAGS", "").split()  # experiments: a variant, own cache key
     try:
         lib, s.path, _ = build.build_or_load("ghmpi_attention", ["decode_attention.cpp"], extra)
         f = lib.ghmpi_decode_attention
         f.restype = ctypes.c_int64
         f.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
                       + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+        lib.ghmpi_read_sum.restype = ctypes.c_double
+        lib.ghmpi_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         lib.ghmpi_kernel_isa.restype = ctypes.c_char_p
         s.isa = lib.ghmpi_kernel_isa().decode()
         s.lib = lib
@@ -82,6 +85,15 @@ def describe() -> str:
                 f"from {_state.path}")
     reason = "forced" if _state.forced == "torch" else _state.reason
     return f"CPU attention: torch fallback ({reason})"
+
+
+def read_sum(x: torch.Tensor) -> float:
+    """Sum of a contiguous float32 tensor, streamed by all threads with the native kernel's loads
+    (a DRAM read bandwidth probe for benchmarks). Raises if the native kernel is unavailable."""
+    lib = _load()
+    if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
+        raise RuntimeError("read_sum needs the native kernel and a contiguous float32 tensor")
+    return lib.ghmpi_read_sum(x.data_ptr(), x.numel())
 
 
 def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

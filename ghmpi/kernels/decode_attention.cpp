@@ -49,6 +49,9 @@ namespace {
 
 enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 constexpr int TB = 16;  // positions per block: one 16-lane vector of scores per query head
+#ifndef GHMPI_PREFETCH_BLOCKS
+#define GHMPI_PREFETCH_BLOCKS 1  // how many blocks ahead the next K/V are prefetched
+#endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // ---- scalar conversions (portable path, tails) --------------------------------------------
@@ -291,7 +294,12 @@ inline void unpermute(float* a, int64_t D) {
 #endif
 
 inline void prefetch_range(const char* p, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+#ifndef GHMPI_NO_PREFETCH
+#ifndef GHMPI_PREFETCH_LOCALITY
+#define GHMPI_PREFETCH_LOCALITY 3  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
+#endif
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, GHMPI_PREFETCH_LOCALITY);
+#endif
 }
 
 struct Problem {
@@ -359,8 +367,8 @@ void run_item(const Problem& P, const Item& it, float* partials) {
 
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
-    {  // prefetch the next block while this one is computed
-      const int64_t tn = t + TB, nn = std::min<int64_t>(TB, it.t1 - tn);
+    {  // prefetch a block ahead while this one is computed
+      const int64_t tn = t + GHMPI_PREFETCH_BLOCKS * TB, nn = std::min<int64_t>(TB, it.t1 - tn);
       for (int64_t i = 0; i < nn; ++i) {
         prefetch_range(kbase + (tn + i) * pos_stride * es, run_bytes);
         prefetch_range(vbase + (tn + i) * pos_stride * es, run_bytes);
@@ -592,6 +600,44 @@ int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int
     }
   });
   return 0;
+}
+
+// Streams n floats (all threads, contiguous blocks) and returns their sum: the read bandwidth
+// limit that `bench attention` sets the kernel against.
+double ghmpi_read_sum(const float* x, int64_t n) {
+  const int64_t threads = std::max<int>(1, at::get_num_threads());
+  std::vector<double> part(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+      int64_t i = lo;
+#if GHMPI_AVX512
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (; i + 64 <= hi; i += 64) {
+        __builtin_prefetch(x + i + 1024, 0, 3);  // 4 KiB ahead, as the kernel prefetches
+        __builtin_prefetch(x + i + 1040, 0, 3);
+        __builtin_prefetch(x + i + 1056, 0, 3);
+        __builtin_prefetch(x + i + 1072, 0, 3);
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + i + 16));
+        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(x + i + 32));
+        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(x + i + 48));
+      }
+      double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#else
+      double s = 0.0;
+#endif
+      float r[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (; i + 8 <= hi; i += 8)
+        for (int j = 0; j < 8; ++j) r[j] += x[i + j];
+      for (; i < hi; ++i) r[0] += x[i];
+      for (int j = 0; j < 8; ++j) s += r[j];
+      part[t] = s;
+    }
+  });
+  double s = 0.0;
+  for (double v : part) s += v;
+  return s;
 }
 
 // What the build targets, for the log line.

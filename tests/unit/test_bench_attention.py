@@ -28,6 +28,7 @@ def _check_ratios(row: dict, paths: list[str], dram: float) -> None:
         gbps, ratio = row[f"{path}_kv_read_GBps"], row[f"{path}_ratio"]
         assert gbps > 0 and math.isfinite(gbps)
         assert math.isclose(ratio, gbps / dram, rel_tol=1e-9)
+    assert row["kv_read_GBps"] == row[f"{paths[0]}_kv_read_GBps"] and row["ratio"] == row[f"{paths[0]}_ratio"]
 
 
 def test_bench_attention_tiny_json(tmp_path):

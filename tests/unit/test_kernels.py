@@ -92,6 +92,18 @@ def test_context_and_head_splits_combine_exactly(threads, lengths):
 
 
 @native
+@pytest.mark.parametrize("seed", range(4))
+def test_random_lengths_and_slots(seed):
+    g = torch.Generator().manual_seed(seed)
+    B = int(torch.randint(1, 40, (1,), generator=g))
+    lengths = torch.randint(1, 700, (B,), generator=g).tolist()
+    dtype = (torch.float32, torch.bfloat16)[seed % 2]
+    q, k, v, slots, L = _problem(dtype, 32, 8, 128, lengths, seed=seed)
+    torch.testing.assert_close(decode_attention_cpu(q, k, v, slots, L).double(),
+                               _reference(q, k, v, slots, L), rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+@native
 def test_odd_head_dims_and_rejects_bad_rows():
     for D in (48, 20):  # not a multiple of 64 / of 16: other vector and scalar paths
         q, k, v, slots, lengths = _problem(torch.bfloat16, 6, 3, D, [5, 90, 31])
