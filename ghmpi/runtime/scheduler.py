@@ -160,6 +160,7 @@ class Scheduler:
         self.draining = False  # set on SIGTERM/SIGUSR1: admit nothing more
         self.admitted = 0  # prompts whose every sample has been admitted
         self._params_of: dict[int, Params] = {}  # slot -> its sequence's own sampling settings
+        self._hits: set[int] = set()  # rows the stop-string watcher found done, not yet freed
 
     def _next_prompt(self) -> Request | None:
         if self._peeked is None:
@@ -243,15 +244,20 @@ class Scheduler:
                     continue
                 del self.active[slot]
                 if seq.stop:  # the watcher decides once it has read every token
+                    self._hits.discard(seq.row)
                     self.stops.end(seq.row, seq, reason)
                 else:
                     done.append(Finished.of(seq, reason))
-        hits = self.stops.pop_hits() if self.stops is not None else ()
-        if hits:  # sequences whose text reached a stop string: their slots are free now
-            for slot, seq in list(self.active.items()):
-                if seq.row in hits and seq.stop:
-                    del self.active[slot]
-                    self.stops.end(seq.row, seq, FINISH_LENGTH)  # the watcher says why
+        if self.stops is not None:
+            self._hits |= self.stops.pop_hits()
+        if self._hits:  # this pass's sequences whose text reached a stop string: free their slots
+            for row in rows:  # (only theirs: another micro-batch's slots are out on the ring)
+                for slot, _ in row.draws:
+                    seq = self.active.get(slot)
+                    if seq is not None and seq.row in self._hits:
+                        self._hits.discard(seq.row)
+                        del self.active[slot]
+                        self.stops.end(seq.row, seq, FINISH_LENGTH)  # the watcher says why
         return done
 
     def drop_active(self) -> None:
