@@ -207,11 +207,12 @@ def prepare(input: str | os.PathLike, model_dir: str | os.PathLike, output: str 
 def _datasets_needed(input: str, flag: int | None) -> tuple[bool, list[str]]:
     """(whether the output gets a max_new_tokens dataset, the other per-prompt datasets it
     gets): those some line gives (first, cheap pass over the input)."""
-    with_mnt, names = flag is not None, set()
+    with_mnt, names, chat = flag is not None, set(), False
     for src in read_source(input):
         with_mnt = with_mnt or src.max_new_tokens is not None
         names.update(k for k, v in src.settings.items() if v is not None and k != "chat")
-    if names & {"custom_id"} or any(True for src in read_source(input) if src.settings.get("chat")):
+        chat = chat or bool(src.settings.get("chat"))
+    if chat or "custom_id" in names:
         names.add("chat")  # export --format openai answers chat requests as chat completions
     return with_mnt, sorted(names)
 
