@@ -74,30 +74,35 @@ def hf_greedy():
                 reason = 3
             full = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # (L, vocab)
             plp = [math.nan] + full[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
-            ref.append({"tokens": new[:keep], "reason": reason, "lsm": lsm[:keep], "plp": plp})
+            ref.append({"tokens": new[:keep], "reason": reason, "lsm": lsm, "plp": plp,
+                        "full": new})
     assert {r["reason"] for r in ref} >= {2, 3}, "the reference should cover stop strings"
     return ref
 
 
-@pytest.mark.parametrize("world,slices", [(1, 1), (3, 2)], ids=["n1", "n3-s2"])
+@pytest.mark.parametrize("world,slices,keep", [(1, 1, False), (3, 2, True)],
+                         ids=["n1-strip", "n3-s2-keep"])
 def test_greedy_settings_logprobs_stops_equal_transformers(tmp_path, greedy_prompts, hf_greedy,
-                                                           world, slices):
+                                                           world, slices, keep):
     out = tmp_path / "c.h5"
     job = write_job(tmp_path / "job.yaml", greedy_prompts, out,
                     generation={"max_new_tokens": JOB_MAX_NEW, "logprobs": 3,
-                                "prompt_logprobs": True, "stop": JOB_STOP},
+                                "prompt_logprobs": True, "stop": JOB_STOP,
+                                "include_stop_str": keep},
                     topology={"slices": slices})
     r = ghmpi(world, "-c", str(job))
     assert r.returncode == 0, r.stderr
     got = read(out)
-    assert got["rows"] == [h["tokens"] for h in hf_greedy]
+    want_rows = [h["full"] if keep else h["tokens"] for h in hf_greedy]
+    assert got["rows"] == want_rows
     assert got["finish_reason"].tolist() == [h["reason"] for h in hf_greedy]
     o = got["offsets"]
     for i, h in enumerate(hf_greedy):
         lp = got["logprobs"][o[i]:o[i + 1]]
-        want = h["lsm"].gather(-1, torch.tensor(h["tokens"], dtype=torch.long)[:, None])
+        lsm = h["lsm"][:len(want_rows[i])]
+        want = lsm.gather(-1, torch.tensor(want_rows[i], dtype=torch.long)[:, None])
         np.testing.assert_allclose(lp, want.squeeze(-1).numpy(), atol=1e-4)
-        top_vals, top_ids = h["lsm"].topk(3, dim=-1)
+        top_vals, top_ids = lsm.topk(3, dim=-1)
         np.testing.assert_allclose(got["top_logprobs"][o[i]:o[i + 1]], top_vals.numpy(), atol=1e-4)
         assert got["top_logprob_ids"][o[i]:o[i + 1]].tolist() == top_ids.tolist()
     plp = np.concatenate([h["plp"] for h in hf_greedy]).astype(np.float32)
