@@ -130,11 +130,43 @@ def settings_of(obj: dict, where: str) -> dict[str, Any]:
 
 # ---- output --------------------------------------------------------------------------------------
 
-def _token_text(tok: Any, cache: dict, i: int) -> str:
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character a byte-level BPE token uses for each
+    byte -> the byte."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:]
+    k = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + k)
+            k += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
+def _token_bytes(tok: Any, cache: dict, i: int) -> tuple[str, bytes]:
+    """(text, bytes) of one token: its exact bytes for byte-level BPE (a token holding part of a
+    UTF-8 character is named "bytes:\\xNN..." as the OpenAI API does), else its decoded text."""
     t = cache.get(i)
     if t is None:
-        t = cache[i] = tok.decode([int(i)], skip_special_tokens=False)
+        piece = tok.convert_ids_to_tokens(int(i))
+        if isinstance(piece, str) and piece and all(c in _BYTES for c in piece):
+            raw = bytes(_BYTES[c] for c in piece)
+        else:
+            raw = tok.decode([int(i)], skip_special_tokens=False).encode()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        t = cache[i] = (text, raw)
     return t
+
+
+def _token_text(tok: Any, cache: dict, i: int) -> str:
+    return _token_bytes(tok, cache, i)[0]
 
 
 def _logprobs(tok: Any, cache: dict, chat: bool, ids: np.ndarray, extra: dict, k: int) -> dict:
@@ -146,10 +178,15 @@ def _logprobs(tok: Any, cache: dict, chat: bool, ids: np.ndarray, extra: dict, k
              zip(top_ids[t][:k], top_lps[t][:k])] if top_ids is not None and k else []
             for t in range(len(ids))]
     if chat:
-        return {"content": [{"token": s, "logprob": float(lp), "bytes": list(s.encode()),
-                             "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())}
-                                              for a, b in top]}
-                            for s, lp, top in zip(texts, lps, tops)]}
+        def raw(i: int) -> list[int]:
+            return list(_token_bytes(tok, cache, int(i))[1])
+
+        return {"content": [{"token": s, "logprob": float(lp), "bytes": raw(i),
+                             "top_logprobs": [{"token": _token_text(tok, cache, j), "logprob": float(v),
+                                               "bytes": raw(j)}
+                                              for j, v in zip(top_ids[t][:k], top_lps[t][:k])]
+                             if top_ids is not None and k else []}
+                            for t, (s, lp, i) in enumerate(zip(texts, lps, ids))]}
     offsets, at = [], 0
     for s in texts:
         offsets.append(at)
