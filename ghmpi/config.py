@@ -124,6 +124,21 @@ def _integer_list(lo: int) -> Check:
     return check
 
 
+def _string_list() -> Check:
+    def check(key: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigValueError(key, f"{key} must be a list of strings, got {value!r}")
+        for item in value:
+            if not isinstance(item, str) or not item:
+                raise ConfigValueError(key, f"{key} must be a list of non-empty strings, got "
+                                            f"{item!r} in it")
+        return tuple(value)
+
+    return check
+
+
 def _opt(default: Any, check: Check, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check})
 
@@ -208,6 +223,27 @@ class GenerationConfig:
     ignore_eos: bool = _opt(
         False, _boolean(),
         "true: do not stop on the model's eos ids (stop_token_ids still stop)")
+    n: int = _opt(
+        1, _integer(lo=1),
+        "samples per prompt (>= 1), sharing one prefill; the prompts file's `n` overrides it per "
+        "prompt; completions are stored prompt-major (row r = prompt r // n, sample r % n)")
+    logprobs: int = _opt(
+        0, _integer(lo=0),
+        "k >= 0: store each generated token's log-probability (`logprobs`) and the k most "
+        "likely tokens' (`top_logprob_ids`, `top_logprobs`), from the raw logits before "
+        "temperature and filtering; 0 = off (unless a prompt asks for them)")
+    prompt_logprobs: bool = _opt(
+        False, _boolean(),
+        "true: store the prompt tokens' log-probabilities (`prompt_logprobs`, NaN for each "
+        "prompt's first token), computed in the prefill")
+    stop: tuple[str, ...] = _opt(
+        (), _string_list(),
+        "stop strings: a sequence ends when its decoded text contains one (finish_reason 3); "
+        "the prompts file's `stop` overrides it per prompt; needs the model's tokenizer")
+    include_stop_str: bool = _opt(
+        False, _boolean(),
+        "with stop strings, false: the stored ids end before the first token overlapping the "
+        "stop string; true: they end with the token completing it (as transformers' generate)")
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -3,13 +3,14 @@
 Imports only numpy and h5py; transformers (for tokenizers) is loaded by `prepare`/`export` alone.
 """
 
-from ghmpi.io.completions import (FINISH_LENGTH, FINISH_STOP, CompletionFile, CompletionStore,
-                                  read_completions)
+from ghmpi.io.completions import (FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, CompletionFile,
+                                  CompletionStore, read_completions)
 from ghmpi.io.prompts import PromptFile, PromptStats, PromptWriter, write_prompts
 
 __all__ = [
     "FINISH_LENGTH",
     "FINISH_STOP",
+    "FINISH_STOP_STRING",
     "CompletionFile",
     "CompletionStore",
     "PromptFile",

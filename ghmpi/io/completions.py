@@ -9,8 +9,12 @@ the same folder finds what is done; `finalize` writes the final file (DESIGN.md,
 file") in prompt order from the shards. The final file's datasets depend only on the completions,
 so a job run in one go and the same job resumed after kills produce identical datasets.
 
-Shard layout: `index` int64 (k,) prompt indices, `offsets` int64 (k+1,), `tokens` int32 (flat),
-`finish_reason` uint8 (k,).
+Shard layout: `index` int64 (k,) completion rows, `offsets` int64 (k+1,), `tokens` int32 (flat),
+`finish_reason` uint8 (k,), and with log-probabilities the datasets of ghmpi/io/shards.py.
+
+A completion is a *row*: with several samples per prompt (generation.n or the prompts file's
+`n`) rows are prompt-major, row r is prompt p's sample r - row0(p) (row0 = the samples of the
+prompts before it); with one sample per prompt a row is a prompt.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from ghmpi.io.identity import identity_difference
 from ghmpi.io.shards import ShardWriter, fsync_path, os_error, remove_quietly
 from ghmpi.io.prompts import ragged_blocks
 
-__all__ = ["FINISH_STOP", "FINISH_LENGTH", "CompletionStore", "CompletionFile", "read_completions",
+__all__ = ["FINISH_STOP", "FINISH_LENGTH", "FINISH_STOP_STRING", "CompletionStore", "CompletionFile", "read_completions",
            "check_output_path"]
 
 FINISH_STOP = 1  # stopped on EOS or a stop token (that token is the last id)
 FINISH_LENGTH = 2  # reached max_new_tokens or the model's context limit
+FINISH_STOP_STRING = 3  # its text reached a stop string (generation.stop, or the prompt's own)
 JOB_FILE = "job.json"
 _SHARD = re.compile(r"^shard-(\d{8})\.h5$")
 _WRITE_BLOCK_TOKENS = 1 << 22  # tokens held in memory at once while finalizing
@@ -168,22 +173,26 @@ class CompletionStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def add(self, index: int, tokens: Sequence[int] | np.ndarray, finish_reason: int) -> None:
-        """Record prompt `index`'s completion; persisted at the next (possibly automatic) flush.
+    def add(self, index: int, tokens: Sequence[int] | np.ndarray, finish_reason: int,
+            extras: Mapping[str, np.ndarray | None] | None = None) -> None:
+        """Record completion row `index`; persisted at the next (possibly automatic) flush.
+        `extras`: its log-probabilities (ghmpi/io/shards.py, `Batch`), or None.
 
         An automatic flush hands a shard to the writer thread and returns: it blocks only while
         `queue_shards` shards already wait for the disk (backpressure, bounded memory)."""
         if not 0 <= index < self.n_prompts:
             raise ValueError(f"prompt index {index} out of range [0, {self.n_prompts})")
-        if finish_reason not in (FINISH_STOP, FINISH_LENGTH):
-            raise ValueError(f"finish_reason must be {FINISH_STOP} or {FINISH_LENGTH}, "
-                             f"got {finish_reason}")
+        if finish_reason not in (FINISH_STOP, FINISH_LENGTH, FINISH_STOP_STRING):
+            raise ValueError(f"finish_reason must be {FINISH_STOP}, {FINISH_LENGTH} or "
+                             f"{FINISH_STOP_STRING}, got {finish_reason}")
         with self._lock:
             if self._taken[index]:
                 raise ValueError(f"prompt {index} already has a completion")
             self._taken[index] = True
             self._buffer.append((int(index), np.asarray(tokens, dtype=np.int32).reshape(-1),
-                                 int(finish_reason)))
+                                 int(finish_reason),
+                                 {k: v for k, v in extras.items() if v is not None}
+                                 if extras else None))
             due = (len(self._buffer) >= self.flush_every
                    or time.monotonic() - self._last_flush >= self.flush_seconds)
         if due:
@@ -242,11 +251,15 @@ class CompletionStore:
         with self._lock:
             self.done[index] = True
 
-    def finalize(self, attrs: Mapping[str, str | int | float]) -> None:
-        """Write the final file in prompt order, replace the output with it, drop the parts.
+    def finalize(self, attrs: Mapping[str, str | int | float],
+                 n_per_prompt: np.ndarray | None = None) -> None:
+        """Write the final file in row order, replace the output with it, drop the parts.
 
-        Needs every prompt done. A no-op when the output was already complete.
+        Needs every row done. A no-op when the output was already complete. `n_per_prompt`
+        (N,): samples of each prompt; stored as the `n` dataset when it varies, as the root
+        attribute `n` when it does not.
         """
+        self._n_per_prompt = n_per_prompt
         if self.complete:
             return
         self.flush()
@@ -286,8 +299,66 @@ class CompletionStore:
                     src, dst = _segments(start[idx], offsets[idx] - offsets[a], lengths[idx])
                     buf[dst] = self._read_shard(names[s])[3][src]
                 tok_ds[int(offsets[a]):int(offsets[b])] = buf
+            self._write_extras(f, names, shard_of, start, lengths, offsets)
+            n = getattr(self, "_n_per_prompt", None)
+            if n is not None and n.size and (n != n[0]).any():
+                f.create_dataset("n", data=n.astype(np.int32),
+                                 chunks=(max(1, min(n.size, _CHUNK)),), **opts)
+            elif n is not None and n.size:
+                f.attrs["n"] = int(n[0])
             for key, value in {**attrs, "job_id": self.job_id}.items():
                 f.attrs[key] = value
+
+    def _shard_data(self, name: str, key: str) -> np.ndarray:
+        with h5py.File(os.path.join(self.parts, name), "r") as f:
+            return np.asarray(f[key][:])
+
+    def _write_extras(self, f: h5py.File, names: list[str], shard_of: np.ndarray,
+                      start: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> None:
+        """The optional datasets: per-token log-probabilities (aligned with `tokens`), and the
+        prompts' log-probabilities (aligned with the prompts' flat tokens, from each prompt's
+        first sample)."""
+        if not len(shard_of):
+            return
+        present: dict[str, tuple] = {}
+        for s in np.unique(shard_of):  # a shard of later samples only has no prompt_logprobs
+            with h5py.File(os.path.join(self.parts, names[s]), "r") as sh:
+                present.update({k: (sh[k].dtype, sh[k].shape[1:]) for k in sh.keys()})
+        opts = dict(compression="gzip", shuffle=True, track_times=False)
+        for key in ("logprobs", "top_logprob_ids", "top_logprobs"):
+            if key in present:
+                self._copy_segments(f, key, *present[key], names, shard_of, start, lengths,
+                                    offsets, opts)
+        if "prompt_logprobs" in present:
+            pstart = np.zeros(len(shard_of), dtype=np.int64)
+            plen = np.zeros(len(shard_of), dtype=np.int64)
+            for s in np.unique(shard_of):
+                idx = self._shard_data(names[s], "index")
+                try:
+                    poff = self._shard_data(names[s], "prompt_offsets")
+                except KeyError:
+                    continue
+                mine = shard_of[idx] == s  # rows this shard supplies (first shard wins)
+                pstart[idx[mine]] = poff[:-1][mine]
+                plen[idx[mine]] = np.diff(poff)[mine]
+            poffsets = np.concatenate([[0], np.cumsum(plen)]).astype(np.int64)
+            self._copy_segments(f, "prompt_logprobs", np.dtype(np.float32), (), names, shard_of,
+                                pstart, plen, poffsets, opts)
+
+    def _copy_segments(self, f: h5py.File, key: str, dtype: np.dtype, tail: tuple,
+                       names: list[str], shard_of: np.ndarray, start: np.ndarray,
+                       lengths: np.ndarray, offsets: np.ndarray, opts: dict) -> None:
+        total = int(offsets[-1])
+        ds = f.create_dataset(key, (total, *tail), dtype,
+                              chunks=(max(1, min(total, _CHUNK)), *tail), **opts)
+        for a, b in ragged_blocks(offsets, _WRITE_BLOCK_TOKENS):
+            buf = np.empty((int(offsets[b] - offsets[a]), *tail), dtype=dtype)
+            for s in np.unique(shard_of[a:b]):
+                idx = a + np.flatnonzero(shard_of[a:b] == s)
+                src, dst = _segments(start[idx], offsets[idx] - offsets[a], lengths[idx])
+                if src.size:
+                    buf[dst] = self._shard_data(names[s], key)[src]
+            ds[int(offsets[a]):int(offsets[b])] = buf
 
     def _locate(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Shard names, and per prompt: shard number (into names), token start in that shard,
@@ -413,6 +484,40 @@ class CompletionFile:
                 flat = np.asarray(self._tokens[int(off[s]):int(off[e])], dtype=np.int32)
                 for i in range(s, e):
                     yield a + i, flat[off[i] - off[s]:off[i + 1] - off[s]], int(reasons[i])
+
+    def samples_per_prompt(self) -> np.ndarray:
+        """(N prompts,) int64: each prompt's number of rows (the `n` dataset or attribute)."""
+        if "n" in self._f:
+            return np.asarray(self._f["n"][:], dtype=np.int64)
+        n = int(self.attrs.get("n", 1))
+        if self.n % n:
+            raise InputError(f"completions file {self.path}: {self.n} rows are not a multiple "
+                             f"of its attribute n = {n}")
+        return np.full(self.n // n, n, dtype=np.int64)
+
+    def has(self, key: str) -> bool:
+        return key in self._f
+
+    def iter_rows(self, chunk_rows: int = 4096) -> Iterator[tuple[int, np.ndarray, int, dict]]:
+        """Yield (row, int32 ids, finish_reason, {dataset: per-token values}) in row order, with
+        the per-token datasets present (logprobs, top_logprob_ids, top_logprobs)."""
+        keys = [k for k in ("logprobs", "top_logprob_ids", "top_logprobs") if k in self._f]
+        for a in range(0, self.n, chunk_rows):
+            b = min(a + chunk_rows, self.n)
+            off = np.asarray(self._offsets[a:b + 1], dtype=np.int64)
+            reasons = np.asarray(self._reasons[a:b])
+            lo, hi = int(off[0]), int(off[-1])
+            flat = np.asarray(self._tokens[lo:hi], dtype=np.int32)
+            extra = {k: np.asarray(self._f[k][lo:hi]) for k in keys}
+            for i in range(b - a):
+                s, e = int(off[i] - lo), int(off[i + 1] - lo)
+                yield a + i, flat[s:e], int(reasons[i]), {k: v[s:e] for k, v in extra.items()}
+
+    def prompt_logprobs(self, start: int, stop: int) -> np.ndarray | None:
+        """prompt_logprobs[start:stop] (aligned with the prompts' flat tokens), or None."""
+        if "prompt_logprobs" not in self._f:
+            return None
+        return np.asarray(self._f["prompt_logprobs"][start:stop])
 
     def close(self) -> None:
         self._f.close()

@@ -1,8 +1,10 @@
 """The prompts file: ragged token sequences in HDF5, read and validated in bounded memory.
 
 Layout (DESIGN.md, "Prompts file"): `tokens` int32 (T,) all prompts concatenated, `offsets`
-int64 (N+1,) with prompt i = tokens[offsets[i]:offsets[i+1]], optional `max_new_tokens` int32
-(N,). A file holding instead one variable-length int32 dataset `prompts` (N,) is read too.
+int64 (N+1,) with prompt i = tokens[offsets[i]:offsets[i+1]], optional per-prompt (N,) datasets
+`max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `n`, `logprobs`, `stop` (each with a
+sentinel meaning "the job's value", ghmpi/io/requests.py) and `custom_id`, `chat` (for export).
+A file holding instead one variable-length int32 dataset `prompts` (N,) is read too.
 
 Nothing here loads a whole file: a 10-million-prompt file is streamed in chunks, and only the
 caller's `skip` mask is O(N).
@@ -19,6 +21,7 @@ import h5py
 import numpy as np
 
 from ghmpi.errors import InputError
+from ghmpi.io.requests import NUMERIC, SENTINEL, STRINGS, Settings, check_values, parse_stop
 
 __all__ = ["PromptFile", "PromptStats", "PromptWriter", "write_prompts", "ragged_blocks",
            "DIGEST_VERSION"]
@@ -35,7 +38,18 @@ class PromptStats:
     n_tokens: int  # all prompts together
     max_prompt_len: int  # tokens of the longest prompt
     max_max_new_tokens: int | None  # largest per-prompt value; None when the file has none
-    sha256: str  # digest of (offsets, tokens, max_new_tokens), independent of layout and path
+    sha256: str  # digest of (offsets, tokens, per-prompt settings), independent of layout and path
+    n_given: int = 0  # sum of the per-prompt sample counts that are set
+    n_unset: int = 0  # prompts taking the job's generation.n (all of them without an `n` dataset)
+    max_logprobs: int = -1  # widest top-k asked per prompt (-1: none asked)
+    has_stop: bool = False  # some prompt has its own stop strings
+
+    def n_rows(self, job_n: int) -> int:
+        """Completions of the job (prompts x samples) when generation.n is job_n."""
+        return self.n_given + self.n_unset * job_n
+
+    def max_n(self, job_n: int, n_max: int | None = None) -> int:
+        return max(job_n if self.n_unset else 1, n_max or 1)
 
 
 class PromptFile:
@@ -84,14 +98,33 @@ class PromptFile:
         else:
             raise self._error("holds neither 'tokens' + 'offsets' nor a variable-length "
                               f"'prompts' dataset (found: {sorted(f.keys()) or 'nothing'})")
-        self._max_new: h5py.Dataset | None = None
-        if "max_new_tokens" in f:
-            self._max_new = self._dataset("max_new_tokens")
-            self._check_integer("max_new_tokens", self._max_new.dtype)
-            if self._max_new.shape != (self.n,):
-                raise self._error(f"dataset 'max_new_tokens' must have shape ({self.n},) like the "
-                                  f"prompts, has {self._max_new.shape}")
+        self._extra: dict[str, h5py.Dataset] = {}  # the per-prompt datasets present
+        for name in (*NUMERIC, *STRINGS):
+            if name not in f:
+                continue
+            ds = self._extra[name] = self._dataset(name)
+            if name in STRINGS:
+                if h5py.check_string_dtype(ds.dtype) is None:
+                    raise self._error(f"dataset '{name}' must hold strings, has dtype {ds.dtype}")
+            elif np.issubdtype(NUMERIC[name], np.integer):
+                self._check_integer(name, ds.dtype)
+            elif not np.issubdtype(ds.dtype, np.floating):
+                raise self._error(f"dataset '{name}' must hold floats, has dtype {ds.dtype}")
+            if ds.shape != (self.n,):
+                raise self._error(f"dataset '{name}' must have shape ({self.n},) like the "
+                                  f"prompts, has {ds.shape}")
+        self._max_new: h5py.Dataset | None = self._extra.get("max_new_tokens")
         self.has_max_new_tokens = self._max_new is not None
+        self.settings_names = tuple(n for n in self._extra if n not in ("custom_id", "chat"))
+
+    def column(self, name: str, a: int, b: int) -> np.ndarray | None:
+        """Cells a..b-1 of a per-prompt dataset (strings as str), or None when absent."""
+        ds = self._extra.get(name)
+        if ds is None:
+            return None
+        if name in STRINGS:
+            return np.asarray(ds.asstr()[a:b], dtype=object)
+        return np.asarray(ds[a:b])
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -121,7 +154,10 @@ class PromptFile:
         chunk_tokens = max(1, int(chunk_tokens))
         h_off, h_tok, h_mnt = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
         h_off.update(np.zeros(1, "<i8").tobytes())  # offsets[0]
-        n_tokens = max_len = max_mnt = 0
+        n_tokens = max_len = max_mnt = n_given = n_unset = 0
+        max_lp, has_stop = -1, False
+        # the settings that change completions, hashed when present (older files keep their digest)
+        hashes = {name: hashlib.sha256() for name in self.settings_names if name != "max_new_tokens"}
         if self._vlen is None:
             assert self._offsets is not None
             if int(self._offsets[0]) != 0:
@@ -132,7 +168,8 @@ class PromptFile:
             bad_len = _first(lengths <= 0) if self._vlen is not None else _first(
                 (lengths <= 0) | (n_tokens + np.cumsum(lengths) > self._n_flat_tokens()))
             bad_len = min(bad_len, _first(lengths >= context_len))
-            bad_mnt = _first((mnt < 1) | (mnt > INT32_MAX)) if mnt is not None else lengths.size
+            bad_mnt = lengths.size
+            self._check_settings(a, b, hashes)
             ok = min(bad_len, bad_mnt)  # prompts a..a+ok-1 are well formed: check their ids
             for first, ids, lens in id_slices(ok):
                 j = _first((ids < 0) | (ids >= vocab_size))
@@ -148,14 +185,25 @@ class PromptFile:
                 if bad_len == ok:
                     self._length_error(a + ok, int(lengths[ok]), n_tokens + int(lengths[:ok].sum()),
                                        context_len)
-                raise self._error(f"prompt {a + ok} has max_new_tokens {int(mnt[ok])}; "
-                                  f"it must be in [1, {INT32_MAX}]")
+                raise AssertionError("unreachable")
             h_off.update((n_tokens + np.cumsum(lengths)).astype("<i8").tobytes())
             n_tokens += int(lengths.sum())
             max_len = max(max_len, int(lengths.max()))
             if mnt is not None:
                 max_mnt = max(max_mnt, int(mnt.max()))
                 h_mnt.update(mnt.astype("<i4").tobytes())
+            n_col = self.column("n", a, b)
+            if n_col is not None:
+                n_given += int(n_col.sum())
+                n_unset += int((n_col == 0).sum())
+            else:
+                n_unset += int(lengths.size)
+            lp = self.column("logprobs", a, b)
+            if lp is not None:
+                max_lp = max(max_lp, int(lp.max()))
+            st = self.column("stop", a, b)
+            if st is not None:
+                has_stop = has_stop or any(x != "" for x in st)
         if self._vlen is None and n_tokens != self._n_flat_tokens():
             raise self._error(f"offsets[{self.n}] is {n_tokens} but 'tokens' holds "
                               f"{self._n_flat_tokens()} ids")
@@ -164,8 +212,29 @@ class PromptFile:
         digest.update(h_off.digest())
         digest.update(h_tok.digest())
         digest.update(h_mnt.digest() if self._max_new is not None else b"no-max-new-tokens")
+        for name in sorted(hashes):
+            digest.update(name.encode() + hashes[name].digest())
         return PromptStats(self.n, n_tokens, max_len,
-                           max_mnt if self._max_new is not None else None, digest.hexdigest())
+                           max_mnt if self._max_new is not None else None, digest.hexdigest(),
+                           n_given, n_unset, max_lp, has_stop)
+
+    def _check_settings(self, a: int, b: int, hashes: dict) -> None:
+        """Check (and hash) prompts a..b-1 of every per-prompt settings dataset."""
+        for name in self.settings_names:
+            cells = self.column(name, a, b)
+            if name == "stop":
+                for i, text in enumerate(cells):
+                    try:
+                        parse_stop(text)
+                    except ValueError as e:
+                        raise self._error(f"prompt {a + i} has stop {text!r}: {e}") from None
+                    hashes[name].update(text.encode("utf-8") + b"\0")
+                continue
+            i, rule = check_values(name, cells)
+            if i < len(cells):
+                raise self._error(f"prompt {a + i} has {name} {cells[i].item()!r}; it must be {rule}")
+            if name in hashes:
+                hashes[name].update(cells.astype(NUMERIC[name].newbyteorder("<")).tobytes())
 
     def _n_flat_tokens(self) -> int:
         assert self._tokens is not None
@@ -233,7 +302,23 @@ class PromptFile:
                 continue
             mnt = np.asarray(self._max_new[a:b]) if self._max_new is not None else None
             for i, tokens in self._read_block(a, b, skip):
-                yield i, tokens, (int(mnt[i - a]) if mnt is not None else None)
+                yield i, tokens, (int(mnt[i - a]) or None if mnt is not None else None)
+
+    def iter_requests(self, skip: np.ndarray | None = None, chunk_prompts: int = 65536
+                      ) -> Iterator[tuple[int, np.ndarray, Settings]]:
+        """Yield (index, int32 tokens, the prompt's own Settings) in index order, skipping
+        skip[i]."""
+        chunk_prompts = max(1, int(chunk_prompts))
+        cols: dict[str, np.ndarray] = {}
+        block = -1
+        for i, tokens, _ in self.iter_prompts(skip, chunk_prompts):
+            if i // chunk_prompts != block:
+                block = i // chunk_prompts
+                a = block * chunk_prompts
+                b = min(a + chunk_prompts, self.n)
+                cols = {name: self.column(name, a, b) for name in self.settings_names}
+            k = i - block * chunk_prompts
+            yield i, tokens, Settings.from_cells({name: c[k] for name, c in cols.items()})
 
     def _read_block(self, a: int, b: int, skip: np.ndarray | None
                     ) -> Iterator[tuple[int, np.ndarray]]:
@@ -271,7 +356,10 @@ class PromptWriter:
 
     def __init__(self, path: str | os.PathLike, with_max_new_tokens: bool = False,
                  attrs: Mapping[str, str | int | float] | None = None,
-                 chunk_tokens: int = 1 << 16) -> None:
+                 chunk_tokens: int = 1 << 16, settings: Sequence[str] = ()) -> None:
+        """`settings`: per-prompt datasets to write besides max_new_tokens (names of
+        ghmpi/io/requests.py); `add` takes their cells as keywords, a missing one is the
+        sentinel ("the job's value")."""
         self.path = os.fspath(path)
         self._tmp = self.path + ".tmp"
         self._chunk = int(chunk_tokens)
@@ -285,6 +373,13 @@ class PromptWriter:
         self._max_new = (self._f.create_dataset("max_new_tokens", (0,), np.int32, maxshape=(None,),
                                                 chunks=(self._chunk,), **opts)
                          if with_max_new_tokens else None)
+        self._settings: dict[str, h5py.Dataset] = {}
+        for name in settings:
+            if name == "max_new_tokens":
+                continue
+            dtype = h5py.string_dtype() if name in STRINGS else NUMERIC[name]
+            self._settings[name] = self._f.create_dataset(
+                name, (0,), dtype, maxshape=(None,), chunks=(min(self._chunk, 4096),), **opts)
         for k, v in (attrs or {}).items():
             self._f.attrs[k] = v
         self.n = 0
@@ -292,19 +387,27 @@ class PromptWriter:
         self._buf_tokens: list[np.ndarray] = []
         self._buf_lengths: list[int] = []
         self._buf_max_new: list[int] = []
+        self._buf_settings: dict[str, list] = {name: [] for name in self._settings}
         self._buffered = 0
 
-    def add(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int | None = None) -> None:
+    def add(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int | None = None,
+            **settings: object) -> None:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"prompt {self.n}: tokens must be a non-empty 1-D sequence")
-        if (self._max_new is None) != (max_new_tokens is None):
-            raise ValueError(f"prompt {self.n}: max_new_tokens must be given exactly when the "
-                             f"writer was opened with_max_new_tokens={self._max_new is not None}")
+        if max_new_tokens is not None and self._max_new is None:
+            raise ValueError(f"prompt {self.n}: max_new_tokens given but the writer was opened "
+                             f"with_max_new_tokens=False")
+        unknown = set(settings) - set(self._settings)
+        if unknown:
+            raise ValueError(f"prompt {self.n}: the writer was not opened with {sorted(unknown)}")
         self._buf_tokens.append(ids.astype(np.int32))
         self._buf_lengths.append(int(ids.size))
-        if max_new_tokens is not None:
-            self._buf_max_new.append(int(max_new_tokens))
+        if self._max_new is not None:
+            self._buf_max_new.append(int(max_new_tokens or 0))
+        for name, buf in self._buf_settings.items():
+            value = settings.get(name)
+            buf.append(SENTINEL[name] if value is None else value)
         self._buffered += int(ids.size)
         self.n += 1
         if self._buffered >= self._chunk:
@@ -319,6 +422,10 @@ class PromptWriter:
         _append(self._offsets, ends)
         if self._max_new is not None:
             _append(self._max_new, np.asarray(self._buf_max_new, dtype=np.int32))
+        for name, buf in self._buf_settings.items():
+            dtype = object if name in STRINGS else NUMERIC[name]
+            _append(self._settings[name], np.asarray(buf, dtype=dtype))
+            buf.clear()
         self.n_tokens += int(flat.size)
         self._buf_tokens, self._buf_lengths, self._buf_max_new = [], [], []
         self._buffered = 0
@@ -373,10 +480,15 @@ def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
 
 def write_prompts(path: str | os.PathLike, prompts: Sequence[Sequence[int] | np.ndarray],
                   max_new_tokens: Sequence[int] | None = None,
-                  attrs: Mapping[str, str | int | float] | None = None) -> None:
-    """Write a flat-layout prompts file from in-memory prompts (small files, tests)."""
-    if max_new_tokens is not None and len(max_new_tokens) != len(prompts):
-        raise ValueError(f"{len(max_new_tokens)} max_new_tokens for {len(prompts)} prompts")
-    with PromptWriter(path, with_max_new_tokens=max_new_tokens is not None, attrs=attrs) as w:
+                  attrs: Mapping[str, str | int | float] | None = None,
+                  **settings: Sequence) -> None:
+    """Write a flat-layout prompts file from in-memory prompts (small files, tests).
+    `settings`: per-prompt columns by dataset name (None cells take the sentinel)."""
+    for name, col in (("max_new_tokens", max_new_tokens), *settings.items()):
+        if col is not None and len(col) != len(prompts):
+            raise ValueError(f"{len(col)} {name} for {len(prompts)} prompts")
+    with PromptWriter(path, with_max_new_tokens=max_new_tokens is not None, attrs=attrs,
+                      settings=list(settings)) as w:
         for i, p in enumerate(prompts):
-            w.add(p, None if max_new_tokens is None else max_new_tokens[i])
+            w.add(p, None if max_new_tokens is None else max_new_tokens[i],
+                  **{name: col[i] for name, col in settings.items()})

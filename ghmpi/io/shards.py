@@ -25,7 +25,10 @@ from ghmpi.errors import StorageError
 
 __all__ = ["ShardWriter", "Batch", "write_shard", "fsync_path", "os_error", "remove_quietly"]
 
-Batch = list[tuple[int, np.ndarray, int]]  # (prompt index, int32 token ids, finish reason)
+# (completion row, int32 token ids, finish reason, extras): extras None, or a dict of optional
+# arrays: "logprobs" (L,) float32, "top_logprob_ids" (L, k) int32, "top_logprobs" (L, k) float32
+# aligned with the ids, "prompt_logprobs" (P,) float32 (a prompt's first sample only).
+Batch = list[tuple]
 
 
 class ShardWriter:
@@ -112,15 +115,30 @@ def write_shard(path: str, batch: Batch) -> np.ndarray:
     """Write one shard crash-safely (*.tmp, fsync, rename, fsync the folder); its indices.
 
     Layout: `index` int64 (k,), `offsets` int64 (k+1,), `tokens` int32 (flat),
-    `finish_reason` uint8 (k,)."""
+    `finish_reason` uint8 (k,); with log-probabilities also `logprobs` (flat), `top_logprob_ids`
+    and `top_logprobs` (flat, k), `prompt_logprobs` (flat) with `prompt_offsets` (k+1,)."""
     index = np.array([b[0] for b in batch], dtype=np.int64)
     lengths = np.array([b[1].size for b in batch], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (k+1,)
     tokens = np.concatenate([b[1] for b in batch]).astype(np.int32)
     reasons = np.array([b[2] for b in batch], dtype=np.uint8)
+    data = [("index", index), ("offsets", offsets), ("tokens", tokens), ("finish_reason", reasons)]
+    extras = [b[3] if len(b) > 3 and b[3] is not None else {} for b in batch]
+    for key, dtype in (("logprobs", np.float32), ("top_logprob_ids", np.int32),
+                       ("top_logprobs", np.float32)):
+        parts = [e[key] for e in extras if e.get(key) is not None]
+        if parts:
+            if len(parts) != len(batch):
+                raise ValueError(f"shard {path}: '{key}' given for some completions only")
+            data.append((key, np.concatenate(parts).astype(dtype)))
+    plp = [e.get("prompt_logprobs") for e in extras]
+    if any(p is not None for p in plp):
+        plens = np.array([0 if p is None else p.size for p in plp], dtype=np.int64)
+        data.append(("prompt_offsets", np.concatenate([[0], np.cumsum(plens)]).astype(np.int64)))
+        data.append(("prompt_logprobs", np.concatenate(
+            [np.asarray(p, np.float32) for p in plp if p is not None]).astype(np.float32)))
     with h5py.File(path + ".tmp", "w") as f:
-        for key, value in (("index", index), ("offsets", offsets), ("tokens", tokens),
-                           ("finish_reason", reasons)):
+        for key, value in data:
             f.create_dataset(key, data=value, track_times=False)
     fsync_path(path + ".tmp")
     os.rename(path + ".tmp", path)

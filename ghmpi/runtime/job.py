@@ -43,6 +43,8 @@ from ghmpi.runtime import placement
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime import sizing
 from ghmpi.runtime.progress import Progress, peak_rss_mib
+from ghmpi.runtime import admission
+from ghmpi.runtime.batch import batch_features, extras_of, stop_watcher
 from ghmpi.runtime.scheduler import Scheduler
 from ghmpi.runtime.watchdog import Watchdog
 
@@ -62,6 +64,9 @@ class JobPlan:
     n_done: int  # already persisted by an earlier run of this job
     job_id: str
     on_gpu: bool
+    n_rows: int = 0  # completions: prompts x their samples (generation.n or the prompt's `n`)
+    logprobs: int | None = None  # top-k log-probabilities stored per token (None: none stored)
+    stops: bool = False  # stop strings are watched (ghmpi/runtime/stopstrings.py)
 
 
 def _cuda_wanted(cfg: Config) -> bool:
@@ -83,6 +88,7 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
                               f"{args.vocab_size}")
     with PromptFile(cfg.io.prompts) as pf:
         stats = pf.validate(args.vocab_size, args.max_seq_len)
+    batch = batch_features(cfg, args, stats)
     if cfg.topology.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("topology.device is cuda but no CUDA device is visible on rank 0")
     identity = identity_parts(cfg, stats.sha256, model_identity(cfg.model.path))
@@ -96,7 +102,7 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
     lock = OutputLock(cfg.io.output)  # one job per output, before its files are touched
     lock.acquire()
     try:
-        store = CompletionStore(cfg.io.output, stats.n_prompts, job_id, overwrite=cfg.io.overwrite,
+        store = CompletionStore(cfg.io.output, batch.n_rows, job_id, overwrite=cfg.io.overwrite,
                                 flush_every=cfg.io.flush_every, flush_seconds=cfg.io.flush_seconds,
                                 identity=identity)
         on_gpu = _cuda_wanted(cfg)
@@ -109,7 +115,7 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
         layers_per_t2 = layers_per_slice * max(1, -(-t.slices // max(world_size - t.slices, 1)))
         local_fit = budgets.tier1.nbytes // sizing.slot_bytes(args, layers_per_slice, max_len,
                                                               kv_item)
-        remaining = stats.n_prompts - store.n_done
+        remaining = batch.n_rows - store.n_done  # completions still to make (n per prompt)
         gpu_mbs = t.gpu_micro_batches if world_size > t.slices else 0
         gpu_size = t.gpu_micro_batch_size
         if gpu_mbs and not gpu_size:  # the GPU's budget, shared by its micro-batches
@@ -126,7 +132,8 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
     except BaseException:
         lock.release()
         raise
-    plan = JobPlan(args, layout, max_len, stats.n_prompts, store.n_done, job_id, on_gpu)
+    plan = JobPlan(args, layout, max_len, stats.n_prompts, store.n_done, job_id, on_gpu,
+                   batch.n_rows, batch.logprobs, batch.stops)
     return plan, store, lock
 
 
@@ -222,7 +229,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     if kind == "complete":
         if rank == 0:
             lock.release()
-            print(f"ghmpi: {cfg.io.output} is already complete ({plan.n_prompts} prompts); "
+            print(f"ghmpi: {cfg.io.output} is already complete ({plan.n_rows} completions); "
                   f"nothing to do", flush=True)
         return EXIT_OK
     layout = plan.layout
@@ -278,7 +285,9 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
           f"{f'{l.gpu_micro_batches} GPU micro-batches x {l.gpu_micro_batch_size} slots + ' if l.gpu_micro_batches else ''}"
           f"{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
           f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}; "
-          f"{plan.n_prompts} prompts, {plan.n_done} already done", flush=True)
+          f"{plan.n_prompts} prompts"
+          f"{f' ({plan.n_rows} completions)' if plan.n_rows != plan.n_prompts else ''}, "
+          f"{plan.n_done} already done", flush=True)
 
 
 def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,
@@ -305,7 +314,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                              head=j == layout.slices - 1, device=device,
                              dtype=DTYPES[cfg.model.dtype])
     g = cfg.generation
-    sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.seed)
+    sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.seed, plan.logprobs)
     if j != 0:
         t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, sampling, faults)
         status = t1.run()
@@ -313,15 +322,18 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
         return status
 
     prompts = PromptFile(cfg.io.prompts)
-    scheduler = Scheduler(prompts.iter_prompts(skip=store.done),
+    n_per_prompt = admission.samples_per_prompt(prompts, g.n)
+    stops = stop_watcher(cfg, plan.stops)
+    scheduler = Scheduler(admission.requests(prompts, store.done, g, n_per_prompt),
                           [layout.micro_batch_slots(m) for m in range(layout.n_micro_batches)],
                           g.max_new_tokens, args.eos_token_ids, g.stop_token_ids, g.ignore_eos,
-                          plan.max_len, cfg.topology.prefill_tokens)
-    progress = Progress(plan.n_prompts, plan.n_done, cfg.runtime.progress_seconds)
+                          plan.max_len, cfg.topology.prefill_tokens,
+                          admission.job_params(g), g.prompt_logprobs, stops)
+    progress = Progress(plan.n_rows, plan.n_done, cfg.runtime.progress_seconds)
 
     def on_stall(reason: str) -> None:  # the watchdog's thread: persist, say why, end the job
         saved = store.persist(timeout=PERSIST_ON_STALL_S)
-        print(f"ghmpi: error: stalled: {reason}; {store.n_done} of {plan.n_prompts} completions "
+        print(f"ghmpi: error: stalled: {reason}; {store.n_done} of {plan.n_rows} completions "
               f"are saved in {store.parts}"
               f"{'' if saved else ' (the newest did not reach the disk in time)'}; ending the job "
               f"(exit {EXIT_STALLED}); run the same job again to resume", file=sys.stderr, flush=True)
@@ -339,13 +351,17 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     def on_finished(finished: list) -> None:
         watchdog.beat()
         for f in finished:
-            store.add(f.index, f.tokens, f.reason)
+            store.add(f.index if f.row is None else f.row, f.tokens, f.reason, extras_of(f))
         progress.finished(finished)
 
     def tick(generated: int) -> None:
         if generated != sampled[0]:  # a token since the last look
             sampled[0] = generated
             watchdog.beat()
+        if stops is not None:  # sequences the stop-string thread has finished reading
+            done = stops.take()
+            if done:
+                on_finished(done)
         progress.tick(generated)
 
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults,
@@ -354,6 +370,8 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                   tick=tick)
     gen_started = time.time()
     status = tier1.run()
+    if stops is not None:
+        on_finished(stops.close())
     gen_wall = time.time() - gen_started
     watchdog.stop()
     tiers = _tier_figures(layout, _gather_clocks(world, tier1.clock))
@@ -363,11 +381,11 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     prompts.close()
     try:
         store.flush()
-        done = status == EXIT_OK and store.n_done == plan.n_prompts
+        done = status == EXIT_OK and store.n_done == plan.n_rows
         if done:
-            wall = _finalize(cfg, plan, store, progress, started, gen_wall, tiers)
+            wall = _finalize(cfg, plan, store, progress, started, gen_wall, tiers, n_per_prompt)
     except StorageError as e:
-        print(f"ghmpi: error: {e}; {store.n_done} of {plan.n_prompts} completions are safe in "
+        print(f"ghmpi: error: {e}; {store.n_done} of {plan.n_rows} completions are safe in "
               f"{store.parts}; make room or fix the filesystem (space, quota, permissions, "
               f"read-only mount), then run the same job again to resume (exit {EXIT_STORAGE})",
               file=sys.stderr, flush=True)
@@ -378,7 +396,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
         progress.summary(wall, cfg.io.output)
         return EXIT_OK
     name = signal.Signals(signals.received()).name if signals.received() else "a stop request"
-    print(f"ghmpi: interrupted by {name}: {store.n_done} of {plan.n_prompts} prompts are saved "
+    print(f"ghmpi: interrupted by {name}: {store.n_done} of {plan.n_rows} completions are saved "
           f"in {cfg.io.output}.parts; run the same job again to resume", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED if status != EXIT_OK else EXIT_FAILURE
 
@@ -417,7 +435,8 @@ def _tier_figures(layout, clocks: np.ndarray | None) -> dict:
 
 
 def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Progress,
-              started: float, gen_wall: float, tiers: dict) -> float:
+              started: float, gen_wall: float, tiers: dict,
+              n_per_prompt: np.ndarray | None = None) -> float:
     """Write the final file (StorageError if the filesystem fails); the job's wall time."""
     wall = time.time() - started
     store.finalize({
@@ -432,7 +451,7 @@ def _finalize(cfg: Config, plan: JobPlan, store: CompletionStore, progress: Prog
         "generate_tokens_per_s": progress.sampled / gen_wall if gen_wall > 0 else 0.0,
         "rank0_peak_rss_mib": peak_rss_mib(),
         **{k: v for k, v in tiers.items() if k != "line"},
-    })
+    }, n_per_prompt)
     return wall
 
 

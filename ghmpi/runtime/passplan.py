@@ -12,7 +12,7 @@ prompts, so the local decode rows and the prompt tokens are contiguous spans of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ class RemoteShare:
     fill_slots: list[int]  # prompts whose K/V it stores
     fill_spans: list[tuple[int, int]]  # their token ranges in the pass
     dec_index: torch.Tensor | None = None  # dec_rows on the device
+    fill_copies: list[list[int]] = field(default_factory=list)  # per fill: more slots of its K/V
 
 
 @dataclass
@@ -105,16 +106,23 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     for i in pref:
         r = rows[i]
         a, b = int(starts[i]), int(ends[i])
-        o = int(owner[r.slot])
-        if o == LOCAL:
-            st_idx.append(range(a, b))
-            st_slot.append(np.full(b - a, local_index[r.slot], dtype=np.int64))
-            st_pos.append(positions[a:b])
-            local_prefill.append((int(local_index[r.slot]), a, b - a))
-        else:
+        filled: set[int] = set()  # owners already given this prompt's K/V
+        for slot in (r.slot, *(c[0] for c in r.copies)):  # samples sharing the prefill
+            o = int(owner[slot])
+            if o == LOCAL:
+                st_idx.append(range(a, b))
+                st_slot.append(np.full(b - a, local_index[slot], dtype=np.int64))
+                st_pos.append(positions[a:b])
+                local_prefill.append((int(local_index[slot]), a, b - a))
+                continue
             sh = shares.setdefault(o, RemoteShare(o, np.empty(0, np.int64), [], [], [], []))
-            sh.fill_slots.append(r.slot)
+            if o in filled:  # the K/V cross the wire once; tier 2 copies them
+                sh.fill_copies[-1].append(slot)
+                continue
+            filled.add(o)
+            sh.fill_slots.append(slot)
             sh.fill_spans.append((a, b))
+            sh.fill_copies.append([])
     for i in remote_dec:
         r = rows[i]
         o = int(owner[r.slot])

@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 
-from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP
+from ghmpi.io.completions import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING
 
 
 def peak_rss_mib() -> float:
@@ -57,5 +57,7 @@ class Progress:
         print(f"ghmpi: done: {self.done_before + self.done} prompts ({self.done} in this run), "
               f"{self.tokens} tokens generated in {wall:.1f} s, {self.sampled / max(wall, 1e-9):.1f} "
               f"tokens/s; finished on stop token {self.reasons[FINISH_STOP]}, on length "
-              f"{self.reasons[FINISH_LENGTH]}; rank 0 peak memory {peak_rss_mib():.0f} MiB; "
+              f"{self.reasons[FINISH_LENGTH]}"
+              f"{f', on a stop string {self.reasons[FINISH_STOP_STRING]}' if self.reasons[FINISH_STOP_STRING] else ''}"
+              f"; rank 0 peak memory {peak_rss_mib():.0f} MiB; "
               f"wrote {output}", flush=True)

@@ -25,11 +25,11 @@ from ghmpi.errors import EXIT_INTERRUPTED
 from ghmpi.model.attention import warm_up_cuda
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
-from ghmpi.model.sampling import sample
 from ghmpi.runtime.cudagraph import DecodeGraphs
 from ghmpi.runtime.faults import FaultInjector
+from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan, order_rows
-from ghmpi.runtime.scheduler import Row, Scheduler
+from ghmpi.runtime.scheduler import Draws, Row, Scheduler
 from ghmpi.runtime.wire import WireFormat, encode_work, rows_from_header, rows_header
 
 
@@ -56,6 +56,7 @@ class SamplingParams:
     top_k: int
     top_p: float
     seed: int
+    logprobs: int | None = None  # k top log-probabilities per token (0: the chosen only); None: off
 
 
 class Tier1:
@@ -135,7 +136,8 @@ class Tier1:
             msg = encode_work(self.wire, p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
                               [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
                               [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
-                              buffer=lambda n, key=key: self.outbox.buffer(key, n), sync=False)
+                              buffer=lambda n, key=key: self.outbox.buffer(key, n), sync=False,
+                              fill_copies=sh.fill_copies)
             msgs.append((sh, key, msg))
         if msgs and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -185,19 +187,16 @@ class Tier1:
         self._sample(p, self.model.classify(p.x[p.plan.last_tokens]))
 
     def _sample(self, p: Pass, logits: torch.Tensor) -> None:
-        """logits (rows, vocab) float32 -> the next token of every row, to slice 0."""
-        s = self.sampling
-        if s.temperature == 0 or s.top_k == 1:  # greedy: no per-row seeds needed
-            tokens = logits.argmax(dim=-1).cpu().numpy()
-        else:
-            index = torch.tensor([r.index for r in p.rows])
-            position = torch.tensor([r.next_position for r in p.rows])
-            tokens = sample(logits, index, position, s.temperature, s.top_k, s.top_p,
-                            s.seed).cpu().numpy()
+        """logits (rows, vocab) float32 -> the next token of every draw (ghmpi/runtime/draws.py:
+        each row's own settings and random stream, one draw per sample sharing a prefill, and
+        log-probabilities when asked), to slice 0."""
+        d = choose(logits, p.rows, self.sampling.logprobs)
+        if any(r.prompt_logprobs for r in p.rows):
+            d.prompt_logprobs = prompt_logprobs(self.model.classify, p.x, p.rows)
         if self.first:
-            self._commit(p.mb, tokens)
+            self._commit(p.mb, d)
         else:
-            self.outbox.send(tp.pack([p.mb, len(tokens), *tokens.tolist()]), 0, tp.TAG_TOKENS)
+            self.outbox.send(encode_draws(p.mb, d), 0, tp.TAG_TOKENS)
 
     # -- slice 0: the scheduler's side of the ring -------------------------------------------
     def _launch(self, mb: int) -> None:
@@ -207,11 +206,11 @@ class Tier1:
             self.home.add(mb)
             self.ready.append(self._new_pass(mb, rows, None))
 
-    def _commit(self, mb: int, tokens: np.ndarray) -> None:
+    def _commit(self, mb: int, draws: Draws) -> None:
         rows = self.plans.pop(mb)
         self.home.discard(mb)
-        self.generated += len(rows)
-        finished = self.scheduler.commit(rows, tokens)
+        self.generated += len(draws.tokens)
+        finished = self.scheduler.commit(rows, draws)
         if finished:
             self.on_finished(finished)
         if self.should_drain is not None and self.should_drain():
@@ -236,8 +235,7 @@ class Tier1:
                 x = self.wire.from_bytes(payload, (n, self.args.dim), self.device)
                 self.ready.append(self._new_pass(mb, rows, x))
             elif tag == tp.TAG_TOKENS:
-                mb, count = int(header[0]), int(header[1])
-                self._commit(mb, header[2:2 + count])
+                self._commit(*decode_draws(header, payload))
             else:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
 

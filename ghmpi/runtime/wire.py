@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ghmpi.comm.transport import frame_size, unpack, write_header
-from ghmpi.runtime.scheduler import Row
+from ghmpi.runtime.scheduler import Params, Row
 
 
 class WireFormat:
@@ -76,19 +76,48 @@ class WireFormat:
         return out
 
 
+def _f2w(x: float) -> int:
+    return int(np.float64(x).view(np.int64))
+
+
+def _w2f(w: int) -> float:
+    return float(np.int64(w).view(np.float64))
+
+
 def rows_header(mb: int, rows: list[Row]) -> list[int]:
-    """Header words describing micro-batch `mb`'s pass: (mb, R, then 5 words per row)."""
+    """Header words describing micro-batch `mb`'s pass: (mb, R, then per row: slot, index, start,
+    ntok, prefill, sample, seed, top_k, temperature and top_p as float64 bits, prompt_logprobs,
+    the number of copies c, c (slot, sample) pairs, and a prefill row's ntok token ids (the
+    last slice needs them for prompt log-probabilities))."""
     words = [mb, len(rows)]
     for r in rows:
-        words += [r.slot, r.index, r.start, r.ntok, int(r.prefill)]
+        p = r.params
+        words += [r.slot, r.index, r.start, r.ntok, int(r.prefill), r.sample, p.seed, p.top_k,
+                  _f2w(p.temperature), _f2w(p.top_p), int(r.prompt_logprobs), len(r.copies)]
+        for slot, sample in r.copies:
+            words += [slot, sample]
+        if r.prefill:
+            words += np.asarray(r.tokens, dtype=np.int64).tolist()
     return words
 
 
 def rows_from_header(header: np.ndarray) -> tuple[int, list[Row]]:
     mb, n = int(header[0]), int(header[1])
-    cells = header[2:2 + 5 * n].reshape(n, 5)
-    rows = [Row(int(s), int(i), int(st), np.empty(int(nt), dtype=np.int64), bool(pf))
-            for s, i, st, nt, pf in cells]
+    w = header.tolist()
+    at = 2
+    rows = []
+    for _ in range(n):
+        s, i, st, nt, pf, sample, seed, top_k, t, tp_, plp, nc = w[at:at + 12]
+        at += 12
+        copies = tuple((w[at + 2 * c], w[at + 2 * c + 1]) for c in range(nc))
+        at += 2 * nc
+        if pf:
+            tokens = np.asarray(w[at:at + nt], dtype=np.int64)
+            at += nt
+        else:
+            tokens = np.empty(nt, dtype=np.int64)
+        rows.append(Row(s, i, st, tokens, bool(pf), sample,
+                        Params(_w2f(t), top_k, _w2f(tp_), seed), copies, bool(plp)))
     return mb, rows
 
 
@@ -102,6 +131,8 @@ class Work:
     dec_pos: np.ndarray  # (n_dec,) position of each row's new token
     fill_slots: np.ndarray  # (n_fill,) slots receiving a prompt's K/V
     fill_len: np.ndarray  # (n_fill,) prompt lengths (stored from position 0)
+    # A prompt whose K/V go to several slots of the rank (samples sharing a prefill) crosses the
+    # wire once: the header lists its extra slots, and `decode_work` repeats its K/V for them.
     q: torch.Tensor  # (n_dec, H, D)
     k: torch.Tensor  # (n_dec, KV, D)
     v: torch.Tensor  # (n_dec, KV, D)
@@ -113,8 +144,15 @@ def encode_work(wire: WireFormat, mb: int, layer: int, dec_slots: Sequence[int],
                 dec_pos: Sequence[int], fill_slots: Sequence[int], fill_len: Sequence[int],
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kf: Sequence[torch.Tensor], vf: Sequence[torch.Tensor],
-                buffer: Callable[[int], np.ndarray] | None = None, sync: bool = True) -> np.ndarray:
-    header = [mb, layer, len(dec_slots), len(fill_slots), *dec_slots, *dec_pos, *fill_slots, *fill_len]
+                buffer: Callable[[int], np.ndarray] | None = None,
+                fill_copies: Sequence[Sequence[int]] = (), sync: bool = True) -> np.ndarray:
+    """`fill_copies[i]`: further slots of this rank that receive fill i's K/V (a small header
+    addition; the K/V bytes are sent once). `sync=False`: the caller synchronises the GPU once
+    for a batch of messages."""
+    header = [mb, layer, len(dec_slots), len(fill_slots), *dec_slots, *dec_pos, *fill_slots,
+              *fill_len]
+    if any(len(c) for c in fill_copies):
+        header += [len(c) for c in fill_copies] + [s for c in fill_copies for s in c]
     return wire.frame(header, [q, k, v, *kf, *vf], buffer or wire.alloc, sync)
 
 
@@ -128,5 +166,20 @@ def decode_work(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int
     H, KV, D = n_heads, n_kv_heads, head_dim
     q, k, v, kf, vf = wire.split(payload, [(n_dec, H, D), (n_dec, KV, D), (n_dec, KV, D),
                                            (n_kv, KV, D), (n_kv, KV, D)])
-    return Work(mb, layer, w[:n_dec], w[n_dec:2 * n_dec], w[2 * n_dec:2 * n_dec + n_fill],
-                fill_len, q, k, v, kf, vf)
+    fill_slots = w[2 * n_dec:2 * n_dec + n_fill]
+    rest = w[2 * n_dec + 2 * n_fill:]
+    if len(rest) and n_fill:  # copies: repeat each fill's K/V for its extra slots
+        counts = rest[:n_fill]
+        extra = rest[n_fill:n_fill + int(counts.sum())]
+        starts = np.concatenate([[0], np.cumsum(fill_len)])
+        idx, slots, lens, at = [], [], [], 0
+        for i in range(n_fill):
+            for s in [int(fill_slots[i]), *extra[at:at + int(counts[i])].tolist()]:
+                idx.append(torch.arange(int(starts[i]), int(starts[i + 1])))
+                slots.append(s)
+                lens.append(int(fill_len[i]))
+            at += int(counts[i])
+        sel = torch.cat(idx)
+        kf, vf = kf[sel], vf[sel]
+        fill_slots, fill_len = np.asarray(slots, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+    return Work(mb, layer, w[:n_dec], w[n_dec:2 * n_dec], fill_slots, fill_len, q, k, v, kf, vf)

@@ -98,7 +98,9 @@ def test_job_identity_changes_with_what_completions_depend_on() -> None:
     for o in ("model.dtype=float32", "topology.kv_dtype=float16", "generation.temperature=0.5",
               "generation.top_k=5", "generation.top_p=0.9", "generation.seed=1",
               "generation.max_new_tokens=65", "generation.stop_token_ids=[3]",
-              "generation.ignore_eos=true"):
+              "generation.ignore_eos=true", "generation.n=2", "generation.logprobs=1",
+              "generation.prompt_logprobs=true", "generation.stop=[x]",
+              "generation.include_stop_str=true"):
         ident = job_identity(_cfg(o), "p" * 64, "m" * 64)
         assert ident not in seen, o
         seen.add(ident)

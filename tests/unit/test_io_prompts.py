@@ -183,8 +183,8 @@ def errors_cases(tmp_path: Path) -> list[tuple[str, Path, str]]:
     case("mnt_shape", r"'max_new_tokens' must have shape \(12,\)", tokens=tokens,
          offsets=offsets, max_new_tokens=np.ones(11, np.int32))
     mnt = np.full(12, 4, np.int32)
-    mnt[10] = 0
-    case("mnt_zero", r"prompt 10 has max_new_tokens 0; it must be in \[1, 2147483647\]", tokens=tokens,
+    mnt[10] = -2  # 0 is the sentinel "the job's value"
+    case("mnt_negative", r"prompt 10 has max_new_tokens -2; it must be an integer >= 1", tokens=tokens,
          offsets=offsets, max_new_tokens=mnt)
     mnt = np.full(12, 4, np.int64)
     mnt[11] = 1 << 40

@@ -102,9 +102,11 @@ def test_prepare_jsonl_chat_and_max_new_tokens(tmp_path: Path, model_dir: Path, 
     user = hf.apply_chat_template([{"role": "user", "content": "over the"}],
                                   add_generation_prompt=True, tokenize=False)
     assert prompts_of(out)[2] == (hf(user, add_special_tokens=False)["input_ids"][1:], 7)
-    # every line has max_new_tokens, or none does, unless the flag fills the gaps
-    with pytest.raises(InputError, match=r"p\.jsonl, line 3: no \"max_new_tokens\" while line 1"):
-        prepare(src, model_dir, out)
+    # without the flag, lines lacking max_new_tokens take the job's value (stored as 0)
+    prepare(src, model_dir, out)
+    assert [m for _, m in prompts_of(out)] == [3, 5, None]
+    with h5py.File(out, "r") as f:
+        assert f["max_new_tokens"][:].tolist() == [3, 5, 0]
 
 
 def bad_inputs(tmp_path: Path) -> list[tuple[str, str, type, str]]:
@@ -121,6 +123,17 @@ def bad_inputs(tmp_path: Path) -> list[tuple[str, str, type, str]]:
          r"line 2: \"messages\" must be a non-empty list"),
         ("mnt.jsonl", '{"prompt": "a", "max_new_tokens": 0}\n', InputError,
          r"line 1: \"max_new_tokens\" must be an integer >= 1, got 0"),
+        ("alias.jsonl", '{"prompt": "a", "max_new_tokens": 3, "max_tokens": 4}\n', InputError,
+         r"line 1: \"max_new_tokens\" \(3\) and its alias \"max_tokens\" \(4\) differ"),
+        ("temp.jsonl", '{"prompt": "a", "temperature": -1}\n', InputError,
+         r"line 1: \"temperature\" must be a number >= 0, got -1"),
+        ("topp.jsonl", '{"prompt": "a", "top_p": 0}\n', InputError,
+         r"line 1: \"top_p\" must be a number in \(0, 1\]"),
+        ("n.jsonl", '{"prompt": "a", "n": 0}\n', InputError, r"line 1: \"n\" must be an integer"),
+        ("stop.jsonl", '{"prompt": "a", "stop": [""]}\n', InputError,
+         r"line 1: \"stop\" must be a non-empty string or a list"),
+        ("batch.jsonl", '{"custom_id": "x", "url": "/v1/embeddings", "body": {"input": "a"}}\n',
+         InputError, r"line 1: url '/v1/embeddings' is not"),
         ("mntbool.jsonl", '{"prompt": "a", "max_new_tokens": true}\n', InputError,
          r"line 1: \"max_new_tokens\" must be an integer"),
         ("empty.txt", "\n  \n", InputError, r"empty\.txt: holds no prompts"),
