@@ -34,7 +34,7 @@ class RemoteShare:
     dec_pos: list[int]
     fill_slots: list[int]  # prompts whose K/V it stores
     fill_spans: list[tuple[int, int]]  # their token ranges in the pass
-    dec_index: torch.Tensor | None = None  # dec_rows on the device
+    dec_index: torch.Tensor | slice | None = None  # dec_rows on the device, or their span
     fill_copies: list[list[int]] = field(default_factory=list)  # per fill: more slots of its K/V
 
 
@@ -65,9 +65,14 @@ class PassPlan:
 
 
 def order_rows(rows: list[Row], owner: np.ndarray) -> list[Row]:
-    """Decodes on local slots, decodes on tier 2, then prompts (stable within each group)."""
-    def group(r: Row) -> int:
-        return 2 if r.prefill else (0 if owner[r.slot] == LOCAL else 1)
+    """Decodes on local slots, decodes on tier 2 grouped by owner, then prompts (stable within
+    each group): every owner's decode rows are one contiguous span of the batch, so shipping
+    them and taking their replies back are slices, not gathers."""
+    def group(r: Row) -> tuple[int, int]:
+        if r.prefill:
+            return (2, 0)
+        o = int(owner[r.slot])
+        return (0, 0) if o == LOCAL else (1, o)
     return sorted(rows, key=group)
 
 
@@ -149,7 +154,9 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     views = list(torch.split(dev, sizes))
     (d_pos, d_ls, d_ll, d_cu, d_si, d_ss, d_sp, d_last), d_rem = views[:8], views[8:]
     for sh, t in zip(remote, d_rem):
-        sh.dec_index = t
+        r = sh.dec_rows
+        contiguous = len(r) and int(r[-1]) - int(r[0]) + 1 == len(r)
+        sh.dec_index = slice(int(r[0]), int(r[-1]) + 1) if contiguous else t
     return PassPlan(
         rows=rows, n=n, positions=d_pos, tokens=tokens,
         local_dec=slice(0, n_ld), local_slots=d_ls, local_lengths=d_ll,

@@ -167,8 +167,9 @@ class Tier1:
 
     def _finish_layer(self, p: Pass) -> None:
         hd = self.args.n_heads * self.args.head_dim
-        for _, buf, idx in p.waits:
-            p.o[idx] = self.wire.from_bytes(buf, (len(idx), hd), self.device)
+        for _, buf, idx in p.waits:  # idx: the rows' span (order_rows), or their indices
+            n = idx.stop - idx.start if isinstance(idx, slice) else len(idx)
+            p.o[idx] = self.wire.from_bytes(buf, (n, hd), self.device)
         p.waits = []
         p.x = self.model.post_attention(p.layer, p.x, p.o)
         p.o = None
