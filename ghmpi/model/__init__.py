@@ -2,21 +2,17 @@
 
 from ghmpi.model.args import ModelArgs
 from ghmpi.model.attention import decode_attention, prefill_attention
-from ghmpi.model.generate import FINISH_EOS, FINISH_LENGTH, generate
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.model.loader import check_checkpoint
 from ghmpi.model.sampling import sample
 
 __all__ = [
-    "FINISH_EOS",
-    "FINISH_LENGTH",
     "KVCache",
     "ModelArgs",
     "Transformer",
     "check_checkpoint",
     "decode_attention",
-    "generate",
     "prefill_attention",
     "sample",
 ]

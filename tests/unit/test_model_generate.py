@@ -1,4 +1,5 @@
-"""The single-process reference `generate` against Hugging Face `generate(do_sample=False)`."""
+"""The single-process reference `generate` (the job's scheduler and pass in one process) against
+Hugging Face `generate(do_sample=False)`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from model_fixtures import checkpoint, hf_model, random_prompts
 
 from ghmpi.errors import InputError
-from ghmpi.model import FINISH_EOS, FINISH_LENGTH, Transformer, generate
+from ghmpi.model import Transformer
+from ghmpi.runtime.reference import FINISH_EOS, FINISH_LENGTH, generate
 
 
 def hf_greedy(name: str, prompts: list[list[int]], max_new: list[int], eos: int) -> list[list[int]]:

@@ -7,7 +7,7 @@ import torch
 from model_fixtures import SPECS, checkpoint, hf_model, random_prompts
 
 from ghmpi.model import KVCache, ModelArgs, Transformer, prefill_attention
-from ghmpi.model.generate import decode_step, prefill
+from ghmpi.model.stages import decode_step, prefill
 
 ATOL = 1e-4
 
