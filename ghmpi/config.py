@@ -289,7 +289,9 @@ class TopologyConfig:
         "share of a GPU's memory a tier-1 rank may fill (weights, activations, KV cache), in (0, 1]")
     prefill_tokens: int = _opt(
         4096, _integer(lo=1),
-        "most prompt tokens per prefill pass on tier 1 (>= 1)")
+        "prompt tokens per pass on tier 1 (>= 1): a pass admits prompts up to this budget beside "
+        "its decode rows; a longer prompt on a tier-1 slot is prefilled in chunks of it (a "
+        "tier-2 slot's prompt goes whole)")
 
     def __post_init__(self) -> None:
         _validate(self)

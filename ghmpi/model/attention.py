@@ -104,6 +104,26 @@ def packed_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o
 
 
+def chunk_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
+                            ) -> torch.Tensor:
+    """A chunk of a prompt over the prompt so far: q (L, n_heads, D) at positions start ..
+    start+L-1; k/v (start+L, n_kv_heads, D), the cached prefix and the chunk itself. Query i sees
+    keys 0 .. start+i. -> o (L, n_heads * D) in q.dtype."""
+    L, n_heads, D = q.shape
+    T = k.shape[0]
+    n_rep = n_heads // k.shape[1]
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (T, n_heads, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    keep = (torch.arange(T, device=q.device)[None, :]
+            <= start + torch.arange(L, device=q.device)[:, None])  # (L, T)
+    o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+              v.transpose(0, 1).unsqueeze(0), attn_mask=keep)  # (1, n_heads, L, D)
+    return o.squeeze(0).transpose(0, 1).reshape(L, n_heads * D)
+
+
 def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                      lengths: torch.Tensor, compute_dtype: torch.dtype | None = None
                      ) -> torch.Tensor:

@@ -48,7 +48,7 @@ class DecodeGraphs:
             local_dec=slice(0, B), local_slots=slots, local_lengths=lengths,
             local_max_ctx=cache.max_len, prefill=slice(B, B), prefill_lengths=[],
             cu_seqlens=torch.zeros(1, dtype=torch.int32, device=dev), store_index=None,
-            store_slots=slots, store_pos=positions, n_store=B, local_prefill=[], remote=[],
+            store_slots=slots, store_pos=positions, n_store=B, local_prefill=[], chunks=[], remote=[],
             last_tokens=torch.arange(B, device=dev))
 
         def step() -> torch.Tensor:

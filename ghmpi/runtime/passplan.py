@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ghmpi.comm.topology import LOCAL
-from ghmpi.model.attention import cached_decode_attention, packed_prefill_attention
+from ghmpi.model.attention import (cached_decode_attention, chunk_prefill_attention,
+                                   packed_prefill_attention)
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.runtime.scheduler import Row
@@ -55,7 +56,10 @@ class PassPlan:
     store_slots: torch.Tensor  # (n_store,) long local cache rows
     store_pos: torch.Tensor  # (n_store,) long positions
     n_store: int
-    local_prefill: list[tuple[int, int, int]]  # (local cache row, start token, length), CPU caches
+    local_prefill: list[tuple[int, int, int, int]]  # (local cache row, position, start token,
+    #                                                   length) of prompt tokens a CPU cache keeps
+    chunks: list[tuple[int, int, int, int]]  # (start token, end token, local cache row, position):
+    #                                         later chunks of long prompts, attending their prefix
     remote: list[RemoteShare]
     last_tokens: torch.Tensor  # (rows,) long: each row's last token (the one that samples)
 
@@ -70,7 +74,7 @@ def order_rows(rows: list[Row], owner: np.ndarray) -> list[Row]:
     them and taking their replies back are slices, not gathers."""
     def group(r: Row) -> tuple[int, int]:
         if r.prefill:
-            return (2, 0)
+            return (2, 0) if r.start == 0 else (3, 0)  # whole prompts / first chunks, then chunks
         o = int(owner[r.slot])
         return (0, 0) if o == LOCAL else (1, o)
     return sorted(rows, key=group)
@@ -88,9 +92,11 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     tokens = np.concatenate([np.asarray(r.tokens, dtype=np.int64) for r in rows]) if rows \
         else np.empty(0, dtype=np.int64)
 
-    local_dec, pref, remote_dec = [], [], []
+    local_dec, pref, remote_dec, cont = [], [], [], []
     for i, r in enumerate(rows):
-        if r.prefill:
+        if r.prefill and r.start > 0:
+            cont.append(i)
+        elif r.prefill:
             pref.append(i)
         elif owner[r.slot] == LOCAL:
             local_dec.append(i)
@@ -99,6 +105,7 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     n_ld = len(local_dec)
     assert local_dec == list(range(n_ld)), "rows must come from order_rows"
     pre_start = int(starts[pref[0]]) if pref else n
+    pre_end = int(starts[cont[0]]) if cont else n
     prefill_lengths = [rows[i].ntok for i in pref]
     cu = np.zeros(len(pref) + 1, dtype=np.int64)
     cu[1:] = np.cumsum(prefill_lengths)
@@ -118,7 +125,7 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
                 st_idx.append(range(a, b))
                 st_slot.append(np.full(b - a, local_index[slot], dtype=np.int64))
                 st_pos.append(positions[a:b])
-                local_prefill.append((int(local_index[slot]), a, b - a))
+                local_prefill.append((int(local_index[slot]), 0, a, b - a))
                 continue
             sh = shares.setdefault(o, RemoteShare(o, np.empty(0, np.int64), [], [], [], []))
             if o in filled:  # the K/V cross the wire once; tier 2 copies them
@@ -128,6 +135,18 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
             sh.fill_slots.append(slot)
             sh.fill_spans.append((a, b))
             sh.fill_copies.append([])
+    chunks = []
+    for i in cont:  # a chunk continues a prompt whose KV stays here (Scheduler.chunk_slots)
+        r = rows[i]
+        a, b = int(starts[i]), int(ends[i])
+        if owner[r.slot] != LOCAL:
+            raise ValueError(f"slot {r.slot}: prompt chunks need a tier-1 (local) slot")
+        row = int(local_index[r.slot])
+        st_idx.append(range(a, b))
+        st_slot.append(np.full(b - a, row, dtype=np.int64))
+        st_pos.append(positions[a:b])
+        local_prefill.append((row, r.start, a, b - a))
+        chunks.append((a, b, row, r.start))
     for i in remote_dec:
         r = rows[i]
         o = int(owner[r.slot])
@@ -161,10 +180,11 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         rows=rows, n=n, positions=d_pos, tokens=tokens,
         local_dec=slice(0, n_ld), local_slots=d_ls, local_lengths=d_ll,
         local_max_ctx=int(ld_len.max()) if n_ld else 0,
-        prefill=slice(pre_start, n), prefill_lengths=prefill_lengths,
+        prefill=slice(pre_start, pre_end), prefill_lengths=prefill_lengths,
         cu_seqlens=d_cu.to(torch.int32),
         store_index=None if all_stored else d_si, store_slots=d_ss, store_pos=d_sp,
-        n_store=n_store, local_prefill=local_prefill, remote=remote, last_tokens=d_last)
+        n_store=n_store, local_prefill=local_prefill, chunks=chunks, remote=remote,
+        last_tokens=d_last)
 
 
 def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Tensor,
@@ -184,14 +204,17 @@ def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Ten
             o[d] = cached_decode_attention(q[d], cache.k[layer], cache.v[layer], plan.local_slots,
                                            plan.local_lengths, plan.local_max_ctx)
     elif cache is not None:  # a CPU cache keeps track of what was written (KVCache.write)
-        for row, a, length in plan.local_prefill:
-            cache.write(layer, row, 0, k[a:a + length], v[a:a + length])
+        for row, pos, a, length in plan.local_prefill:
+            cache.write(layer, row, pos, k[a:a + length], v[a:a + length])
         d = plan.local_dec
         if d.stop:
             o[d] = cache.decode(layer, plan.local_slots, plan.local_lengths - 1, q[d], k[d], v[d])
     if plan.prefill_lengths:
         s = plan.prefill
         o[s] = packed_prefill_attention(q[s], k[s], v[s], plan.cu_seqlens, plan.prefill_lengths)
+    for a, b, row, pos in plan.chunks:  # its K/V are stored above: attend over prefix + chunk
+        k_ctx, v_ctx = cache.read(layer, row, pos + b - a)
+        o[a:b] = chunk_prefill_attention(q[a:b], k_ctx, v_ctx, pos)
 
 
 def run_local_pass(model: Transformer, cache: KVCache, plan: PassPlan,

@@ -66,6 +66,7 @@ class Sequence:
     top_ids: list[np.ndarray] = field(default_factory=list)
     top_logprobs: list[np.ndarray] = field(default_factory=list)
     prompt_logprobs: np.ndarray | None = None
+    pending: int = 0  # prompt tokens not prefilled yet (a long prompt is prefilled in chunks)
 
     @property
     def length(self) -> int:
@@ -85,6 +86,7 @@ class Row:
     params: Params = GREEDY
     copies: tuple[tuple[int, int], ...] = ()  # (slot, sample) of further samples sharing a prefill
     prompt_logprobs: bool = False  # a prefill row: return its prompt tokens' log-probabilities
+    final: bool = True  # False: a chunk of a prompt with more to come (its draw is dropped)
 
     @property
     def ntok(self) -> int:
@@ -142,10 +144,13 @@ class Scheduler:
                  slots_of: list[range],
                  max_new_tokens: int, eos_ids: Iterable[int], stop_ids: Iterable[int],
                  ignore_eos: bool, context_len: int, prefill_tokens: int,
-                 params: Params = GREEDY, prompt_logprobs: bool = False, stops=None):
+                 params: Params = GREEDY, prompt_logprobs: bool = False, stops=None,
+                 chunk_slots: frozenset[int] = frozenset()):
         """`prompts`: Requests (or (index, tokens, max_new_tokens) tuples) in admission order;
         `params`: the job's sampling settings; `stops`: a StopStrings watcher (needed when a
-        request has stop strings)."""
+        request has stop strings); `chunk_slots`: slots whose KV stays on tier 1, where a prompt
+        longer than a pass's prefill budget is prefilled in chunks that share passes with the
+        decode rows (a one-sample prompt, without prompt log-probabilities)."""
         self._queue: Iterator = iter(prompts)
         self._peeked: Request | None = None
         self.params = params
@@ -157,6 +162,7 @@ class Scheduler:
         self.stop_ids = frozenset(stop_ids) | (frozenset() if ignore_eos else frozenset(eos_ids))
         self.context_len = context_len
         self.prefill_tokens = prefill_tokens
+        self.chunk_slots = chunk_slots
         self.draining = False  # set on SIGTERM/SIGUSR1: admit nothing more
         self.admitted = 0  # prompts whose every sample has been admitted
         self._params_of: dict[int, Params] = {}  # slot -> its sequence's own sampling settings
@@ -184,15 +190,25 @@ class Scheduler:
         free: list[int] = []
         for slot in self.slots_of[mb]:
             seq = self.active.get(slot)
+            if seq is not None and seq.pending:  # the next chunk of its prompt, budget allowing
+                if budget > 0:
+                    rows.append(self._chunk(slot, seq, min(seq.pending, budget)))
+                    budget -= rows[-1].ntok
+                continue
             if seq is not None:
                 rows.append(Row(slot, seq.index, seq.length - 1,
                                 np.asarray(seq.generated[-1:], dtype=np.int64), False, seq.sample,
                                 self._params_of.get(slot, self.params)))
             else:
                 free.append(slot)
-        while free:
+        while free and budget > 0:
             nxt = self._next_prompt()
-            if nxt is None or (budget < len(nxt.prompt) and budget < self.prefill_tokens):
+            if nxt is None:
+                break
+            L = len(nxt.prompt)
+            chunked = (budget < L and free[0] in self.chunk_slots and len(nxt.samples) == 1
+                       and not self.prompt_logprobs)
+            if budget < L and budget < self.prefill_tokens and not chunked:
                 break
             take, rest = nxt.samples[:len(free)], nxt.samples[len(free):]
             self._peeked = replace(nxt, samples=rest) if rest else None
@@ -208,11 +224,25 @@ class Scheduler:
                 else:
                     self._params_of.pop(slot, None)
             self.admitted += 1 if not rest else 0
-            budget -= len(nxt.prompt)
+            if chunked:  # its first chunk now, the rest in the next passes
+                seq = self.active[slots[0]]
+                seq.pending = L
+                rows.append(self._chunk(slots[0], seq, budget))
+                break
+            budget -= L
             rows.append(Row(slots[0], nxt.index, 0, np.asarray(nxt.prompt, dtype=np.int64), True,
                             take[0], params, tuple(zip(slots[1:], take[1:])),
                             self.prompt_logprobs and take[0] == 0))
         return rows
+
+    def _chunk(self, slot: int, seq: Sequence, size: int) -> Row:
+        """The next `size` (or fewer) prompt tokens of a sequence prefilled in chunks."""
+        at = len(seq.prompt) - seq.pending
+        size = min(size, seq.pending)
+        seq.pending -= size
+        return Row(slot, seq.index, at, np.asarray(seq.prompt[at:at + size], dtype=np.int64),
+                   True, seq.sample, self._params_of.get(slot, self.params),
+                   final=seq.pending == 0)
 
     def commit(self, rows: list[Row], sampled: "Draws | Iterable[int]") -> list[Finished]:
         """Append each draw's token (and log-probabilities); return the sequences that finished
@@ -222,6 +252,9 @@ class Scheduler:
         j = 0  # draw number
         plp = iter(d.prompt_logprobs)
         for row in rows:
+            if not row.final:  # a prompt chunk with more to come: its draw means nothing
+                j += len(row.draws)
+                continue
             for slot, _ in row.draws:
                 seq = self.active[slot]
                 tok = int(d.tokens[j])

@@ -55,3 +55,19 @@ def test_gpu_micro_batches_beside_tier2_with_reply_delay_are_exact(tmp_path, pro
     assert "1 GPU micro-batches x 3 slots + 2 micro-batches x 3 slots" in r.stdout
     assert "ghmpi: tier 1 busy" in r.stdout and "tier 2 busy" in r.stdout
     assert read_output(out) == reference
+
+
+@pytest.mark.parametrize("world,topology", [
+    (1, {"prefill_tokens": 5}),
+    (3, {"prefill_tokens": 7, "slices": 2}),
+    (3, {"prefill_tokens": 6, "gpu_micro_batches": 1, "gpu_micro_batch_size": 3,
+         "micro_batches": 2, "micro_batch_size": 3}),
+], ids=["n1", "n3-s2", "n3-hybrid"])
+def test_prompts_prefilled_in_chunks_are_exact(tmp_path, prompts_file, reference, world, topology):
+    """A per-pass budget shorter than the prompts: tier-1 slots prefill them in chunks that share
+    passes with decode rows (attending their cached prefix); tier-2 slots take them whole."""
+    out = tmp_path / "completions.h5"
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology)
+    r = ghmpi(world, "-c", str(job))
+    assert r.returncode == 0, r.stderr
+    assert read_output(out) == reference

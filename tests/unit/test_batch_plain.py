@@ -97,7 +97,7 @@ def test_rows_header_and_work_copies_round_trip() -> None:
     local_index = np.array([0, 1, -1, -1, -1, -1])
     row = Row(0, 0, 0, np.array([1, 2]), True, 0, Params(), ((1, 1), (2, 2), (3, 3), (4, 4)))
     plan = build_plan([row], owner, local_index, torch.device("cpu"))
-    assert plan.local_prefill == [(0, 0, 2), (1, 0, 2)]
+    assert plan.local_prefill == [(0, 0, 0, 2), (1, 0, 0, 2)]  # (cache row, position, token, length)
     assert [(sh.owner, sh.fill_slots, sh.fill_copies) for sh in plan.remote] == [
         (5, [2], [[3]]), (6, [4], [[]])]
 
