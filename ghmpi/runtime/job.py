@@ -293,6 +293,7 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
 def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,
               store: CompletionStore | None, lock: OutputLock | None, started: float) -> int:
     from ghmpi.model.llama import Transformer  # loading weights: tier 1 only
+    from ghmpi.runtime.driver import Driver
     from ghmpi.runtime.tier1 import SamplingParams, Tier1
     from ghmpi.runtime.tier2 import Tier2
     from ghmpi.runtime.wire import WireFormat
@@ -365,10 +366,11 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                 on_finished(done)
         progress.tick(generated)
 
-    tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults,
-                  scheduler=scheduler, on_finished=on_finished,
-                  should_drain=lambda: signals.received() is not None or store.error is not None,
-                  tick=tick)
+    owner = np.array([layout.owner(s, 0) for s in range(layout.n_slots)], dtype=np.int64)
+    driver = Driver(scheduler, owner, on_finished,
+                    should_drain=lambda: signals.received() is not None or store.error is not None,
+                    tick=tick)
+    tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults, driver)
     gen_started = time.time()
     status = tier1.run()
     if stops is not None:
@@ -378,7 +380,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     tiers = _tier_figures(layout, _gather_clocks(world, tier1.clock))
     if tiers:
         print(f"ghmpi: {tiers['line']}", flush=True)
-    progress.sampled = tier1.generated
+    progress.sampled = driver.generated
     prompts.close()
     try:
         store.flush()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,15 +20,15 @@ from mpi4py import MPI
 
 from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import LOCAL, Layout
-from ghmpi.errors import EXIT_INTERRUPTED
 from ghmpi.model.attention import warm_up_cuda
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.runtime.cudagraph import DecodeGraphs
+from ghmpi.runtime.driver import Driver
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
-from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan, order_rows
-from ghmpi.runtime.scheduler import Draws, Row, Scheduler
+from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan
+from ghmpi.runtime.scheduler import Draws, Row
 from ghmpi.runtime.wire import WireFormat, encode_work, rows_from_header, rows_header
 
 
@@ -62,19 +61,15 @@ class SamplingParams:
 class Tier1:
     def __init__(self, world: MPI.Comm, layout: Layout, j: int, model: Transformer,
                  wire: WireFormat, kv_dtype: torch.dtype, max_len: int,
-                 sampling: SamplingParams, faults: FaultInjector,
-                 scheduler: Scheduler | None = None,
-                 on_finished: Callable[[list], None] | None = None,
-                 should_drain: Callable[[], bool] | None = None,
-                 tick: Callable[[int], None] | None = None):
+                 sampling: SamplingParams, faults: FaultInjector, driver: Driver | None = None):
+        """Slice j's worker; slice 0 also gets the `driver` (scheduler and ring ends)."""
         self.world, self.layout, self.j, self.model, self.wire = world, layout, j, model, wire
         self.args = model.args
         self.layers = layout.slice_layers(j)
         self.first, self.last = j == 0, j == layout.slices - 1
         self.device = model.device
         self.sampling, self.faults = sampling, faults
-        self.scheduler, self.on_finished = scheduler, on_finished
-        self.should_drain, self.tick = should_drain, tick
+        self.driver = driver
         self.outbox = tp.Outbox(world, alloc=wire.alloc)  # preallocated (pinned on a GPU)
         self.replies: dict[tuple[int, int], np.ndarray] = {}  # (mb, owner) -> reply buffer
         # Slots whose KV cache stays here (hybrid mode, or no tier 2 at all), packed densely.
@@ -99,9 +94,6 @@ class Tier1:
         self.group = layout.tier2_group(j)
         self.ready: list[Pass] = []
         self.waiting: list[Pass] = []
-        self.home: set[int] = set()  # slice 0: micro-batches out on the ring
-        self.plans: dict[int, list[Row]] = {}  # slice 0: rows of each micro-batch's pass in flight
-        self.generated = 0  # tokens sampled (slice 0 counts)
         self.clock = tp.BusyClock()
 
     # -- passes ------------------------------------------------------------------------------
@@ -199,23 +191,14 @@ class Tier1:
         else:
             self.outbox.send(encode_draws(p.mb, d), 0, tp.TAG_TOKENS)
 
-    # -- slice 0: the scheduler's side of the ring -------------------------------------------
+    # -- slice 0: the driver's side of the ring ----------------------------------------------
     def _launch(self, mb: int) -> None:
-        rows = order_rows(self.scheduler.plan(mb), self.owner)
+        rows = self.driver.plan(mb)
         if rows:
-            self.plans[mb] = rows
-            self.home.add(mb)
             self.ready.append(self._new_pass(mb, rows, None))
 
     def _commit(self, mb: int, draws: Draws) -> None:
-        rows = self.plans.pop(mb)
-        self.home.discard(mb)
-        self.generated += len(draws.tokens)
-        finished = self.scheduler.commit(rows, draws)
-        if finished:
-            self.on_finished(finished)
-        if self.should_drain is not None and self.should_drain():
-            self.scheduler.draining = True
+        self.driver.commit(mb, draws)
         self._launch(mb)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -274,15 +257,12 @@ class Tier1:
                     self.waiting.append(p)
                 busy = True
             self.outbox.poll()
-            if self.tick is not None:
-                self.tick(self.generated)
-            if self.first and not self.home:  # every micro-batch is home: nothing in flight
-                if self.scheduler.draining or self.scheduler.queue_empty:
-                    status = EXIT_INTERRUPTED if self.scheduler.draining and not self._all_done() else 0
+            if self.first:
+                self.driver.tick()
+                status = self.driver.verdict()  # set once nothing is out on the ring
+                if status is not None:
                     self._stop_all(status)
                     break
-                # A free slot always admits a prompt, so prompts left here would mean a silent spin.
-                raise RuntimeError("scheduler stalled with prompts left and nothing in flight")
             if busy:
                 backoff.reset()
             else:
@@ -306,9 +286,6 @@ class Tier1:
         p = max(self.ready, key=lambda q: q.layer)
         self.ready.remove(p)
         return p
-
-    def _all_done(self) -> bool:
-        return self.scheduler.queue_empty and not self.scheduler.active
 
     def _stop_all(self, status: int) -> None:
         for j in range(1, self.layout.slices):
@@ -354,7 +331,7 @@ class Tier1:
                                 if r in sends else [])
             said.append(f"{role(r)}: {' and '.join(what)}")
         here = {p.mb for p in list(self.ready) + list(self.waiting)}
-        ring = sorted(set(self.home) - here)
+        ring = sorted(set(self.driver.home if self.driver else ()) - here)
         if self.first and ring and self.layout.slices > 1:
             later = range(1, self.layout.slices)
             said.append(f"micro-batch(es) {ring} out on the ring, tokens not back from "
