@@ -29,7 +29,7 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan
 from ghmpi.runtime.scheduler import Draws, Row
-from ghmpi.runtime.wire import WireFormat, encode_work, rows_from_header, rows_header
+from ghmpi.runtime.wire import WireFormat, Work, reply_tag, rows_from_header, rows_header
 
 
 @dataclass
@@ -125,18 +125,18 @@ class Tier1:
         for sh in p.plan.remote:
             idx = sh.dec_index
             key = ("work", p.mb, sh.owner)
-            msg = encode_work(self.wire, p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
-                              [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
-                              [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
-                              buffer=lambda n, key=key: self.outbox.buffer(key, n), sync=False,
-                              fill_copies=sh.fill_copies)
+            work = Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
+                        [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
+                        [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
+                        sh.fill_copies)
+            msg = work.encode(self.wire, lambda n, key=key: self.outbox.buffer(key, n), sync=False)
             msgs.append((sh, key, msg))
         if msgs and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         for sh, key, msg in msgs:
             if len(sh.dec_slots):  # post the receive before the request goes out
                 buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
-                req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=tp.TAG_REPLY + p.mb)
+                req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=reply_tag(p.mb))
                 p.waits.append((req, buf, sh.dec_index))
             self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 

@@ -20,7 +20,7 @@ from ghmpi.comm.topology import Layout
 from ghmpi.model.args import ModelArgs
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime.faults import FaultInjector
-from ghmpi.runtime.wire import WireFormat, decode_work
+from ghmpi.runtime.wire import WireFormat, Work, reply_tag
 
 
 class Tier2:
@@ -52,7 +52,7 @@ class Tier2:
     def _serve(self, buf: np.ndarray, source: int) -> None:
         self.faults.step()
         a = self.args
-        w = decode_work(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
+        w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
         at = 0
         for slot, length in zip(w.fill_slots, w.fill_len):
             length = int(length)
@@ -67,9 +67,9 @@ class Tier2:
             o = self.cache.decode(w.layer, slots, positions, w.q, w.k, w.v)  # (n_dec, H*D)
             reply = self.wire.to_bytes([o])
             if self.delay:
-                self.held.append((time.monotonic() + self.delay, reply, source, tp.TAG_REPLY + w.mb))
+                self.held.append((time.monotonic() + self.delay, reply, source, reply_tag(w.mb)))
             else:
-                self.outbox.send(reply, source, tp.TAG_REPLY + w.mb)
+                self.outbox.send(reply, source, reply_tag(w.mb))
 
     def _release_held(self) -> None:
         """Send the held replies whose delay has passed (in order: one delay for all)."""

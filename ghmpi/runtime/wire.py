@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ghmpi.comm.transport import frame_size, unpack, write_header
+from ghmpi.comm.transport import TAG_REPLY, frame_size, unpack, write_header
 from ghmpi.runtime.scheduler import Params, Row
 
 
@@ -121,65 +121,74 @@ def rows_from_header(header: np.ndarray) -> tuple[int, list[Row]]:
     return mb, rows
 
 
+def reply_tag(mb: int) -> int:
+    """The tag of tier 2's attention outputs for micro-batch mb (each micro-batch posts its own
+    receives early, so replies to different micro-batches never mix)."""
+    return TAG_REPLY + mb
+
+
 @dataclass(frozen=True)
 class Work:
-    """One tier-1 -> tier-2 message: decode rows to attend, prompt K/V to store."""
+    """One tier-1 -> tier-2 message: decode rows to attend, prompt K/V to store. `encode` and
+    `decode` are the two sides of its one layout: header words (mb, layer, counts, slots,
+    positions, prompt lengths, copies), then q, k, v of the decode rows and the prompts' K and V.
+
+    A prompt whose K/V go to several slots of the rank (samples sharing a prefill) crosses the
+    wire once: `fill_copies[i]` lists prompt i's extra slots, and `decode` repeats its K/V."""
 
     mb: int
     layer: int
-    dec_slots: np.ndarray  # (n_dec,) slots of the decode rows
-    dec_pos: np.ndarray  # (n_dec,) position of each row's new token
-    fill_slots: np.ndarray  # (n_fill,) slots receiving a prompt's K/V
-    fill_len: np.ndarray  # (n_fill,) prompt lengths (stored from position 0)
-    # A prompt whose K/V go to several slots of the rank (samples sharing a prefill) crosses the
-    # wire once: the header lists its extra slots, and `decode_work` repeats its K/V for them.
+    dec_slots: Sequence[int] | np.ndarray  # (n_dec,) slots of the decode rows
+    dec_pos: Sequence[int] | np.ndarray  # (n_dec,) position of each row's new token
+    fill_slots: Sequence[int] | np.ndarray  # (n_fill,) slots receiving a prompt's K/V
+    fill_len: Sequence[int] | np.ndarray  # (n_fill,) prompt lengths (stored from position 0)
     q: torch.Tensor  # (n_dec, H, D)
     k: torch.Tensor  # (n_dec, KV, D)
     v: torch.Tensor  # (n_dec, KV, D)
-    kf: torch.Tensor  # (sum fill_len, KV, D)
-    vf: torch.Tensor  # (sum fill_len, KV, D)
+    kf: Sequence[torch.Tensor] | torch.Tensor  # out: one (len, KV, D) per prompt; in: all rows
+    vf: Sequence[torch.Tensor] | torch.Tensor
+    fill_copies: Sequence[Sequence[int]] = ()
 
+    def encode(self, wire: WireFormat, buffer: Callable[[int], np.ndarray] | None = None,
+               sync: bool = True) -> np.ndarray:
+        """The message bytes (in `buffer(size)` if given). `sync=False`: the caller synchronises
+        the GPU once for a batch of messages."""
+        header = [self.mb, self.layer, len(self.dec_slots), len(self.fill_slots),
+                  *self.dec_slots, *self.dec_pos, *self.fill_slots, *self.fill_len]
+        if any(len(c) for c in self.fill_copies):
+            header += ([len(c) for c in self.fill_copies]
+                       + [s for c in self.fill_copies for s in c])
+        return wire.frame(header, [self.q, self.k, self.v, *self.kf, *self.vf],
+                          buffer or wire.alloc, sync)
 
-def encode_work(wire: WireFormat, mb: int, layer: int, dec_slots: Sequence[int],
-                dec_pos: Sequence[int], fill_slots: Sequence[int], fill_len: Sequence[int],
-                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kf: Sequence[torch.Tensor], vf: Sequence[torch.Tensor],
-                buffer: Callable[[int], np.ndarray] | None = None,
-                fill_copies: Sequence[Sequence[int]] = (), sync: bool = True) -> np.ndarray:
-    """`fill_copies[i]`: further slots of this rank that receive fill i's K/V (a small header
-    addition; the K/V bytes are sent once). `sync=False`: the caller synchronises the GPU once
-    for a batch of messages."""
-    header = [mb, layer, len(dec_slots), len(fill_slots), *dec_slots, *dec_pos, *fill_slots,
-              *fill_len]
-    if any(len(c) for c in fill_copies):
-        header += [len(c) for c in fill_copies] + [s for c in fill_copies for s in c]
-    return wire.frame(header, [q, k, v, *kf, *vf], buffer or wire.alloc, sync)
-
-
-def decode_work(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,
-                head_dim: int) -> Work:
-    header, payload = unpack(buf)
-    mb, layer, n_dec, n_fill = (int(w) for w in header[:4])
-    w = header[4:]
-    fill_len = w[2 * n_dec + n_fill:2 * n_dec + 2 * n_fill]
-    n_kv = int(fill_len.sum())
-    H, KV, D = n_heads, n_kv_heads, head_dim
-    q, k, v, kf, vf = wire.split(payload, [(n_dec, H, D), (n_dec, KV, D), (n_dec, KV, D),
-                                           (n_kv, KV, D), (n_kv, KV, D)])
-    fill_slots = w[2 * n_dec:2 * n_dec + n_fill]
-    rest = w[2 * n_dec + 2 * n_fill:]
-    if len(rest) and n_fill:  # copies: repeat each fill's K/V for its extra slots
-        counts = rest[:n_fill]
-        extra = rest[n_fill:n_fill + int(counts.sum())]
-        starts = np.concatenate([[0], np.cumsum(fill_len)])
-        idx, slots, lens, at = [], [], [], 0
-        for i in range(n_fill):
-            for s in [int(fill_slots[i]), *extra[at:at + int(counts[i])].tolist()]:
-                idx.append(torch.arange(int(starts[i]), int(starts[i + 1])))
-                slots.append(s)
-                lens.append(int(fill_len[i]))
-            at += int(counts[i])
-        sel = torch.cat(idx)
-        kf, vf = kf[sel], vf[sel]
-        fill_slots, fill_len = np.asarray(slots, dtype=np.int64), np.asarray(lens, dtype=np.int64)
-    return Work(mb, layer, w[:n_dec], w[n_dec:2 * n_dec], fill_slots, fill_len, q, k, v, kf, vf)
+    @staticmethod
+    def decode(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,
+               head_dim: int) -> "Work":
+        """The message back (CPU tensors viewing `buf`), with every copy's K/V repeated."""
+        header, payload = unpack(buf)
+        mb, layer, n_dec, n_fill = (int(w) for w in header[:4])
+        w = header[4:]
+        fill_len = w[2 * n_dec + n_fill:2 * n_dec + 2 * n_fill]
+        n_kv = int(fill_len.sum())
+        H, KV, D = n_heads, n_kv_heads, head_dim
+        q, k, v, kf, vf = wire.split(payload, [(n_dec, H, D), (n_dec, KV, D), (n_dec, KV, D),
+                                               (n_kv, KV, D), (n_kv, KV, D)])
+        fill_slots = w[2 * n_dec:2 * n_dec + n_fill]
+        rest = w[2 * n_dec + 2 * n_fill:]
+        if len(rest) and n_fill:  # copies: repeat each fill's K/V for its extra slots
+            counts = rest[:n_fill]
+            extra = rest[n_fill:n_fill + int(counts.sum())]
+            starts = np.concatenate([[0], np.cumsum(fill_len)])
+            idx, slots, lens, at = [], [], [], 0
+            for i in range(n_fill):
+                for s in [int(fill_slots[i]), *extra[at:at + int(counts[i])].tolist()]:
+                    idx.append(torch.arange(int(starts[i]), int(starts[i + 1])))
+                    slots.append(s)
+                    lens.append(int(fill_len[i]))
+                at += int(counts[i])
+            sel = torch.cat(idx)
+            kf, vf = kf[sel], vf[sel]
+            fill_slots = np.asarray(slots, dtype=np.int64)
+            fill_len = np.asarray(lens, dtype=np.int64)
+        return Work(mb, layer, w[:n_dec], w[n_dec:2 * n_dec], fill_slots, fill_len, q, k, v,
+                    kf, vf)

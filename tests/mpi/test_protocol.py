@@ -13,7 +13,7 @@ from ghmpi.comm.topology import Layout
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.tier2 import Tier2
-from ghmpi.runtime.wire import WireFormat, encode_work
+from ghmpi.runtime.wire import WireFormat, Work, reply_tag
 
 
 def _recv(comm, source, tag):
@@ -75,8 +75,8 @@ def test_tier2_ranks_attend_like_a_local_cache(slices):
             for s, L in lengths.items():  # prompt K/V to the owners
                 k, v = torch.randn(L, KV, D, generator=g), torch.randn(L, KV, D, generator=g)
                 ref.write(layer, s, 0, k, v)
-                out.send(encode_work(wire, 0, layer, [], [], [s], [L], torch.empty(0, H, D),
-                                     torch.empty(0, KV, D), torch.empty(0, KV, D), [k], [v]),
+                out.send(Work(0, layer, [], [], [s], [L], torch.empty(0, H, D),
+                              torch.empty(0, KV, D), torch.empty(0, KV, D), [k], [v]).encode(wire),
                          lay.owner(s, j), tp.TAG_WORK)
     for step in range(3):
         for j in range(slices):
@@ -95,11 +95,11 @@ def test_tier2_ranks_attend_like_a_local_cache(slices):
                     reqs = []
                     for owner, rows in by_owner.items():
                         buf = np.empty(len(rows) * H * D * 4, dtype=np.uint8)
-                        reqs.append((comm.Irecv([buf, MPI.BYTE], source=owner, tag=tp.TAG_REPLY + mb),
+                        reqs.append((comm.Irecv([buf, MPI.BYTE], source=owner, tag=reply_tag(mb)),
                                      buf, rows))
-                        out.send(encode_work(wire, mb, layer, [slots[i] for i in rows],
-                                             [pos[i] for i in rows], [], [], q[rows], k[rows],
-                                             v[rows], [], []), owner, tp.TAG_WORK)
+                        out.send(Work(mb, layer, [slots[i] for i in rows], [pos[i] for i in rows],
+                                      [], [], q[rows], k[rows], v[rows], [], []).encode(wire),
+                                 owner, tp.TAG_WORK)
                     for req, buf, rows in reqs:
                         req.Wait()
                         got[rows] = wire.from_bytes(buf, (len(rows), H * D), "cpu")

@@ -21,7 +21,7 @@ from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logpr
 from ghmpi.runtime.passplan import build_plan
 from ghmpi.runtime.scheduler import Draws, Params, Request, Row, Scheduler
 from ghmpi.runtime.stopstrings import StopStrings, cut_at_stop
-from ghmpi.runtime.wire import WireFormat, decode_work, encode_work, rows_from_header, rows_header
+from ghmpi.runtime.wire import WireFormat, Work, rows_from_header, rows_header
 from ghmpi.comm import transport as tp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,10 +86,9 @@ def test_rows_header_and_work_copies_round_trip() -> None:
     # a prompt's K/V cross the wire once; tier 2 gets them for each slot listed
     wire = WireFormat(torch.float32)
     kf = torch.arange(12.0).reshape(3, 2, 2)
-    msg = encode_work(wire, 0, 1, [], [], [3, 8], [3, 1], torch.empty(0, 2, 2),
-                      torch.empty(0, 2, 2), torch.empty(0, 2, 2), [kf, kf[:1]], [kf, kf[:1]],
-                      fill_copies=[[4, 9], []])
-    w = decode_work(wire, msg, 2, 2, 2)
+    msg = Work(0, 1, [], [], [3, 8], [3, 1], torch.empty(0, 2, 2), torch.empty(0, 2, 2),
+               torch.empty(0, 2, 2), [kf, kf[:1]], [kf, kf[:1]], [[4, 9], []]).encode(wire)
+    w = Work.decode(wire, msg, 2, 2, 2)
     assert w.fill_slots.tolist() == [3, 4, 9, 8] and w.fill_len.tolist() == [3, 3, 3, 1]
     assert torch.equal(w.kf, torch.cat([kf, kf, kf, kf[:1]]))
     # the pass plan sends it once per owner and stores it locally for each local slot
