@@ -128,12 +128,17 @@ def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, d
     return job
 
 
+def job_size(args: argparse.Namespace) -> tuple[str, int, int, int]:
+    """(shape, prompts, tokens per prompt, new tokens): the arguments, else the issue's job on a
+    GPU (Llama-3-8B shapes, 256 x 512 -> 128) or a tiny one on a CPU."""
+    gpu = torch.cuda.is_available()
+    return (args.shape or ("llama3-8b" if gpu else "tiny"), args.prompts or (256 if gpu else 8),
+            args.prompt_len or (512 if gpu else 16), args.new or (128 if gpu else 8))
+
+
 def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
-    shape = args.shape or ("llama3-8b" if gpu else "tiny")
-    N = args.prompts or (256 if gpu else 8)
-    L = args.prompt_len or (512 if gpu else 16)
-    new = args.new or (128 if gpu else 8)
+    shape, N, L, new = job_size(args)
     work = Path(args.workdir)
     model_dir, prompts, ids = make_inputs(work, shape, args.layers, N, L)
     result: dict = {"suite": "job", "shape": shape, "prompts": N, "prompt_len": L, "new": new,

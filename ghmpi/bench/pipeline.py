@@ -24,7 +24,7 @@ import torch
 from ghmpi.bench import log
 from ghmpi.bench.common import pick_device, random_model, timed
 from ghmpi.bench.decode import DT
-from ghmpi.bench.job import make_inputs, run_ghmpi
+from ghmpi.bench.job import job_size, make_inputs, run_ghmpi
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime.passplan import build_plan, run_local_pass
 from ghmpi.runtime.scheduler import Row
@@ -100,11 +100,8 @@ def tier2_capacity(shape: str, layers: int | None, dtype: str, ranks: int, threa
 
 def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
-    shape = args.shape or ("llama3-8b" if gpu else "tiny")
+    shape, N, L, new = job_size(args)
     ranks = args.np or (9 if gpu else 3)
-    N = args.prompts or (256 if gpu else 8)
-    L = args.prompt_len or (512 if gpu else 16)
-    new = args.new or (128 if gpu else 8)
     work = Path(args.workdir)
     model_dir, prompts, _ = make_inputs(work, shape, args.layers, N, L)
     result: dict = {"suite": "pipeline", "shape": shape, "ranks": ranks, "prompts": N,

@@ -144,6 +144,10 @@ class Layout:
         group = self.tier2_group(j)
         return group[remote % len(group)]
 
+    def owners(self, j: int) -> list[int]:
+        """owner(slot, j) of every slot, in slot order."""
+        return [self.owner(s, j) for s in range(self.n_slots)]
+
     def owned_slots(self, rank: int) -> list[int]:
         """Slots whose KV cache the tier-2 world rank `rank` holds (for every slice it serves)."""
         return [s for s in range(self.n_slots)

@@ -27,25 +27,32 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of one whole sequence.
-
-    q (L, n_heads, D), k/v (L, n_kv_heads, D) -> o (L, n_heads * D) in q.dtype.
-    """
+def _sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """One sequence's queries over its keys: q (L, n_heads, D), k/v (T, n_kv_heads, D), `kw` the
+    mask (is_causal or attn_mask) -> o (L, n_heads * D) in q.dtype. Grouped-query kv heads are
+    repeated as HF `repeat_kv` does."""
     L, n_heads, D = q.shape
     n_rep = n_heads // k.shape[1]
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)  # (L, n_heads, D)
+        k = k.repeat_interleave(n_rep, dim=1)  # (T, n_heads, D)
         v = v.repeat_interleave(n_rep, dim=1)
     o = _sdpa(
         q.transpose(0, 1).unsqueeze(0),  # (1, n_heads, L, D)
-        k.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),  # (1, n_heads, T, D)
         v.transpose(0, 1).unsqueeze(0),
-        is_causal=True,
+        **kw,
     )  # (1, n_heads, L, D)
     return o.squeeze(0).transpose(0, 1).reshape(L, n_heads * D)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one whole sequence.
+
+    q (L, n_heads, D), k/v (L, n_kv_heads, D) -> o (L, n_heads * D) in q.dtype.
+    """
+    return _sequence_attention(q, k, v, is_causal=True)
 
 
 @functools.cache
@@ -109,19 +116,10 @@ def chunk_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     """A chunk of a prompt over the prompt so far: q (L, n_heads, D) at positions start ..
     start+L-1; k/v (start+L, n_kv_heads, D), the cached prefix and the chunk itself. Query i sees
     keys 0 .. start+i. -> o (L, n_heads * D) in q.dtype."""
-    L, n_heads, D = q.shape
-    T = k.shape[0]
-    n_rep = n_heads // k.shape[1]
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)  # (T, n_heads, D)
-        v = v.repeat_interleave(n_rep, dim=1)
+    L, T = q.shape[0], k.shape[0]
     keep = (torch.arange(T, device=q.device)[None, :]
             <= start + torch.arange(L, device=q.device)[:, None])  # (L, T)
-    o = _sdpa(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-              v.transpose(0, 1).unsqueeze(0), attn_mask=keep)  # (1, n_heads, L, D)
-    return o.squeeze(0).transpose(0, 1).reshape(L, n_heads * D)
+    return _sequence_attention(q, k, v, attn_mask=keep)
 
 
 def decode_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,

@@ -86,8 +86,8 @@ class KVCache:
     def store(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         """Scatter n tokens' k/v (n, n_kv, D) to (slots[i], positions[i]): one kernel per tensor,
-        for any mix of prompts and decode rows. GPU caches only (the CPU cache tracks which
-        positions were ever written, see `write`)."""
+        for any mix of prompts and decode rows. Not for the CPU torch path, which tracks which
+        positions were ever written (`write`, `decode`)."""
         self.k[layer][slots, positions] = k.to(self.dtype)
         self.v[layer][slots, positions] = v.to(self.dtype)
 
@@ -119,8 +119,7 @@ class KVCache:
             return cached_decode_attention(q, kc, vc, slots, positions + 1, T).to(out_device)
 
         if self._native:  # each row reads its own slot up to its own length: no views, no zeroing
-            kc[slots, positions] = k.to(self.dtype)
-            vc[slots, positions] = v.to(self.dtype)
+            self.store(layer, slots, positions, k, v)
             return kernels.decode_attention_cpu(q, kc, vc, slots, positions + 1).to(out_device)
 
         # CPU, torch fallback: no gather at all. Rows whose slots run consecutively attend on a

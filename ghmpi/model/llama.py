@@ -39,7 +39,8 @@ class LayerWeights:
 def _fused_kernels(device: torch.device, dtype: torch.dtype):
     """The fused Triton elementwise kernels for a bf16/fp16 model on a GPU, else None (torch ops:
     the CPU, float32 (exact to HF), no Triton, or GHMPI_GPU_KERNEL=torch)."""
-    if device.type != "cuda" or dtype == torch.float32 or os.environ.get("GHMPI_GPU_KERNEL") == "torch":
+    if (device.type != "cuda" or dtype == torch.float32
+            or os.environ.get("GHMPI_GPU_KERNEL") == "torch"):
         return None
     try:
         from ghmpi.kernels import triton_fused

@@ -281,9 +281,10 @@ def _agree(world: MPI.Comm, status: int) -> int:
 def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device) -> None:
     l = plan.layout
     print("ghmpi: resolved config:\n" + config_to_yaml(cfg).rstrip(), flush=True)
+    gpu = (f"{l.gpu_micro_batches} GPU micro-batches x {l.gpu_micro_batch_size} slots + "
+           if l.gpu_micro_batches else "")
     print(f"ghmpi: {world_size} ranks: {l.slices} tier-1 ({device}), {l.n_tier2} tier-2; "
-          f"{f'{l.gpu_micro_batches} GPU micro-batches x {l.gpu_micro_batch_size} slots + ' if l.gpu_micro_batches else ''}"
-          f"{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
+          f"{gpu}{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
           f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}; "
           f"{plan.n_prompts} prompts"
           f"{f' ({plan.n_rows} completions)' if plan.n_rows != plan.n_prompts else ''}, "
@@ -294,7 +295,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
               store: CompletionStore | None, lock: OutputLock | None, started: float) -> int:
     from ghmpi.model.llama import Transformer  # loading weights: tier 1 only
     from ghmpi.runtime.driver import Driver
-    from ghmpi.runtime.tier1 import SamplingParams, Tier1
+    from ghmpi.runtime.tier1 import Tier1
     from ghmpi.runtime.tier2 import Tier2
     from ghmpi.runtime.wire import WireFormat
 
@@ -315,9 +316,8 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                              head=j == layout.slices - 1, device=device,
                              dtype=DTYPES[cfg.model.dtype])
     g = cfg.generation
-    sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.seed, plan.logprobs)
     if j != 0:
-        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, sampling, faults)
+        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults)
         status = t1.run()
         _gather_clocks(world, t1.clock)
         return status
@@ -366,11 +366,11 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                 on_finished(done)
         progress.tick(generated)
 
-    owner = np.array([layout.owner(s, 0) for s in range(layout.n_slots)], dtype=np.int64)
-    driver = Driver(scheduler, owner, on_finished,
+    driver = Driver(scheduler, np.array(layout.owners(0), dtype=np.int64), on_finished,
                     should_drain=lambda: signals.received() is not None or store.error is not None,
                     tick=tick)
-    tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, sampling, faults, driver)
+    tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults,
+                  driver)
     gen_started = time.time()
     status = tier1.run()
     if stops is not None:

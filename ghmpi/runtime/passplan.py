@@ -30,13 +30,13 @@ class RemoteShare:
     """What one tier-2 rank gets from a pass, every layer."""
 
     owner: int  # world rank
-    dec_rows: np.ndarray  # (n_dec,) token index of each decode row in the pass
-    dec_slots: list[int]
-    dec_pos: list[int]
-    fill_slots: list[int]  # prompts whose K/V it stores
-    fill_spans: list[tuple[int, int]]  # their token ranges in the pass
-    dec_index: torch.Tensor | slice | None = None  # dec_rows on the device, or their span
+    dec_slots: list[int] = field(default_factory=list)
+    dec_pos: list[int] = field(default_factory=list)
+    fill_slots: list[int] = field(default_factory=list)  # prompts whose K/V it stores
+    fill_spans: list[tuple[int, int]] = field(default_factory=list)  # their token ranges
     fill_copies: list[list[int]] = field(default_factory=list)  # per fill: more slots of its K/V
+    # its decode rows' tokens: one span of the pass (order_rows groups them by owner)
+    dec_span: slice = field(default_factory=lambda: slice(0, 0))
 
 
 @dataclass
@@ -114,6 +114,14 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     ld_len = np.array([rows[i].start + 1 for i in local_dec], dtype=np.int64)
     # local cache stores: the local decode rows' new tokens and the local prompts' tokens
     st_idx, st_slot, st_pos, local_prefill = [list(range(n_ld))], [ld_slots], [positions[:n_ld]], []
+
+    def keep_local(row: int, position: int, a: int, b: int) -> None:
+        """Tokens a..b-1 (from `position` on) are stored in local cache row `row`."""
+        st_idx.append(range(a, b))
+        st_slot.append(np.full(b - a, row, dtype=np.int64))
+        st_pos.append(positions[a:b])
+        local_prefill.append((row, position, a, b - a))
+
     shares: dict[int, RemoteShare] = {}
     for i in pref:
         r = rows[i]
@@ -122,12 +130,9 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         for slot in (r.slot, *(c[0] for c in r.copies)):  # samples sharing the prefill
             o = int(owner[slot])
             if o == LOCAL:
-                st_idx.append(range(a, b))
-                st_slot.append(np.full(b - a, local_index[slot], dtype=np.int64))
-                st_pos.append(positions[a:b])
-                local_prefill.append((int(local_index[slot]), 0, a, b - a))
+                keep_local(int(local_index[slot]), 0, a, b)
                 continue
-            sh = shares.setdefault(o, RemoteShare(o, np.empty(0, np.int64), [], [], [], []))
+            sh = shares.setdefault(o, RemoteShare(o))
             if o in filled:  # the K/V cross the wire once; tier 2 copies them
                 sh.fill_copies[-1].append(slot)
                 continue
@@ -142,16 +147,16 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         if owner[r.slot] != LOCAL:
             raise ValueError(f"slot {r.slot}: prompt chunks need a tier-1 (local) slot")
         row = int(local_index[r.slot])
-        st_idx.append(range(a, b))
-        st_slot.append(np.full(b - a, row, dtype=np.int64))
-        st_pos.append(positions[a:b])
-        local_prefill.append((row, r.start, a, b - a))
+        keep_local(row, r.start, a, b)
         chunks.append((a, b, row, r.start))
-    for i in remote_dec:
+    for i in remote_dec:  # decode rows have one token each: row i is token i
         r = rows[i]
-        o = int(owner[r.slot])
-        sh = shares.setdefault(o, RemoteShare(o, np.empty(0, np.int64), [], [], [], []))
-        sh.dec_rows = np.append(sh.dec_rows, starts[i])
+        sh = shares.setdefault(int(owner[r.slot]), RemoteShare(int(owner[r.slot])))
+        if not sh.dec_slots:
+            sh.dec_span = slice(i, i)
+        if sh.dec_span.stop != i:
+            raise ValueError("a tier-2 rank's decode rows must be contiguous (order_rows)")
+        sh.dec_span = slice(sh.dec_span.start, i + 1)
         sh.dec_slots.append(r.slot)
         sh.dec_pos.append(r.start)
     store_index = np.concatenate([np.asarray(list(x), dtype=np.int64) for x in st_idx])
@@ -162,20 +167,14 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     remote = [shares[o] for o in sorted(shares)]
 
     # one host buffer -> one non-blocking copy; the views below cut it up on the device
-    parts = [positions, ld_slots, ld_len, cu, store_index, store_slots, store_pos, ends - 1,
-             *[sh.dec_rows for sh in remote]]
+    parts = [positions, ld_slots, ld_len, cu, store_index, store_slots, store_pos, ends - 1]
     sizes = [len(x) for x in parts]
     host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
     if device.type == "cuda":
         dev = host.pin_memory().to(device, non_blocking=True)
     else:
         dev = host
-    views = list(torch.split(dev, sizes))
-    (d_pos, d_ls, d_ll, d_cu, d_si, d_ss, d_sp, d_last), d_rem = views[:8], views[8:]
-    for sh, t in zip(remote, d_rem):
-        r = sh.dec_rows
-        contiguous = len(r) and int(r[-1]) - int(r[0]) + 1 == len(r)
-        sh.dec_index = slice(int(r[0]), int(r[-1]) + 1) if contiguous else t
+    d_pos, d_ls, d_ll, d_cu, d_si, d_ss, d_sp, d_last = torch.split(dev, sizes)
     return PassPlan(
         rows=rows, n=n, positions=d_pos, tokens=tokens,
         local_dec=slice(0, n_ld), local_slots=d_ls, local_lengths=d_ll,

@@ -19,9 +19,9 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.runtime.draws import choose
 from ghmpi.runtime.passplan import build_plan, order_rows, run_local_pass
-from ghmpi.runtime.scheduler import FINISH_LENGTH, Params, Request, Scheduler
+from ghmpi.runtime.scheduler import FINISH_LENGTH, FINISH_STOP, Params, Request, Scheduler
 
-FINISH_EOS = 1  # stopped on an id in eos_ids (kept as the last generated id), as the file's 1
+FINISH_EOS = FINISH_STOP  # stopped on an id in eos_ids (kept as the last generated id)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int | list[int],

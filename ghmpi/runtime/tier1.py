@@ -41,34 +41,27 @@ class Pass:
     x: torch.Tensor  # (n, dim) residual stream, n = sum of the rows' token counts
     layer: int  # global index of the next layer to run (or of the one awaiting replies)
     o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
-    waits: list[tuple[MPI.Request, np.ndarray, torch.Tensor]] = field(default_factory=list)
-    # (reply request, reply buffer, token indices of the rows it answers)
+    waits: list[tuple[MPI.Request, np.ndarray, slice]] = field(default_factory=list)
+    # (reply request, reply buffer, token span of the rows it answers)
 
     @property
     def rows(self) -> list[Row]:
         return self.plan.rows
 
 
-@dataclass
-class SamplingParams:
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    logprobs: int | None = None  # k top log-probabilities per token (0: the chosen only); None: off
-
-
 class Tier1:
     def __init__(self, world: MPI.Comm, layout: Layout, j: int, model: Transformer,
                  wire: WireFormat, kv_dtype: torch.dtype, max_len: int,
-                 sampling: SamplingParams, faults: FaultInjector, driver: Driver | None = None):
-        """Slice j's worker; slice 0 also gets the `driver` (scheduler and ring ends)."""
+                 logprobs: int | None, faults: FaultInjector, driver: Driver | None = None):
+        """Slice j's worker; slice 0 also gets the `driver` (scheduler and ring ends).
+        `logprobs`: top log-probabilities per token the last slice returns (0: the chosen token's
+        only; None: none). How each row samples travels with the row (`Row.params`)."""
         self.world, self.layout, self.j, self.model, self.wire = world, layout, j, model, wire
         self.args = model.args
         self.layers = layout.slice_layers(j)
         self.first, self.last = j == 0, j == layout.slices - 1
         self.device = model.device
-        self.sampling, self.faults = sampling, faults
+        self.logprobs, self.faults = logprobs, faults
         self.driver = driver
         self.outbox = tp.Outbox(world, alloc=wire.alloc)  # preallocated (pinned on a GPU)
         self.replies: dict[tuple[int, int], np.ndarray] = {}  # (mb, owner) -> reply buffer
@@ -90,7 +83,7 @@ class Tier1:
         if graphs and local:
             self.graphs = DecodeGraphs(model, self.cache, layout.max_micro_batch_size, len(local))
             self.graphs.capture_all()
-        self.owner = np.array([layout.owner(s, j) for s in range(layout.n_slots)], dtype=np.int64)
+        self.owner = np.array(layout.owners(j), dtype=np.int64)
         self.group = layout.tier2_group(j)
         self.ready: list[Pass] = []
         self.waiting: list[Pass] = []
@@ -123,7 +116,7 @@ class Tier1:
         so their receives can be posted again."""
         msgs = []
         for sh in p.plan.remote:
-            idx = sh.dec_index
+            idx = sh.dec_span
             key = ("work", p.mb, sh.owner)
             work = Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
                         [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
@@ -137,7 +130,7 @@ class Tier1:
             if len(sh.dec_slots):  # post the receive before the request goes out
                 buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
                 req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=reply_tag(p.mb))
-                p.waits.append((req, buf, sh.dec_index))
+                p.waits.append((req, buf, sh.dec_span))
             self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 
     @property
@@ -159,9 +152,8 @@ class Tier1:
 
     def _finish_layer(self, p: Pass) -> None:
         hd = self.args.n_heads * self.args.head_dim
-        for _, buf, idx in p.waits:  # idx: the rows' span (order_rows), or their indices
-            n = idx.stop - idx.start if isinstance(idx, slice) else len(idx)
-            p.o[idx] = self.wire.from_bytes(buf, (n, hd), self.device)
+        for _, buf, span in p.waits:
+            p.o[span] = self.wire.from_bytes(buf, (span.stop - span.start, hd), self.device)
         p.waits = []
         p.x = self.model.post_attention(p.layer, p.x, p.o)
         p.o = None
@@ -183,7 +175,7 @@ class Tier1:
         """logits (rows, vocab) float32 -> the next token of every draw (ghmpi/runtime/draws.py:
         each row's own settings and random stream, one draw per sample sharing a prefill, and
         log-probabilities when asked), to slice 0."""
-        d = choose(logits, p.rows, self.sampling.logprobs)
+        d = choose(logits, p.rows, self.logprobs)
         if any(r.prompt_logprobs for r in p.rows):
             d.prompt_logprobs = prompt_logprobs(self.model.classify, p.x, p.rows)
         if self.first:
