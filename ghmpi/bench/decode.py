@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ghmpi.bench import log
-from ghmpi.bench.common import copy_GBps, pick_device, random_model, timed
+from ghmpi.bench.common import copy_GBps, gemm_tflops, pick_device, random_model, timed
 from ghmpi.model.attention import cached_decode_attention, decode_attention, gpu_decode_path
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime.passplan import build_plan, run_local_pass
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     context = args.context or (512 if gpu else 64)
     log(f"{shape} on {device} ({args.dtype}), context {context}")
     bw = copy_GBps(device, 2**31 if gpu else 2**26)
+    peak = gemm_tflops(device, dtype, 8192 if gpu else 512)
     model = random_model(shape, device, dtype, args.layers)
     a = model.args
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -89,18 +90,33 @@ def run(args: argparse.Namespace) -> dict:
                       repeat=args.repeat)
         need = wbytes + B * context * kv_token
         roof = need / (bw * 1e9)
+        # The bytes alone bound a step only while the weight products are memory bound; at large
+        # batches they are compute bound (B tokens x 2 flops per weight), so the step's bound is
+        # max(weight bytes, weight flops) + the KV bytes (attention stays memory bound).
+        compute = 2 * B * linear_params(a) / (peak * 1e12)
+        bound = max(wbytes / (bw * 1e9), compute) + B * context * kv_token / (bw * 1e9)
         rows_out.append(dict(batch=B, context=context, step_ms=t * 1e3, eager_ms=t_eager * 1e3,
                              roofline_ms=roof * 1e3, of_roofline=roof / t, tokens_per_s=B / t,
-                             bytes_GB=need / 1e9, achieved_GBps=need / t / 1e9))
+                             bytes_GB=need / 1e9, achieved_GBps=need / t / 1e9,
+                             gemm_ms=compute * 1e3, bound_ms=bound * 1e3, of_bound=bound / t))
         log(f"batch {B}: {t * 1e3:.2f} ms/step (eager {t_eager * 1e3:.2f}), {roof / t:.0%} of "
-            f"the HBM roofline")
+            f"the HBM roofline, {bound / t:.0%} of max(bytes, GEMM flops) + KV bytes")
     attn = _attention_side_by_side(device, dtype, a, args.repeat) if gpu else []
     fused = _fused_check(model, device) if gpu and model.fused is not None else {}
     return {"suite": "decode", "device": torch.cuda.get_device_name(device) if gpu else "cpu",
             "torch": torch.__version__, "shape": shape, "dtype": args.dtype,
             "layers": a.n_layers, "weights_GB": wbytes / 1e9, "copy_GBps": bw,
+            "gemm_TFLOPs": peak,
             "decode_attention": gpu_decode_path() if gpu else "cpu", "steps": rows_out,
             "attention": attn, "fused_vs_torch_rel_err": fused}
+
+
+def linear_params(a) -> int:
+    """Weights a decode token multiplies through: the layers' projections and the LM head."""
+    qkv = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+    out = a.n_heads * a.head_dim * a.dim
+    mlp = 3 * a.dim * a.hidden_dim
+    return a.n_layers * (qkv + out + mlp) + a.vocab_size * a.dim
 
 
 def _attention_side_by_side(device, dtype, a, repeat: int) -> list[dict]:

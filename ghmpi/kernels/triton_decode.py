@@ -16,13 +16,24 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-_BLOCK_N = 64
-_SPLIT_TARGET = 4  # aim for this many programs per multiprocessor
+
+@dataclass(frozen=True)
+class Launch:
+    """Tile and pipeline shape of the decode kernel (see `bench/triton_decode_sweep.py`)."""
+
+    block_n: int = 64  # positions per tile
+    num_warps: int = 4
+    num_stages: int = 2
+    split_target: int = 4  # aim for this many programs per multiprocessor (flash-decoding)
+
+
+LAUNCH = Launch()
 
 
 @triton.jit
@@ -122,15 +133,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(rows: int, n_kv: int, max_ctx: int, device: torch.device) -> int:
+def num_splits(rows: int, n_kv: int, max_ctx: int, device: torch.device,
+               launch: Launch = LAUNCH) -> int:
     """Context splits per (row, kv head): enough programs to fill the GPU, >= 4 tiles each."""
-    want = -(-_SPLIT_TARGET * _sm_count(device.index or 0) // max(rows * n_kv, 1))
-    most = max(1, -(-max_ctx // (4 * _BLOCK_N)))
+    want = -(-launch.split_target * _sm_count(device.index or 0) // max(rows * n_kv, 1))
+    most = max(1, -(-max_ctx // (4 * launch.block_n)))
     return max(1, min(want, most, _MAX_SPLITS))
 
 
 def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slots: torch.Tensor, lengths: torch.Tensor, max_ctx: int) -> torch.Tensor:
+                          slots: torch.Tensor, lengths: torch.Tensor, max_ctx: int,
+                          launch: Launch | None = None) -> torch.Tensor:
     """q (B, H, D); k_cache/v_cache (n_slots, max_len, KV, D); slots, lengths (B,) on the GPU;
     max_ctx >= max(lengths), known on the host (no sync). -> o (B, H * D) in q.dtype.
     The launch depends on the host numbers only (B, max_ctx), so a CUDA graph may capture it
@@ -146,9 +159,10 @@ def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q = q.to(k_cache.dtype)  # tl.dot wants one operand type; results go back to o's dtype
     block_d = triton.next_power_of_2(D)
     block_h = max(16, triton.next_power_of_2(n_rep))
-    splits = num_splits(B, KV, max_ctx, q.device)
+    launch = launch or LAUNCH
+    splits = num_splits(B, KV, max_ctx, q.device, launch)
     split_len = -(-max(max_ctx, 1) // splits)
-    split_len = -(-split_len // _BLOCK_N) * _BLOCK_N
+    split_len = -(-split_len // launch.block_n) * launch.block_n
     ieee = k_cache.dtype == torch.float32
     if splits > 1:
         mid_o = torch.empty(B * H, splits, block_d, dtype=torch.float32, device=q.device)
@@ -162,8 +176,8 @@ def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1),
         split_len, splits, 1.0 / math.sqrt(D),
-        N_REP=n_rep, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=_BLOCK_N,
-        SPLIT=splits > 1, IEEE=ieee, num_warps=4, num_stages=2)
+        N_REP=n_rep, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=launch.block_n,
+        SPLIT=splits > 1, IEEE=ieee, num_warps=launch.num_warps, num_stages=launch.num_stages)
     if splits > 1:
         _combine_kernel[(B * H,)](mid_o, mid_lse, o, H, o.stride(0), o.stride(1), splits,
                                   HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS)

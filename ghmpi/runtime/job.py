@@ -248,7 +248,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
-        status = _run_role(cfg, plan, world, rank, device, store, lock, started)
+        status = _profiled(_run_role, rank)(cfg, plan, world, rank, device, store, lock, started)
     except Exception as e:
         role = layout.role(rank)
         print(f"ghmpi: error: rank {rank} ({role}) failed: {type(e).__name__}: {e}",
@@ -289,6 +289,25 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
           f"{plan.n_prompts} prompts"
           f"{f' ({plan.n_rows} completions)' if plan.n_rows != plan.n_prompts else ''}, "
           f"{plan.n_done} already done", flush=True)
+
+
+def _profiled(fn: Callable, rank: int) -> Callable:
+    """`fn` under cProfile when GHMPI_PROFILE names a folder: each rank's profile is written to
+    <folder>/rank<N>.prof (read it with `python -m pstats`)."""
+    folder = os.environ.get("GHMPI_PROFILE")
+    if not folder:
+        return fn
+
+    def run(*a, **kw):
+        import cProfile
+
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(fn, *a, **kw)
+        finally:
+            os.makedirs(folder, exist_ok=True)
+            prof.dump_stats(os.path.join(folder, f"rank{rank}.prof"))
+    return run
 
 
 def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,

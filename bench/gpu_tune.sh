@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Tuning and profiling on the GPU machine, in two parts (each fits one device call):
+#   part a: the host CPU; the Triton decode kernel's launch sweep; `bench decode` (HBM and
+#           compute-aware bounds); float32 exactness on CUDA incl. chunked prefill (gpu_check.sh)
+#   part b: `bench pipeline` (-n 9 at reply delays 0 and 10 ms) and a cProfile of every rank of
+#           the -n 9 job at 0 and 10 ms (GHMPI_PROFILE), printed as the top functions
+# Usage (repo root): OUT=dir bash bench/gpu_tune.sh a|b
+set -u
+OUT=${OUT:-$(mktemp -d)}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GHMPI_KERNEL_CACHE=/tmp/ghmpi-kernels
+PY=${PY:-python3}
+W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
+step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+case ${1:-a} in
+a)
+  lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|MHz|L3|NUMA node" > "$OUT/lscpu.txt"; cat "$OUT/lscpu.txt"
+  T=280 step sweep $PY bench/triton_decode_sweep.py -o "$OUT/sweep.json"
+  grep -E "^B=|^copy|^   " "$OUT/sweep.txt"
+  T=150 step decode $PY -m ghmpi bench decode --batches 256,max -o "$OUT/decode.json"
+  grep "ghmpi bench: batch" "$OUT/decode.txt"
+  mkdir -p "$OUT/check"
+  OUT=$OUT/check T=200 step gpu_check bash bench/gpu_check.sh
+  rm -rf "$OUT/check"
+  grep -E "completions equal|rc=" "$OUT/gpu_check.txt"
+  ;;
+b)
+  T=300 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 128 --new 64 --delays 0,10 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt"; grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"
+  for d in 0 10; do
+    GHMPI_PROFILE=$OUT/prof$d T=150 step profile$d $PY - "$W" "$d" <<'PYEOF'
+import sys
+from pathlib import Path
+from ghmpi.bench.job import make_inputs, run_ghmpi
+work, d = Path(sys.argv[1]), sys.argv[2]
+model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 128, 512)
+job = run_ghmpi(model_dir, prompts, work / f"prof-d{d}.h5", 9, 64, "bfloat16",
+                [f"runtime.reply_delay_ms={d}"])
+print(job["generate_tokens_per_s"], job["summary"])
+PYEOF
+    tail -3 "$OUT/profile$d.txt" | cut -c1-600
+    for r in 0 1; do
+      $PY -c "import pstats,sys; p=pstats.Stats('$OUT/prof$d/rank$r.prof'); p.sort_stats('tottime').print_stats(25); p.sort_stats('cumulative').print_stats(30)" > "$OUT/prof$d-rank$r.txt" 2>&1
+    done
+    head -60 "$OUT/prof$d-rank0.txt" | tail -40
+  done
+  rm -rf "$OUT"/prof0 "$OUT"/prof10
+  ;;
+esac
