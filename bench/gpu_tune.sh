@@ -11,6 +11,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GHMPI_KERNE
 PY=${PY:-python3}
 W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
 step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+check() {  # float32 exactness on CUDA (gpu_check.sh writes its files into a scratch folder)
+  s=$(date +%s)
+  OUT=/tmp/ghmpi-check timeout 200 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"
+  grep -E "completions equal|rc=" "$OUT/gpu_check.txt"
+}
 case ${1:-a} in
 a)
   lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|MHz|L3|NUMA node" > "$OUT/lscpu.txt"; cat "$OUT/lscpu.txt"
@@ -18,17 +24,13 @@ a)
   grep -E "^B=|^copy|^   " "$OUT/sweep.txt"
   T=150 step decode $PY -m ghmpi bench decode --batches 256,max -o "$OUT/decode.json"
   grep "ghmpi bench: batch" "$OUT/decode.txt"
-  mkdir -p "$OUT/check"
-  OUT=$OUT/check T=200 step gpu_check bash bench/gpu_check.sh
-  rm -rf "$OUT/check"
-  grep -E "completions equal|rc=" "$OUT/gpu_check.txt"
+  check
   ;;
 b)
-  T=300 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 128 --new 64 --delays 0,10 \
-    -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt"; grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"
+  T=60 step decode $PY -m ghmpi bench decode --batches 256,max -o "$OUT/decode.json"
+  grep "ghmpi bench: batch" "$OUT/decode.txt"
   for d in 0 10; do
-    GHMPI_PROFILE=$OUT/prof$d T=150 step profile$d $PY - "$W" "$d" <<'PYEOF'
+    GHMPI_PROFILE=$OUT/prof$d T=240 step profile$d $PY - "$W" "$d" <<'PYEOF'
 import sys
 from pathlib import Path
 from ghmpi.bench.job import make_inputs, run_ghmpi
@@ -44,6 +46,10 @@ PYEOF
     done
     head -60 "$OUT/prof$d-rank0.txt" | tail -40
   done
+  T=300 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 128 --new 64 --delays 0,10 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt"; grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"
   rm -rf "$OUT"/prof0 "$OUT"/prof10
+  check
   ;;
 esac

@@ -28,12 +28,21 @@ class Launch:
     """Tile and pipeline shape of the decode kernel (see `bench/triton_decode_sweep.py`)."""
 
     block_n: int = 64  # positions per tile
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = 2
+    num_stages: int = 3
     split_target: int = 4  # aim for this many programs per multiprocessor (flash-decoding)
 
 
+# From the sweep on the H100 (bench/results/h100-2026-11-23-tune/sweep.json): 64 x 2 warps x 3
+# stages is within 6% of the best shape at every batch of 16-810 rows and contexts 512-4096
+# (0.88-0.93 of the copy bandwidth at 256-810 rows); a handful of (row, kv head) pairs streams
+# faster in narrow tiles, more of them in flight.
 LAUNCH = Launch()
+LAUNCH_FEW = Launch(block_n=16, num_warps=1, num_stages=4)
+
+
+def launch_for(rows: int, n_kv: int) -> Launch:
+    return LAUNCH_FEW if rows * n_kv <= 16 else LAUNCH
 
 
 @triton.jit
@@ -159,7 +168,7 @@ def decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q = q.to(k_cache.dtype)  # tl.dot wants one operand type; results go back to o's dtype
     block_d = triton.next_power_of_2(D)
     block_h = max(16, triton.next_power_of_2(n_rep))
-    launch = launch or LAUNCH
+    launch = launch or launch_for(B, KV)
     splits = num_splits(B, KV, max_ctx, q.device, launch)
     split_len = -(-max(max_ctx, 1) // splits)
     split_len = -(-split_len // launch.block_n) * launch.block_n
