@@ -49,6 +49,7 @@ class DecodeGraphs:
             local_max_ctx=cache.max_len, prefill=slice(B, B), prefill_lengths=[],
             cu_seqlens=torch.zeros(1, dtype=torch.int32, device=dev), store_index=None,
             store_slots=slots, store_pos=positions, n_store=B, local_prefill=[], chunks=[], remote=[],
+            remote_dec=slice(B, B),
             last_tokens=torch.arange(B, device=dev))
 
         def step() -> torch.Tensor:

@@ -61,6 +61,7 @@ class PassPlan:
     chunks: list[tuple[int, int, int, int]]  # (start token, end token, local cache row, position):
     #                                         later chunks of long prompts, attending their prefix
     remote: list[RemoteShare]
+    remote_dec: slice  # token span of the rows decoding on tier 2 (every owner's span in order)
     last_tokens: torch.Tensor  # (rows,) long: each row's last token (the one that samples)
 
     @property
@@ -103,7 +104,8 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         else:
             remote_dec.append(i)
     n_ld = len(local_dec)
-    assert local_dec == list(range(n_ld)), "rows must come from order_rows"
+    if local_dec != list(range(n_ld)) or remote_dec != list(range(n_ld, n_ld + len(remote_dec))):
+        raise ValueError("decode rows must come first, local then tier 2 (order_rows)")
     pre_start = int(starts[pref[0]]) if pref else n
     pre_end = int(starts[cont[0]]) if cont else n
     prefill_lengths = [rows[i].ntok for i in pref]
@@ -183,7 +185,7 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         cu_seqlens=d_cu.to(torch.int32),
         store_index=None if all_stored else d_si, store_slots=d_ss, store_pos=d_sp,
         n_store=n_store, local_prefill=local_prefill, chunks=chunks, remote=remote,
-        last_tokens=d_last)
+        remote_dec=slice(n_ld, n_ld + len(remote_dec)), last_tokens=d_last)
 
 
 def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Tensor,

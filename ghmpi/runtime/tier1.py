@@ -41,8 +41,8 @@ class Pass:
     x: torch.Tensor  # (n, dim) residual stream, n = sum of the rows' token counts
     layer: int  # global index of the next layer to run (or of the one awaiting replies)
     o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
-    waits: list[tuple[MPI.Request, np.ndarray, slice]] = field(default_factory=list)
-    # (reply request, reply buffer, token span of the rows it answers)
+    waits: list[MPI.Request] = field(default_factory=list)  # tier-2 replies to this layer
+    waiting_on: list[int] = field(default_factory=list)  # their ranks
 
     @property
     def rows(self) -> list[Row]:
@@ -64,7 +64,7 @@ class Tier1:
         self.logprobs, self.faults = logprobs, faults
         self.driver = driver
         self.outbox = tp.Outbox(world, alloc=wire.alloc)  # preallocated (pinned on a GPU)
-        self.replies: dict[tuple[int, int], np.ndarray] = {}  # (mb, owner) -> reply buffer
+        self.replies: dict[int, np.ndarray] = {}  # mb -> its replies' receive buffer
         # Slots whose KV cache stays here (hybrid mode, or no tier 2 at all), packed densely.
         local = layout.local_slots()
         self.local_index = np.full(layout.n_slots, -1, dtype=np.int64)
@@ -111,26 +111,29 @@ class Tier1:
 
     def _ship(self, p: Pass, q, k, v) -> None:
         """Send each tier-2 owner one message with its decode rows' q/k/v and the prompts' K/V.
-        Every message is copied into its pinned buffer first and the GPU synchronised once for
-        all of them; that sync also retires the copies out of this micro-batch's reply buffers,
-        so their receives can be posted again."""
-        msgs = []
-        for sh in p.plan.remote:
-            idx = sh.dec_span
-            key = ("work", p.mb, sh.owner)
-            work = Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
-                        [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
-                        [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
-                        sh.fill_copies)
-            msg = work.encode(self.wire, lambda n, key=key: self.outbox.buffer(key, n), sync=False)
-            msgs.append((sh, key, msg))
-        if msgs and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        for sh, key, msg in msgs:
+        All messages' payloads leave the device in one staged copy, synchronised once (which also
+        retires the last layer's copy out of this micro-batch's reply buffer, so its receives can
+        be posted again); each owner's replies land in its rows of that one buffer."""
+        works = [Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
+                      [b - a for a, b in sh.fill_spans], q[sh.dec_span], k[sh.dec_span],
+                      v[sh.dec_span], [k[a:b] for a, b in sh.fill_spans],
+                      [v[a:b] for a, b in sh.fill_spans], sh.fill_copies)
+                 for sh in p.plan.remote]
+        if not works:
+            return
+        keys = [("work", p.mb, sh.owner) for sh in p.plan.remote]
+        msgs = Work.encode_all(
+            works, self.wire, lambda n: self.outbox.buffer(("stage", p.mb), n),
+            [lambda n, key=key: self.outbox.buffer(key, n) for key in keys])
+        first = p.plan.remote_dec.start
+        reply = self._reply_buffer(p.mb)
+        for sh, key, msg in zip(p.plan.remote, keys, msgs):
             if len(sh.dec_slots):  # post the receive before the request goes out
-                buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
-                req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=reply_tag(p.mb))
-                p.waits.append((req, buf, sh.dec_span))
+                rows = slice(sh.dec_span.start - first, sh.dec_span.stop - first)
+                buf = reply[rows.start * self.row_bytes:rows.stop * self.row_bytes]
+                p.waits.append(self.world.Irecv([buf, MPI.BYTE], source=sh.owner,
+                                                tag=reply_tag(p.mb)))
+                p.waiting_on.append(sh.owner)
             self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 
     @property
@@ -138,23 +141,24 @@ class Tier1:
         """Bytes of one row of attention output on the wire."""
         return self.args.n_heads * self.args.head_dim * self.wire.itemsize
 
-    def _reply_buffer(self, mb: int, owner: int) -> np.ndarray:
-        """Preallocated receive buffer for owner's replies to micro-batch mb: a micro-batch
-        waits on at most one layer at a time, so one buffer per (mb, owner) suffices."""
-        buf = self.replies.get((mb, owner))
+    def _reply_buffer(self, mb: int) -> np.ndarray:
+        """Preallocated receive buffer for tier 2's replies to micro-batch mb, rows in batch
+        order: a micro-batch waits on at most one layer at a time, so one buffer suffices."""
+        buf = self.replies.get(mb)
         if buf is None:
-            buf = self.replies[(mb, owner)] = self.wire.alloc(
+            buf = self.replies[mb] = self.wire.alloc(
                 self.layout.max_micro_batch_size * self.row_bytes)
         return buf
 
     def _replies_in(self, p: Pass) -> bool:
-        return all(req.Test() for req, _, _ in p.waits)
+        return MPI.Request.Testall(p.waits)
 
     def _finish_layer(self, p: Pass) -> None:
-        hd = self.args.n_heads * self.args.head_dim
-        for _, buf, span in p.waits:
-            p.o[span] = self.wire.from_bytes(buf, (span.stop - span.start, hd), self.device)
-        p.waits = []
+        if p.waits:  # every remote decode row's output, in one copy to the device
+            rows = p.plan.remote_dec
+            p.o[rows] = self.wire.from_bytes(self.replies[p.mb],
+                                             (rows.stop - rows.start, p.o.shape[1]), self.device)
+            p.waits, p.waiting_on = [], []
         p.x = self.model.post_attention(p.layer, p.x, p.o)
         p.o = None
         p.layer += 1
@@ -306,11 +310,9 @@ class Tier1:
 
         replies: dict[int, set[int]] = {}
         for p in list(self.waiting):
-            for req, buf, _ in list(p.waits):
+            for req, owner in list(zip(p.waits, p.waiting_on)):
                 if outstanding(req):
-                    for (mb, owner), b in list(self.replies.items()):
-                        if mb == p.mb and np.may_share_memory(b, buf):
-                            replies.setdefault(owner, set()).add(p.mb)
+                    replies.setdefault(owner, set()).add(p.mb)
         sends: dict[int, set[int]] = {}
         for key, req in list(self.outbox._keyed.items()):
             if outstanding(req):

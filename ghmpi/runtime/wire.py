@@ -42,17 +42,42 @@ class WireFormat:
         return self._joined(parts).cpu().numpy()
 
     def frame(self, header: Sequence[int], parts: Sequence[torch.Tensor],
-              buffer: Callable[[int], np.ndarray], sync: bool = True) -> np.ndarray:
+              buffer: Callable[[int], np.ndarray]) -> np.ndarray:
         """Header words, then the parts' bytes, written into `buffer(size)`; on a GPU the bytes go
-        straight into the (pinned) buffer and the stream is synchronised before it is sent
-        (`sync=False`: the caller synchronises once for a batch of messages)."""
+        straight into the (pinned) buffer and the stream is synchronised before it is sent."""
         joined = self._joined(parts)
         buf = buffer(frame_size(len(header), joined.numel()))
         at = write_header(buf, header)
         if joined.numel():
             torch.from_numpy(buf[at:]).copy_(joined, non_blocking=self.pinned)
-            if sync and joined.device.type == "cuda":
+            if joined.device.type == "cuda":
                 torch.cuda.current_stream(joined.device).synchronize()
+        return buf
+
+    def stage(self, payloads: Sequence[Sequence[torch.Tensor]],
+              buffer: Callable[[int], np.ndarray]) -> list[np.ndarray]:
+        """Several messages' payloads (each its parts' bytes back to back) in one device-to-host
+        copy into `buffer(size)` (pinned beside a GPU), synchronised once -> each message's
+        payload bytes (views of that buffer). Tier 1 ships a layer's messages to every tier-2
+        rank this way: one gather and one copy, not a copy per part per rank."""
+        flat = [t.reshape(-1).to(self.dtype) for parts in payloads for t in parts]
+        sizes = [sum(t.numel() for t in parts) * self.itemsize for parts in payloads]
+        host = buffer(sum(sizes))
+        if flat and sum(sizes):
+            joined = torch.cat(flat).view(torch.uint8)
+            torch.from_numpy(host).copy_(joined, non_blocking=self.pinned)
+            if joined.device.type == "cuda":
+                torch.cuda.current_stream(joined.device).synchronize()
+        ends = np.cumsum(sizes)
+        return [host[e - n:e] for e, n in zip(ends, sizes)]
+
+    @staticmethod
+    def frame_bytes(header: Sequence[int], payload: np.ndarray,
+                    buffer: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Header words, then `payload` (host bytes, e.g. from `stage`), in `buffer(size)`."""
+        buf = buffer(frame_size(len(header), payload.nbytes))
+        at = write_header(buf, header)
+        buf[at:] = payload
         return buf
 
     def from_bytes(self, buf: np.ndarray, shape: tuple[int, ...], device: torch.device | str
@@ -149,17 +174,32 @@ class Work:
     vf: Sequence[torch.Tensor] | torch.Tensor
     fill_copies: Sequence[Sequence[int]] = ()
 
-    def encode(self, wire: WireFormat, buffer: Callable[[int], np.ndarray] | None = None,
-               sync: bool = True) -> np.ndarray:
-        """The message bytes (in `buffer(size)` if given). `sync=False`: the caller synchronises
-        the GPU once for a batch of messages."""
-        header = [self.mb, self.layer, len(self.dec_slots), len(self.fill_slots),
-                  *self.dec_slots, *self.dec_pos, *self.fill_slots, *self.fill_len]
+    def header(self) -> list[int]:
+        words = [self.mb, self.layer, len(self.dec_slots), len(self.fill_slots),
+                 *self.dec_slots, *self.dec_pos, *self.fill_slots, *self.fill_len]
         if any(len(c) for c in self.fill_copies):
-            header += ([len(c) for c in self.fill_copies]
-                       + [s for c in self.fill_copies for s in c])
-        return wire.frame(header, [self.q, self.k, self.v, *self.kf, *self.vf],
-                          buffer or wire.alloc, sync)
+            words += ([len(c) for c in self.fill_copies]
+                      + [s for c in self.fill_copies for s in c])
+        return words
+
+    def parts(self) -> list[torch.Tensor]:
+        """The payload, in wire order."""
+        return [self.q, self.k, self.v, *self.kf, *self.vf]
+
+    def encode(self, wire: WireFormat, buffer: Callable[[int], np.ndarray] | None = None
+               ) -> np.ndarray:
+        """The message bytes (in `buffer(size)` if given). Several messages at once: `encode_all`."""
+        return wire.frame(self.header(), self.parts(), buffer or wire.alloc)
+
+    @staticmethod
+    def encode_all(works: Sequence["Work"], wire: WireFormat,
+                   staging: Callable[[int], np.ndarray],
+                   buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
+        """Every message's bytes, `works[i]` in `buffers[i](size)`: the payloads cross from the
+        device in one staged copy (`WireFormat.stage`), then each is framed on the host."""
+        payloads = wire.stage([w.parts() for w in works], staging)
+        return [wire.frame_bytes(w.header(), pl, buf)
+                for w, pl, buf in zip(works, payloads, buffers)]
 
     @staticmethod
     def decode(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,
