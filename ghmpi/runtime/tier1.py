@@ -1,10 +1,11 @@
 """Tier 1: one pipeline slice of layers on a GPU (or CPU), many micro-batches in flight.
 
 Per layer a micro-batch runs pre-attention, ships q/k/v of its decode rows to the tier-2 ranks
-owning those slots (and the new prompts' K/V for their caches), and, while those answer, the
-rank works on other micro-batches: it always advances the ready one that is furthest along.
-Prompts are prefilled here in whole causal passes; only q/k/v and attention outputs cross tiers,
-the residual stream stays on this device. After the slice's last layer the hidden states go to
+owning those slots (with the new prompts' K/V for their caches, and q/k/v of the later chunks of
+long prompts on those slots), and, while those answer, the rank works on other micro-batches: it
+always advances the ready one that is furthest along. Whole prompts and first chunks are
+prefilled here in one packed causal call; a later chunk attends its cached prefix where the slot's
+KV lives. Only q/k/v and attention outputs cross tiers, the residual stream stays on this device. After the slice's last layer the hidden states go to
 the next slice; the last slice samples and the tokens return to slice 0, closing the ring.
 """
 
@@ -41,8 +42,8 @@ class Pass:
     x: torch.Tensor  # (n, dim) residual stream, n = sum of the rows' token counts
     layer: int  # global index of the next layer to run (or of the one awaiting replies)
     o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
-    waits: list[tuple[MPI.Request, np.ndarray, slice]] = field(default_factory=list)
-    # (reply request, reply buffer, token span of the rows it answers)
+    waits: list[tuple[MPI.Request, np.ndarray, list[slice]]] = field(default_factory=list)
+    # (reply request, reply buffer, token spans of the rows it answers, in the reply's order)
 
     @property
     def rows(self) -> list[Row]:
@@ -110,27 +111,29 @@ class Tier1:
             self._finish_layer(p)
 
     def _ship(self, p: Pass, q, k, v) -> None:
-        """Send each tier-2 owner one message with its decode rows' q/k/v and the prompts' K/V.
-        Every message is copied into its pinned buffer first and the GPU synchronised once for
-        all of them; that sync also retires the copies out of this micro-batch's reply buffers,
-        so their receives can be posted again."""
+        """Send each tier-2 owner one message with its decode rows' q/k/v, the prompts' K/V and
+        its prompt chunks' q/k/v. Every message is copied into its pinned buffer first and the
+        GPU synchronised once for all of them; that sync also retires the copies out of this
+        micro-batch's reply buffers, so their receives can be posted again."""
         msgs = []
         for sh in p.plan.remote:
-            idx = sh.dec_span
+            idx, fills, chunks = sh.dec_span, sh.fill_spans, sh.chunk_spans
             key = ("work", p.mb, sh.owner)
             work = Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
-                        [b - a for a, b in sh.fill_spans], q[idx], k[idx], v[idx],
-                        [k[a:b] for a, b in sh.fill_spans], [v[a:b] for a, b in sh.fill_spans],
-                        sh.fill_copies)
+                        [b - a for a, b in fills], q[idx], k[idx], v[idx],
+                        [k[a:b] for a, b in fills], [v[a:b] for a, b in fills], sh.fill_copies,
+                        chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
+                        chunk_len=[b - a for a, b in chunks], qc=[q[a:b] for a, b in chunks],
+                        kc=[k[a:b] for a, b in chunks], vc=[v[a:b] for a, b in chunks])
             msg = work.encode(self.wire, lambda n, key=key: self.outbox.buffer(key, n), sync=False)
-            msgs.append((sh, key, msg))
+            msgs.append((sh, key, msg, work.n_reply))
         if msgs and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        for sh, key, msg in msgs:
-            if len(sh.dec_slots):  # post the receive before the request goes out
-                buf = self._reply_buffer(p.mb, sh.owner)[:len(sh.dec_slots) * self.row_bytes]
+        for sh, key, msg, n_reply in msgs:
+            if n_reply:  # post the receive before the request goes out
+                buf = self._reply_buffer(p.mb, sh.owner, n_reply * self.row_bytes)
                 req = self.world.Irecv([buf, MPI.BYTE], source=sh.owner, tag=reply_tag(p.mb))
-                p.waits.append((req, buf, sh.dec_span))
+                p.waits.append((req, buf, sh.reply_spans))
             self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 
     @property
@@ -138,22 +141,31 @@ class Tier1:
         """Bytes of one row of attention output on the wire."""
         return self.args.n_heads * self.args.head_dim * self.wire.itemsize
 
-    def _reply_buffer(self, mb: int, owner: int) -> np.ndarray:
-        """Preallocated receive buffer for owner's replies to micro-batch mb: a micro-batch
-        waits on at most one layer at a time, so one buffer per (mb, owner) suffices."""
+    def _reply_buffer(self, mb: int, owner: int, nbytes: int) -> np.ndarray:
+        """The first `nbytes` of the receive buffer for owner's replies to micro-batch mb: a
+        micro-batch waits on at most one layer at a time, so one buffer per (mb, owner)
+        suffices. It holds a full micro-batch of decode rows from the start; a pass with prompt
+        chunks on the owner's slots asks for more (at most the decode rows plus the pass's
+        prefill budget, Scheduler.plan) and the buffer grows to it then, so pinned memory is
+        spent on chunk rows only where chunks happen. (Replacing it is safe: `_ship` calls this
+        after synchronising the GPU, so no copy out of the old buffer is pending.)"""
         buf = self.replies.get((mb, owner))
-        if buf is None:
+        if buf is None or buf.nbytes < nbytes:
             buf = self.replies[(mb, owner)] = self.wire.alloc(
-                self.layout.max_micro_batch_size * self.row_bytes)
-        return buf
+                max(nbytes, self.layout.max_micro_batch_size * self.row_bytes))
+        return buf[:nbytes]
 
     def _replies_in(self, p: Pass) -> bool:
         return all(req.Test() for req, _, _ in p.waits)
 
     def _finish_layer(self, p: Pass) -> None:
         hd = self.args.n_heads * self.args.head_dim
-        for _, buf, span in p.waits:
-            p.o[span] = self.wire.from_bytes(buf, (span.stop - span.start, hd), self.device)
+        for _, buf, spans in p.waits:  # each reply: its rows in the order of its spans
+            o = self.wire.from_bytes(buf, (len(buf) // self.row_bytes, hd), self.device)
+            at = 0
+            for span in spans:
+                p.o[span] = o[at:at + span.stop - span.start]
+                at += span.stop - span.start
         p.waits = []
         p.x = self.model.post_attention(p.layer, p.x, p.o)
         p.o = None
