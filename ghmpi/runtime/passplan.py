@@ -2,9 +2,9 @@
 
 A pass feeds n tokens of many sequences through a slice's layers. Every layer needs the same
 bookkeeping: the tokens' positions, which rows decode on a local cache, which prompts are
-prefilled (their cumulative lengths), which rows and prompt chunks go to which tier-2 rank. Building it once per
-pass, not per layer, keeps host round trips off the hot path: the device tensors come from one
-pinned buffer copied without blocking.
+prefilled (their cumulative lengths), which rows and prompt chunks go to which tier-2 rank.
+Building it once per pass, not per layer, keeps host round trips off the hot path: the device
+tensors come from one pinned buffer copied without blocking.
 
 Rows arrive ordered decodes first (local slots before remote ones, as slots are numbered), then
 whole prompts and first chunks, then later chunks of long prompts (`order_rows`), so the local
