@@ -289,9 +289,11 @@ class TopologyConfig:
         "share of a GPU's memory a tier-1 rank may fill (weights, activations, KV cache), in (0, 1]")
     prefill_tokens: int = _opt(
         4096, _integer(lo=1),
-        "prompt tokens per pass on tier 1 (>= 1): a pass admits prompts up to this budget beside "
-        "its decode rows; a longer prompt on a tier-1 slot is prefilled in chunks of it (a "
-        "tier-2 slot's prompt goes whole)")
+        "prompt tokens per pass (>= 1): a pass admits prompts up to this budget beside its "
+        "decode rows; a longer prompt is prefilled in chunks of it that share passes with the "
+        "decode rows, on tier-1 and tier-2 slots alike (a later chunk is attended where its "
+        "slot's KV lives); a prompt with several samples sharing its prefill, or when "
+        "generation.prompt_logprobs is on, goes whole")
 
     def __post_init__(self) -> None:
         _validate(self)

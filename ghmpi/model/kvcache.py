@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 
 from ghmpi import kernels
-from ghmpi.model.attention import cached_decode_attention, decode_attention
+from ghmpi.model.attention import (cached_decode_attention, chunk_prefill_attention,
+                                   decode_attention)
 
 _ZERO_CHUNK = 64  # positions zeroed at a time ahead of a slot's high-water mark
 
@@ -94,6 +95,16 @@ class KVCache:
     def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first `length` cached positions of one slot: (length, n_kv, D) each."""
         return self.k[layer][slot, :length], self.v[layer][slot, :length]
+
+    def prefill_chunk(self, layer: int, slot: int, start: int, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+        """A later chunk of a prompt prefilled in chunks, on either tier: store its k/v
+        (L, n_kv, D) at positions start .. start+L-1 of `slot`, then attend its queries
+        q (L, n_heads, D) causally over the slot's cached prefix and the chunk itself.
+        -> (L, n_heads * D) in q.dtype, on the cache's device."""
+        self.write(layer, slot, start, k, v)
+        k_ctx, v_ctx = self.read(layer, slot, start + k.shape[0])
+        return chunk_prefill_attention(q.to(self.device), k_ctx, v_ctx, start)
 
     def decode(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, q: torch.Tensor,
                k: torch.Tensor, v: torch.Tensor, ctx_len: int | None = None,

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from ghmpi.comm.topology import LOCAL
 from ghmpi.errors import EXIT_INTERRUPTED, EXIT_OK
 from ghmpi.runtime.passplan import order_rows
 from ghmpi.runtime.scheduler import Draws, Row, Scheduler
@@ -27,6 +28,7 @@ class Driver:
         self.home: set[int] = set()  # micro-batches out on the ring
         self.plans: dict[int, list[Row]] = {}  # rows of each micro-batch's pass in flight
         self.generated = 0  # tokens sampled
+        self.chunked = [0, 0]  # prompts prefilled in chunks on tier-1 slots, on tier-2 slots
 
     def plan(self, mb: int) -> list[Row]:
         """Rows of micro-batch mb's next pass (empty: nothing left for it)."""
@@ -34,6 +36,9 @@ class Driver:
         if rows:
             self.plans[mb] = rows
             self.home.add(mb)
+        for r in rows:
+            if r.prefill and r.start == 0 and not r.final:  # a long prompt's first chunk
+                self.chunked[int(self.owner[r.slot] != LOCAL)] += 1
         return rows
 
     def commit(self, mb: int, draws: Draws) -> None:

@@ -348,8 +348,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                           [layout.micro_batch_slots(m) for m in range(layout.n_micro_batches)],
                           g.max_new_tokens, args.eos_token_ids, g.stop_token_ids, g.ignore_eos,
                           plan.max_len, cfg.topology.prefill_tokens,
-                          admission.job_params(g), g.prompt_logprobs, stops,
-                          chunk_slots=frozenset(layout.local_slots()))
+                          admission.job_params(g), g.prompt_logprobs, stops)
     progress = Progress(plan.n_rows, plan.n_done, cfg.runtime.progress_seconds)
 
     def on_stall(reason: str) -> None:  # the watchdog's thread: persist, say why, end the job
@@ -400,6 +399,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     if tiers:
         print(f"ghmpi: {tiers['line']}", flush=True)
     progress.sampled = driver.generated
+    progress.chunked = tuple(driver.chunked)
     prompts.close()
     try:
         store.flush()

@@ -2,12 +2,17 @@
 
 A pass feeds n tokens of many sequences through a slice's layers. Every layer needs the same
 bookkeeping: the tokens' positions, which rows decode on a local cache, which prompts are
-prefilled (their cumulative lengths), which rows go to which tier-2 rank. Building it once per
-pass, not per layer, keeps host round trips off the hot path: the device tensors come from one
-pinned buffer copied without blocking.
+prefilled (their cumulative lengths), which rows and prompt chunks go to which tier-2 rank.
+Building it once per pass, not per layer, keeps host round trips off the hot path: the device
+tensors come from one pinned buffer copied without blocking.
 
 Rows arrive ordered decodes first (local slots before remote ones, as slots are numbered), then
-prompts, so the local decode rows and the prompt tokens are contiguous spans of the batch.
+whole prompts and first chunks, then later chunks of long prompts (`order_rows`), so the local
+decode rows and the packed prompt tokens are contiguous spans of the batch.
+
+A later chunk (start > 0) of a prompt prefilled in chunks attends its slot's cached prefix, so it
+is computed where that slot's KV lives: on tier 1 for a local slot, on the owning tier-2 rank
+otherwise (its q/k/v ride in that rank's `Work` message, its output comes back in the reply).
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ import numpy as np
 import torch
 
 from ghmpi.comm.topology import LOCAL
-from ghmpi.model.attention import (cached_decode_attention, chunk_prefill_attention,
-                                   packed_prefill_attention)
+from ghmpi.model.attention import cached_decode_attention, packed_prefill_attention
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.runtime.scheduler import Row
@@ -37,6 +41,15 @@ class RemoteShare:
     fill_copies: list[list[int]] = field(default_factory=list)  # per fill: more slots of its K/V
     # its decode rows' tokens: one span of the pass (order_rows groups them by owner)
     dec_span: slice = field(default_factory=lambda: slice(0, 0))
+    chunk_slots: list[int] = field(default_factory=list)  # later chunks it stores and attends
+    chunk_pos: list[int] = field(default_factory=list)  # position of each chunk's first token
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # their token ranges
+
+    @property
+    def reply_spans(self) -> list[slice]:
+        """Token spans its reply answers, in the reply's order: decode rows, then chunks."""
+        spans = [self.dec_span] if self.dec_slots else []
+        return spans + [slice(a, b) for a, b in self.chunk_spans]
 
 
 @dataclass
@@ -56,10 +69,10 @@ class PassPlan:
     store_slots: torch.Tensor  # (n_store,) long local cache rows
     store_pos: torch.Tensor  # (n_store,) long positions
     n_store: int
-    local_prefill: list[tuple[int, int, int, int]]  # (local cache row, position, start token,
-    #                                                   length) of prompt tokens a CPU cache keeps
+    local_prefill: list[tuple[int, int, int]]  # (local cache row, start token, length) of the
+    #                                    prompts a CPU cache keeps (stored from position 0)
     chunks: list[tuple[int, int, int, int]]  # (start token, end token, local cache row, position):
-    #                                         later chunks of long prompts, attending their prefix
+    #                      later chunks of long prompts on local slots (stored and attended here)
     remote: list[RemoteShare]
     remote_dec: slice  # token span of the rows decoding on tier 2 (every owner's span in order)
     last_tokens: torch.Tensor  # (rows,) long: each row's last token (the one that samples)
@@ -117,12 +130,12 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
     # local cache stores: the local decode rows' new tokens and the local prompts' tokens
     st_idx, st_slot, st_pos, local_prefill = [list(range(n_ld))], [ld_slots], [positions[:n_ld]], []
 
-    def keep_local(row: int, position: int, a: int, b: int) -> None:
-        """Tokens a..b-1 (from `position` on) are stored in local cache row `row`."""
+    def keep_local(row: int, a: int, b: int) -> None:
+        """Prompt tokens a..b-1 are stored in local cache row `row` (from position 0)."""
         st_idx.append(range(a, b))
         st_slot.append(np.full(b - a, row, dtype=np.int64))
         st_pos.append(positions[a:b])
-        local_prefill.append((row, position, a, b - a))
+        local_prefill.append((row, a, b - a))
 
     shares: dict[int, RemoteShare] = {}
     for i in pref:
@@ -132,7 +145,7 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         for slot in (r.slot, *(c[0] for c in r.copies)):  # samples sharing the prefill
             o = int(owner[slot])
             if o == LOCAL:
-                keep_local(int(local_index[slot]), 0, a, b)
+                keep_local(int(local_index[slot]), a, b)
                 continue
             sh = shares.setdefault(o, RemoteShare(o))
             if o in filled:  # the K/V cross the wire once; tier 2 copies them
@@ -143,14 +156,17 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
             sh.fill_spans.append((a, b))
             sh.fill_copies.append([])
     chunks = []
-    for i in cont:  # a chunk continues a prompt whose KV stays here (Scheduler.chunk_slots)
+    for i in cont:  # a chunk attends its prefix where the slot's KV lives
         r = rows[i]
         a, b = int(starts[i]), int(ends[i])
-        if owner[r.slot] != LOCAL:
-            raise ValueError(f"slot {r.slot}: prompt chunks need a tier-1 (local) slot")
-        row = int(local_index[r.slot])
-        keep_local(row, r.start, a, b)
-        chunks.append((a, b, row, r.start))
+        o = int(owner[r.slot])
+        if o == LOCAL:
+            chunks.append((a, b, int(local_index[r.slot]), r.start))
+            continue
+        sh = shares.setdefault(o, RemoteShare(o))
+        sh.chunk_slots.append(r.slot)
+        sh.chunk_pos.append(r.start)
+        sh.chunk_spans.append((a, b))
     for i in remote_dec:  # decode rows have one token each: row i is token i
         r = rows[i]
         sh = shares.setdefault(int(owner[r.slot]), RemoteShare(int(owner[r.slot])))
@@ -191,8 +207,9 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
 def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
     """The attention tier 1 computes itself, into o (n, n_heads * D): every prompt of the pass in
-    one packed causal call, and the local slots' decode rows on the cache where it lies (their new
-    K/V, and the local prompts', stored first). Rows served by tier 2 are left alone."""
+    one packed causal call, the local slots' decode rows on the cache where it lies (their new
+    K/V, and the local prompts', stored first), and the local slots' prompt chunks over their
+    cached prefix. Rows and chunks served by tier 2 are left alone."""
     if cache is not None and cache.device.type != "cpu":
         if plan.n_store:
             if plan.store_index is None:
@@ -205,17 +222,16 @@ def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Ten
             o[d] = cached_decode_attention(q[d], cache.k[layer], cache.v[layer], plan.local_slots,
                                            plan.local_lengths, plan.local_max_ctx)
     elif cache is not None:  # a CPU cache keeps track of what was written (KVCache.write)
-        for row, pos, a, length in plan.local_prefill:
-            cache.write(layer, row, pos, k[a:a + length], v[a:a + length])
+        for row, a, length in plan.local_prefill:
+            cache.write(layer, row, 0, k[a:a + length], v[a:a + length])
         d = plan.local_dec
         if d.stop:
             o[d] = cache.decode(layer, plan.local_slots, plan.local_lengths - 1, q[d], k[d], v[d])
     if plan.prefill_lengths:
         s = plan.prefill
         o[s] = packed_prefill_attention(q[s], k[s], v[s], plan.cu_seqlens, plan.prefill_lengths)
-    for a, b, row, pos in plan.chunks:  # its K/V are stored above: attend over prefix + chunk
-        k_ctx, v_ctx = cache.read(layer, row, pos + b - a)
-        o[a:b] = chunk_prefill_attention(q[a:b], k_ctx, v_ctx, pos)
+    for a, b, row, pos in plan.chunks:
+        o[a:b] = cache.prefill_chunk(layer, row, pos, q[a:b], k[a:b], v[a:b])
 
 
 def run_local_pass(model: Transformer, cache: KVCache, plan: PassPlan,

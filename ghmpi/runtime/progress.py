@@ -30,6 +30,7 @@ class Progress:
         self.tokens = 0  # tokens of those completions
         self.sampled = 0  # every token sampled in this run, unfinished sequences' too
         self.reasons: Counter[int] = Counter()
+        self.chunked = (0, 0)  # prompts prefilled in chunks on tier-1 slots, on tier-2 slots
 
     def finished(self, finished: list) -> None:
         for f in finished:
@@ -53,11 +54,16 @@ class Progress:
             self.last = now
             print(self.line(), flush=True)
 
+    def _chunked(self) -> str:
+        t1, t2 = self.chunked
+        return (f"; {t1 + t2} prompts prefilled in chunks ({t1} on tier-1 slots, {t2} on tier-2 "
+                f"slots)" if t1 + t2 else "")
+
     def summary(self, wall: float, output: str) -> None:
         print(f"ghmpi: done: {self.done_before + self.done} prompts ({self.done} in this run), "
               f"{self.tokens} tokens generated in {wall:.1f} s, {self.sampled / max(wall, 1e-9):.1f} "
               f"tokens/s; finished on stop token {self.reasons[FINISH_STOP]}, on length "
               f"{self.reasons[FINISH_LENGTH]}"
               f"{f', on a stop string {self.reasons[FINISH_STOP_STRING]}' if self.reasons[FINISH_STOP_STRING] else ''}"
-              f"; rank 0 peak memory {peak_rss_mib():.0f} MiB; "
+              f"{self._chunked()}; rank 0 peak memory {peak_rss_mib():.0f} MiB; "
               f"wrote {output}", flush=True)

@@ -2,9 +2,10 @@
 
 The scheduler lives on slice 0 and never touches tensors or MPI. Per micro-batch it plans a
 *pass* (one trip through every layer of every slice): one row per active slot, either a whole
-prompt to prefill or the last sampled token to decode. When the pass comes back with one sampled
-token per row, `commit` applies the stopping rules and frees finished slots, which the next plan
-refills from the prompt queue at once.
+prompt to prefill, the next chunk of a prompt longer than the pass's budget (`prefill_tokens`),
+or the last sampled token to decode. When the pass comes back with one sampled token per row,
+`commit` applies the stopping rules and frees finished slots, which the next plan refills from
+the prompt queue at once.
 
 Several samples of a prompt (generation.n, or its own `n`) share one prefill: the prompt is
 admitted into as many free slots of the micro-batch as it has samples left, as one prefill row
@@ -144,13 +145,14 @@ class Scheduler:
                  slots_of: list[range],
                  max_new_tokens: int, eos_ids: Iterable[int], stop_ids: Iterable[int],
                  ignore_eos: bool, context_len: int, prefill_tokens: int,
-                 params: Params = GREEDY, prompt_logprobs: bool = False, stops=None,
-                 chunk_slots: frozenset[int] = frozenset()):
+                 params: Params = GREEDY, prompt_logprobs: bool = False, stops=None):
         """`prompts`: Requests (or (index, tokens, max_new_tokens) tuples) in admission order;
-        `params`: the job's sampling settings; `stops`: a StopStrings watcher (needed when a
-        request has stop strings); `chunk_slots`: slots whose KV stays on tier 1, where a prompt
-        longer than a pass's prefill budget is prefilled in chunks that share passes with the
-        decode rows (a one-sample prompt, without prompt log-probabilities)."""
+        `prefill_tokens`: a pass's prompt-token budget: a prompt longer than what is left of it
+        is prefilled in chunks that share passes with the decode rows, on any slot (a chunk
+        attends its prefix where the slot's KV lives, tier 1 or tier 2), when it has one sample
+        left and the job asks no prompt log-probabilities (those prompts go whole, alone in a
+        pass when longer than the budget); `params`: the job's sampling settings; `stops`: a
+        StopStrings watcher (needed when a request has stop strings)."""
         self._queue: Iterator = iter(prompts)
         self._peeked: Request | None = None
         self.params = params
@@ -162,7 +164,6 @@ class Scheduler:
         self.stop_ids = frozenset(stop_ids) | (frozenset() if ignore_eos else frozenset(eos_ids))
         self.context_len = context_len
         self.prefill_tokens = prefill_tokens
-        self.chunk_slots = chunk_slots
         self.draining = False  # set on SIGTERM/SIGUSR1: admit nothing more
         self.admitted = 0  # prompts whose every sample has been admitted
         self._params_of: dict[int, Params] = {}  # slot -> its sequence's own sampling settings
@@ -206,8 +207,9 @@ class Scheduler:
             if nxt is None:
                 break
             L = len(nxt.prompt)
-            chunked = (budget < L and free[0] in self.chunk_slots and len(nxt.samples) == 1
-                       and not self.prompt_logprobs)
+            # Samples sharing a prefill (Row.copies) and prompt log-probabilities (computed over
+            # a whole prompt's hidden states at the last slice) need the prompt in one pass.
+            chunked = budget < L and len(nxt.samples) == 1 and not self.prompt_logprobs
             if budget < L and budget < self.prefill_tokens and not chunked:
                 break
             take, rest = nxt.samples[:len(free)], nxt.samples[len(free):]

@@ -1,11 +1,13 @@
 """Tier 1: one pipeline slice of layers on a GPU (or CPU), many micro-batches in flight.
 
 Per layer a micro-batch runs pre-attention, ships q/k/v of its decode rows to the tier-2 ranks
-owning those slots (and the new prompts' K/V for their caches), and, while those answer, the
-rank works on other micro-batches: it always advances the ready one that is furthest along.
-Prompts are prefilled here in whole causal passes; only q/k/v and attention outputs cross tiers,
-the residual stream stays on this device. After the slice's last layer the hidden states go to
-the next slice; the last slice samples and the tokens return to slice 0, closing the ring.
+owning those slots (with the new prompts' K/V for their caches, and q/k/v of the later chunks of
+long prompts on those slots), and, while those answer, the rank works on other micro-batches: it
+always advances the ready one that is furthest along. Whole prompts and first chunks are
+prefilled here in one packed causal call; a later chunk attends its cached prefix where the slot's
+KV lives. Only q/k/v and attention outputs cross tiers, the residual stream stays on this device.
+After the slice's last layer the hidden states go to the next slice; the last slice samples and
+the tokens return to slice 0, closing the ring.
 """
 
 from __future__ import annotations
@@ -43,10 +45,22 @@ class Pass:
     o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
     waits: list[MPI.Request] = field(default_factory=list)  # tier-2 replies to this layer
     waiting_on: list[int] = field(default_factory=list)  # their ranks
+    replied: list[slice] = field(default_factory=list)  # token spans the replies fill, in order
 
     @property
     def rows(self) -> list[Row]:
         return self.plan.rows
+
+
+def _merged(spans: list[slice]) -> list[slice]:
+    """Adjacent spans joined (the owners' decode rows follow each other in the batch)."""
+    out: list[slice] = []
+    for s in spans:
+        if out and out[-1].stop == s.start:
+            out[-1] = slice(out[-1].start, s.stop)
+        else:
+            out.append(s)
+    return out
 
 
 class Tier1:
@@ -110,30 +124,37 @@ class Tier1:
             self._finish_layer(p)
 
     def _ship(self, p: Pass, q, k, v) -> None:
-        """Send each tier-2 owner one message with its decode rows' q/k/v and the prompts' K/V.
-        All messages' payloads leave the device in one staged copy, synchronised once (which also
-        retires the last layer's copy out of this micro-batch's reply buffer, so its receives can
-        be posted again); each owner's replies land in its rows of that one buffer."""
-        works = [Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
-                      [b - a for a, b in sh.fill_spans], q[sh.dec_span], k[sh.dec_span],
-                      v[sh.dec_span], [k[a:b] for a, b in sh.fill_spans],
-                      [v[a:b] for a, b in sh.fill_spans], sh.fill_copies)
-                 for sh in p.plan.remote]
+        """Send each tier-2 owner one message with its decode rows' q/k/v, the prompts' K/V and
+        its prompt chunks' q/k/v. All messages' payloads leave the device in one staged copy,
+        synchronised once (which also retires the last layer's copy out of this micro-batch's
+        reply buffer, so its receives can be posted again). The owners' replies land one after
+        the other in that buffer: rows of the spans in `p.replied`, in order."""
+        works = []
+        for sh in p.plan.remote:
+            idx, fills, chunks = sh.dec_span, sh.fill_spans, sh.chunk_spans
+            works.append(Work(
+                p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
+                [b - a for a, b in fills], q[idx], k[idx], v[idx],
+                [k[a:b] for a, b in fills], [v[a:b] for a, b in fills], sh.fill_copies,
+                chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
+                chunk_len=[b - a for a, b in chunks], qc=[q[a:b] for a, b in chunks],
+                kc=[k[a:b] for a, b in chunks], vc=[v[a:b] for a, b in chunks]))
         if not works:
             return
         keys = [("work", p.mb, sh.owner) for sh in p.plan.remote]
         msgs = Work.encode_all(
             works, self.wire, lambda n: self.outbox.buffer(("stage", p.mb), n),
             [lambda n, key=key: self.outbox.buffer(key, n) for key in keys])
-        first = p.plan.remote_dec.start
-        reply = self._reply_buffer(p.mb)
-        for sh, key, msg in zip(p.plan.remote, keys, msgs):
-            if len(sh.dec_slots):  # post the receive before the request goes out
-                rows = slice(sh.dec_span.start - first, sh.dec_span.stop - first)
-                buf = reply[rows.start * self.row_bytes:rows.stop * self.row_bytes]
-                p.waits.append(self.world.Irecv([buf, MPI.BYTE], source=sh.owner,
+        reply = self._reply_buffer(p.mb, sum(w.n_reply for w in works) * self.row_bytes)
+        at = 0
+        for sh, work, key, msg in zip(p.plan.remote, works, keys, msgs):
+            if work.n_reply:  # post the receive before the request goes out
+                end = at + work.n_reply * self.row_bytes
+                p.waits.append(self.world.Irecv([reply[at:end], MPI.BYTE], source=sh.owner,
                                                 tag=reply_tag(p.mb)))
                 p.waiting_on.append(sh.owner)
+                p.replied.extend(sh.reply_spans)
+                at = end
             self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
 
     @property
@@ -141,24 +162,31 @@ class Tier1:
         """Bytes of one row of attention output on the wire."""
         return self.args.n_heads * self.args.head_dim * self.wire.itemsize
 
-    def _reply_buffer(self, mb: int) -> np.ndarray:
-        """Preallocated receive buffer for tier 2's replies to micro-batch mb, rows in batch
-        order: a micro-batch waits on at most one layer at a time, so one buffer suffices."""
+    def _reply_buffer(self, mb: int, nbytes: int) -> np.ndarray:
+        """The first `nbytes` of the receive buffer for tier 2's replies to micro-batch mb: a
+        micro-batch waits on at most one layer at a time, so one buffer suffices. It holds a
+        full micro-batch of decode rows from the start and grows when a pass's prompt chunks on
+        tier-2 slots ask for more (at most the pass's prefill budget more), so pinned memory goes
+        to chunk rows only where chunks happen. Replacing it is safe: `_ship` asks after the
+        staged copy synchronised the GPU, so no copy out of the old buffer is pending."""
         buf = self.replies.get(mb)
-        if buf is None:
+        if buf is None or buf.nbytes < nbytes:
             buf = self.replies[mb] = self.wire.alloc(
-                self.layout.max_micro_batch_size * self.row_bytes)
-        return buf
+                max(nbytes, self.layout.max_micro_batch_size * self.row_bytes))
+        return buf[:nbytes]
 
     def _replies_in(self, p: Pass) -> bool:
         return MPI.Request.Testall(p.waits)
 
     def _finish_layer(self, p: Pass) -> None:
-        if p.waits:  # every remote decode row's output, in one copy to the device
-            rows = p.plan.remote_dec
-            p.o[rows] = self.wire.from_bytes(self.replies[p.mb],
-                                             (rows.stop - rows.start, p.o.shape[1]), self.device)
-            p.waits, p.waiting_on = [], []
+        if p.waits:  # every reply's rows in one copy to the device, then to their spans
+            rows = sum(span.stop - span.start for span in p.replied)
+            o = self.wire.from_bytes(self.replies[p.mb], (rows, p.o.shape[1]), self.device)
+            at = 0
+            for span in _merged(p.replied):  # decode rows only: one span
+                p.o[span] = o[at:at + span.stop - span.start]
+                at += span.stop - span.start
+            p.waits, p.waiting_on, p.replied = [], [], []
         p.x = self.model.post_attention(p.layer, p.x, p.o)
         p.o = None
         p.layer += 1

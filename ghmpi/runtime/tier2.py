@@ -1,8 +1,9 @@
 """Tier 2: a CPU rank holding the KV cache of its slots, computing their attention.
 
-It holds no weights. It serves every message in arrival order: store a new prompt's K/V, or
-append one decode step's k/v and attend over the slot's context, then send the output back
-nonblocking. It never blocks in a send, so it can never deadlock with tier 1.
+It holds no weights. It serves every message in arrival order: store a new prompt's K/V, append
+one decode step's k/v and attend over the slot's context, or store a later chunk of a long prompt
+and attend it over the slot's prefix, then send the outputs back nonblocking (decode rows, then
+chunk rows). It never blocks in a send, so it can never deadlock with tier 1.
 """
 
 from __future__ import annotations
@@ -53,23 +54,42 @@ class Tier2:
         self.faults.step()
         a = self.args
         w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
+        self._store_fills(w)
+        outs = self._attend(w)
+        if outs:
+            self._reply(self.wire.to_bytes(outs), source, reply_tag(w.mb))
+
+    def _store_fills(self, w: Work) -> None:
         at = 0
         for slot, length in zip(w.fill_slots, w.fill_len):
             length = int(length)
             self.cache.write(w.layer, int(self.index[slot]), 0, w.kf[at:at + length],
                              w.vf[at:at + length])
             at += length
+
+    def _attend(self, w: Work) -> list[torch.Tensor]:
+        """The outputs the message asks back, in its reply's order: (n_dec, H*D) of the decode
+        rows, then (len, H*D) of each prompt chunk."""
+        outs = []
         if len(w.dec_slots):
             slots = torch.from_numpy(self.index[w.dec_slots])
             positions = torch.from_numpy(np.ascontiguousarray(w.dec_pos))
             # In the activations' dtype, as the model would on one GPU (SDPA accumulates in
             # float32); upcasting a bf16 cache would copy every context first (~7x slower).
-            o = self.cache.decode(w.layer, slots, positions, w.q, w.k, w.v)  # (n_dec, H*D)
-            reply = self.wire.to_bytes([o])
-            if self.delay:
-                self.held.append((time.monotonic() + self.delay, reply, source, reply_tag(w.mb)))
-            else:
-                self.outbox.send(reply, source, reply_tag(w.mb))
+            outs.append(self.cache.decode(w.layer, slots, positions, w.q, w.k, w.v))
+        at = 0
+        for slot, start, length in zip(w.chunk_slots, w.chunk_pos, w.chunk_len):
+            s = slice(at, at + int(length))
+            outs.append(self.cache.prefill_chunk(w.layer, int(self.index[slot]), int(start),
+                                                 w.qc[s], w.kc[s], w.vc[s]))
+            at = s.stop
+        return outs
+
+    def _reply(self, reply: np.ndarray, dest: int, tag: int) -> None:
+        if self.delay:
+            self.held.append((time.monotonic() + self.delay, reply, dest, tag))
+        else:
+            self.outbox.send(reply, dest, tag)
 
     def _release_held(self) -> None:
         """Send the held replies whose delay has passed (in order: one delay for all)."""

@@ -154,12 +154,19 @@ def reply_tag(mb: int) -> int:
 
 @dataclass(frozen=True)
 class Work:
-    """One tier-1 -> tier-2 message: decode rows to attend, prompt K/V to store. `encode` and
-    `decode` are the two sides of its one layout: header words (mb, layer, counts, slots,
-    positions, prompt lengths, copies), then q, k, v of the decode rows and the prompts' K and V.
+    """One tier-1 -> tier-2 message: decode rows to attend, prompt K/V to store, prompt chunks to
+    store and attend. `encode` and `decode` are the two sides of its one layout: header words
+    (mb, layer, counts, the decode rows' slots and positions, the prompts' slots and lengths, the
+    chunks' slots, start positions and lengths, copies), then q, k, v of the decode rows, the
+    prompts' K and V, and q, k, v of the chunks.
 
     A prompt whose K/V go to several slots of the rank (samples sharing a prefill) crosses the
-    wire once: `fill_copies[i]` lists prompt i's extra slots, and `decode` repeats its K/V."""
+    wire once: `fill_copies[i]` lists prompt i's extra slots, and `decode` repeats its K/V.
+
+    A chunk is a later piece (start > 0) of a prompt prefilled in chunks (its first piece is a
+    fill): tier 2 stores its K/V at positions start .. start+len-1 of the slot and attends its
+    queries over the slot's prefix and the chunk; the reply carries the decode rows' outputs,
+    then the chunks' rows in order."""
 
     mb: int
     layer: int
@@ -173,10 +180,22 @@ class Work:
     kf: Sequence[torch.Tensor] | torch.Tensor  # out: one (len, KV, D) per prompt; in: all rows
     vf: Sequence[torch.Tensor] | torch.Tensor
     fill_copies: Sequence[Sequence[int]] = ()
+    chunk_slots: Sequence[int] | np.ndarray = ()  # (n_chunk,) slots of the prompt chunks
+    chunk_pos: Sequence[int] | np.ndarray = ()  # (n_chunk,) position of each chunk's first token
+    chunk_len: Sequence[int] | np.ndarray = ()  # (n_chunk,) tokens of each chunk
+    qc: Sequence[torch.Tensor] | torch.Tensor = ()  # out: one (len, H, D) per chunk; in: all rows
+    kc: Sequence[torch.Tensor] | torch.Tensor = ()  # out: one (len, KV, D) per chunk; in: all rows
+    vc: Sequence[torch.Tensor] | torch.Tensor = ()
+
+    @property
+    def n_reply(self) -> int:
+        """Rows of attention output the message asks back: its decode rows, then its chunks'."""
+        return len(self.dec_slots) + int(sum(self.chunk_len))
 
     def header(self) -> list[int]:
         words = [self.mb, self.layer, len(self.dec_slots), len(self.fill_slots),
-                 *self.dec_slots, *self.dec_pos, *self.fill_slots, *self.fill_len]
+                 len(self.chunk_slots), *self.dec_slots, *self.dec_pos, *self.fill_slots,
+                 *self.fill_len, *self.chunk_slots, *self.chunk_pos, *self.chunk_len]
         if any(len(c) for c in self.fill_copies):
             words += ([len(c) for c in self.fill_copies]
                       + [s for c in self.fill_copies for s in c])
@@ -184,7 +203,7 @@ class Work:
 
     def parts(self) -> list[torch.Tensor]:
         """The payload, in wire order."""
-        return [self.q, self.k, self.v, *self.kf, *self.vf]
+        return [self.q, self.k, self.v, *self.kf, *self.vf, *self.qc, *self.kc, *self.vc]
 
     def encode(self, wire: WireFormat, buffer: Callable[[int], np.ndarray] | None = None
                ) -> np.ndarray:
@@ -206,15 +225,19 @@ class Work:
                head_dim: int) -> "Work":
         """The message back (CPU tensors viewing `buf`), with every copy's K/V repeated."""
         header, payload = unpack(buf)
-        mb, layer, n_dec, n_fill = (int(w) for w in header[:4])
-        w = header[4:]
-        fill_len = w[2 * n_dec + n_fill:2 * n_dec + 2 * n_fill]
-        n_kv = int(fill_len.sum())
+        mb, layer, n_dec, n_fill, n_chunk = (int(w) for w in header[:5])
+        w = header[5:]
+        parts, at = [], 0
+        for n in (n_dec, n_dec, n_fill, n_fill, n_chunk, n_chunk, n_chunk):
+            parts.append(w[at:at + n])
+            at += n
+        dec_slots, dec_pos, fill_slots, fill_len, chunk_slots, chunk_pos, chunk_len = parts
+        rest = w[at:]
+        n_kv, n_ck = int(fill_len.sum()), int(chunk_len.sum())
         H, KV, D = n_heads, n_kv_heads, head_dim
-        q, k, v, kf, vf = wire.split(payload, [(n_dec, H, D), (n_dec, KV, D), (n_dec, KV, D),
-                                               (n_kv, KV, D), (n_kv, KV, D)])
-        fill_slots = w[2 * n_dec:2 * n_dec + n_fill]
-        rest = w[2 * n_dec + 2 * n_fill:]
+        q, k, v, kf, vf, qc, kc, vc = wire.split(
+            payload, [(n_dec, H, D), (n_dec, KV, D), (n_dec, KV, D), (n_kv, KV, D),
+                      (n_kv, KV, D), (n_ck, H, D), (n_ck, KV, D), (n_ck, KV, D)])
         if len(rest) and n_fill:  # copies: repeat each fill's K/V for its extra slots
             counts = rest[:n_fill]
             extra = rest[n_fill:n_fill + int(counts.sum())]
@@ -230,5 +253,6 @@ class Work:
             kf, vf = kf[sel], vf[sel]
             fill_slots = np.asarray(slots, dtype=np.int64)
             fill_len = np.asarray(lens, dtype=np.int64)
-        return Work(mb, layer, w[:n_dec], w[n_dec:2 * n_dec], fill_slots, fill_len, q, k, v,
-                    kf, vf)
+        return Work(mb, layer, dec_slots, dec_pos, fill_slots, fill_len, q, k, v, kf, vf,
+                    chunk_slots=chunk_slots, chunk_pos=chunk_pos, chunk_len=chunk_len,
+                    qc=qc, kc=kc, vc=vc)

@@ -1,9 +1,12 @@
 """Greedy float32 completions equal transformers' generate at every world size and slice count;
 sampled completions are identical across layouts; hybrid mode is exact."""
 
+import re
+
 import pytest
 
 from e2e_jobs import ghmpi, read_output, write_job
+from ghmpi.io.prompts import PromptFile
 
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (9, 1), (3, 2), (4, 2)]
 
@@ -57,17 +60,33 @@ def test_gpu_micro_batches_beside_tier2_with_reply_delay_are_exact(tmp_path, pro
     assert read_output(out) == reference
 
 
-@pytest.mark.parametrize("world,topology", [
-    (1, {"prefill_tokens": 5}),
-    (3, {"prefill_tokens": 7, "slices": 2}),
+CHUNKED = [  # (world, topology, which tiers' slots must see prompts prefilled in chunks)
+    (1, {"prefill_tokens": 5}, {"tier-1"}),
+    (3, {"prefill_tokens": 6}, {"tier-2"}),  # 1 tier-1 + 2 tier-2 ranks: every slot on tier 2
+    (3, {"prefill_tokens": 7, "slices": 2}, {"tier-2"}),  # 2 slices, 1 tier-2 rank serving both
+    (4, {"prefill_tokens": 7, "slices": 2}, {"tier-2"}),  # 2 slices, a tier-2 rank each
     (3, {"prefill_tokens": 6, "gpu_micro_batches": 1, "gpu_micro_batch_size": 3,
-         "micro_batches": 2, "micro_batch_size": 3}),
-], ids=["n1", "n3-s2", "n3-hybrid"])
-def test_prompts_prefilled_in_chunks_are_exact(tmp_path, prompts_file, reference, world, topology):
-    """A per-pass budget shorter than the prompts: tier-1 slots prefill them in chunks that share
-    passes with decode rows (attending their cached prefix); tier-2 slots take them whole."""
+         "micro_batches": 2, "micro_batch_size": 3}, {"tier-1", "tier-2"}),
+]
+
+
+@pytest.mark.parametrize("world,topology,tiers", CHUNKED,
+                         ids=["n1", "n3", "n3-s2", "n4-s2", "n3-hybrid"])
+def test_prompts_prefilled_in_chunks_are_exact(tmp_path, prompts_file, reference, world, topology,
+                                               tiers):
+    """A per-pass budget shorter than the prompts: they are prefilled in chunks that share passes
+    with decode rows, each later chunk attending its cached prefix where its slot's KV lives (on
+    tier 1, or on the tier-2 rank owning the slot, which stores the chunk and sends its rows'
+    attention back with the decode rows'). The summary counts them per tier."""
+    with PromptFile(prompts_file) as pf:
+        assert max(len(t) for _, t, _ in pf.iter_prompts()) > 3 * topology["prefill_tokens"]
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology)
     r = ghmpi(world, "-c", str(job))
     assert r.returncode == 0, r.stderr
+    m = re.search(r"(\d+) prompts prefilled in chunks \((\d+) on tier-1 slots, (\d+) on tier-2 "
+                  r"slots\)", r.stdout)
+    assert m, r.stdout
+    counts = {"tier-1": int(m[2]), "tier-2": int(m[3])}
+    assert {t for t, c in counts.items() if c} == tiers, m[0]
     assert read_output(out) == reference

@@ -1,5 +1,6 @@
 """The tier protocol at any world size: framing round trips, and real tier-2 ranks answering
-attention requests exactly as a local KV cache would. Run under mpirun with --with-mpi."""
+attention requests (decode rows and prompt chunks) exactly as a local KV cache would. Run under
+mpirun with --with-mpi."""
 
 from types import SimpleNamespace
 
@@ -103,6 +104,35 @@ def test_tier2_ranks_attend_like_a_local_cache(slices):
                     for req, buf, rows in reqs:
                         req.Wait()
                         got[rows] = wire.from_bytes(buf, (len(rows), H * D), "cpu")
+                    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+    # Prompt chunks beside decode rows: every even slot continues its prompt with a chunk of 3
+    # tokens at its next position; its owner stores and attends it over the slot's prefix and
+    # replies with the decode rows' outputs, then the chunks' rows.
+    for j in range(slices):
+        for layer in lay.slice_layers(j):
+            for mb in range(lay.micro_batches):
+                by_owner = {}
+                for s in lay.micro_batch_slots(mb):
+                    by_owner.setdefault(lay.owner(s, j), []).append(s)
+                reqs = []
+                for owner, mine in by_owner.items():
+                    dec, chk = [s for s in mine if s % 2], [s for s in mine if s % 2 == 0]
+                    dpos, cpos = [lengths[s] + 3 for s in dec], [lengths[s] + 3 for s in chk]
+                    q, k, v = (torch.randn(len(dec), h, D, generator=g) for h in (H, KV, KV))
+                    qc, kc, vc = ([torch.randn(3, h, D, generator=g) for _ in chk]
+                                  for h in (H, KV, KV))
+                    expect = [ref.decode(layer, torch.tensor(dec), torch.tensor(dpos), q, k, v)
+                              ] if dec else []
+                    expect += [ref.prefill_chunk(layer, *a) for a in zip(chk, cpos, qc, kc, vc)]
+                    work = Work(mb, layer, dec, dpos, [], [], q, k, v, [], [], chunk_slots=chk,
+                                chunk_pos=cpos, chunk_len=[3] * len(chk), qc=qc, kc=kc, vc=vc)
+                    buf = np.empty(work.n_reply * H * D * 4, dtype=np.uint8)
+                    reqs.append((comm.Irecv([buf, MPI.BYTE], source=owner, tag=reply_tag(mb)),
+                                 buf, torch.cat(expect)))
+                    out.send(work.encode(wire), owner, tp.TAG_WORK)
+                for req, buf, expect in reqs:
+                    req.Wait()
+                    got = wire.from_bytes(buf, tuple(expect.shape), "cpu")
                     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
     # STOP from "every slice": rank 0 speaks for all of them here
     for r in range(lay.slices, size):

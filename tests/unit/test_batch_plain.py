@@ -96,9 +96,60 @@ def test_rows_header_and_work_copies_round_trip() -> None:
     local_index = np.array([0, 1, -1, -1, -1, -1])
     row = Row(0, 0, 0, np.array([1, 2]), True, 0, Params(), ((1, 1), (2, 2), (3, 3), (4, 4)))
     plan = build_plan([row], owner, local_index, torch.device("cpu"))
-    assert plan.local_prefill == [(0, 0, 0, 2), (1, 0, 0, 2)]  # (cache row, position, token, length)
+    assert plan.local_prefill == [(0, 0, 2), (1, 0, 2)]  # (cache row, start token, length)
     assert [(sh.owner, sh.fill_slots, sh.fill_copies) for sh in plan.remote] == [
         (5, [2], [[3]]), (6, [4], [[]])]
+
+
+def test_work_with_prompt_chunks_round_trips() -> None:
+    """Decode rows, a fill with a copy and two prompt chunks in one record: every field comes
+    back, and the reply asks for the decode rows then the chunks' rows."""
+    wire = WireFormat(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    H, KV, D = 4, 2, 3
+    q, k, v = (torch.randn(2, h, D, generator=g) for h in (H, KV, KV))
+    kf, vf = torch.randn(3, KV, D, generator=g), torch.randn(3, KV, D, generator=g)
+    qc = [torch.randn(n, H, D, generator=g) for n in (4, 2)]
+    kc = [torch.randn(n, KV, D, generator=g) for n in (4, 2)]
+    vc = [torch.randn(n, KV, D, generator=g) for n in (4, 2)]
+    out = Work(3, 5, [1, 2], [9, 12], [6], [3], q, k, v, [kf], [vf], [[7]],
+               chunk_slots=[4, 0], chunk_pos=[8, 20], chunk_len=[4, 2], qc=qc, kc=kc, vc=vc)
+    assert out.n_reply == 2 + 6
+    w = Work.decode(wire, out.encode(wire), H, KV, D)
+    assert (w.mb, w.layer, w.n_reply) == (3, 5, 8)
+    assert w.dec_slots.tolist() == [1, 2] and w.dec_pos.tolist() == [9, 12]
+    assert w.fill_slots.tolist() == [6, 7] and w.fill_len.tolist() == [3, 3]
+    assert torch.equal(w.kf, torch.cat([kf, kf])) and torch.equal(w.vf, torch.cat([vf, vf]))
+    assert (w.chunk_slots.tolist(), w.chunk_pos.tolist(), w.chunk_len.tolist()) == (
+        [4, 0], [8, 20], [4, 2])
+    for got, want in [(w.q, q), (w.k, k), (w.v, v), (w.qc, torch.cat(qc)), (w.kc, torch.cat(kc)),
+                      (w.vc, torch.cat(vc))]:
+        assert torch.equal(got, want)
+    # chunks only (no decode rows, no fills), as a pass of one long prompt sends them
+    w = Work.decode(wire, Work(0, 0, [], [], [], [], q[:0], k[:0], v[:0], [], [],
+                               chunk_slots=[4], chunk_pos=[8], chunk_len=[2], qc=[qc[1]],
+                               kc=[kc[1]], vc=[vc[1]]).encode(wire), H, KV, D)
+    assert len(w.dec_slots) == len(w.fill_slots) == 0 and w.n_reply == 2
+    assert torch.equal(w.qc, qc[1]) and torch.equal(w.vc, vc[1])
+
+
+def test_plan_sends_later_chunks_to_their_owner() -> None:
+    """A later chunk on a tier-2 slot goes to its owner with the owner's decode rows, its reply
+    spans are the decode span then the chunk's; a local slot's chunk stays in plan.chunks."""
+    owner = np.array([-1, 5, 5, 6])
+    local_index = np.array([0, -1, -1, -1])
+    rows = [Row(1, 0, 7, np.array([3]), False),
+            Row(3, 1, 0, np.array([1, 2]), True, final=False),
+            Row(2, 2, 4, np.array([4, 5, 6]), True, final=False),
+            Row(0, 3, 6, np.array([7, 8]), True)]
+    plan = build_plan(rows, owner, np.array(local_index), torch.device("cpu"))
+    assert plan.chunks == [(6, 8, 0, 6)]  # (tokens, local cache row, position)
+    assert plan.local_prefill == [] and plan.prefill == slice(1, 3)
+    sh5, sh6 = plan.remote
+    assert (sh5.owner, sh5.dec_slots, sh5.chunk_slots, sh5.chunk_pos, sh5.chunk_spans) == (
+        5, [1], [2], [4], [(3, 6)])
+    assert sh5.reply_spans == [slice(0, 1), slice(3, 6)]
+    assert (sh6.owner, sh6.fill_slots, sh6.fill_spans, sh6.reply_spans) == (6, [3], [(1, 3)], [])
 
 
 def test_draws_per_sample_streams_and_logprobs() -> None:

@@ -1,14 +1,16 @@
 """Chunked prefill in the scheduler (plain data): a prompt longer than a pass's budget is fed in
-chunks on tier-1 slots, beside the decode rows, and only its last chunk's draw counts."""
+chunks on any slot (tier 1 or tier 2: the scheduler does not know), beside the decode rows, and
+only its last chunk's draw counts. Prompts with several samples sharing a prefill, or asking
+prompt log-probabilities, still go whole."""
 
 import numpy as np
 
-from ghmpi.runtime.scheduler import Scheduler
+from ghmpi.runtime.scheduler import Request, Scheduler
 
 
-def make(prompts, budget, chunk_slots=frozenset({0, 1})):
+def make(prompts, budget, **kw):
     reqs = [(i, np.arange(1, n + 1, dtype=np.int32), 3) for i, n in enumerate(prompts)]
-    return Scheduler(reqs, [range(2)], 3, [], [], False, 1000, budget, chunk_slots=chunk_slots)
+    return Scheduler(reqs, [range(2)], 3, [], [], False, 1000, budget, **kw)
 
 
 def test_long_prompt_is_fed_in_chunks_beside_decodes():
@@ -32,7 +34,25 @@ def test_long_prompt_is_fed_in_chunks_beside_decodes():
     assert s.active[1].generated == [11]
 
 
-def test_tier2_slots_take_a_long_prompt_whole():
-    s = make([10], budget=4, chunk_slots=frozenset())
-    rows = s.plan(0)  # the first admission of a pass goes in whole, as before
+def test_the_first_admission_of_a_pass_is_chunked_too():
+    s = make([10], budget=4)
+    rows = s.plan(0)  # alone in its pass, it is still cut to the budget
+    assert [(r.start, r.ntok, r.final) for r in rows] == [(0, 4, False)]
+    s.commit(rows, [99])
+    rows = s.plan(0)
+    assert [(r.start, r.ntok, r.final) for r in rows] == [(4, 4, False)]
+    s.commit(rows, [99])
+    rows = s.plan(0)
+    assert [(r.start, r.ntok, r.final) for r in rows] == [(8, 2, True)]
+    s.commit(rows, [5])
+    assert s.active[0].generated == [5]
+
+
+def test_shared_prefills_and_prompt_logprobs_go_whole():
+    two = Request(0, np.arange(1, 11, dtype=np.int32), 3, samples=(0, 1))
+    s = Scheduler([two], [range(2)], 3, [], [], False, 1000, 4)
+    rows = s.plan(0)  # two samples share one prefill: the prompt goes whole, alone in its pass
+    assert [(r.start, r.ntok, r.final, r.copies) for r in rows] == [(0, 10, True, ((1, 1),))]
+    s = make([10], budget=4, prompt_logprobs=True)
+    rows = s.plan(0)
     assert [(r.start, r.ntok, r.final) for r in rows] == [(0, 10, True)]
