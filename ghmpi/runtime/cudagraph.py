@@ -1,4 +1,5 @@
-"""Decode passes of the single tier replayed as CUDA graphs.
+"""Decode passes replayed as CUDA graphs: whole passes of the single tier (`DecodeGraphs`), and
+the per-layer work of passes that attend on tier 2 (`LayerGraphs`).
 
 A decode pass launches ~30 kernels per layer; at Llama-3-8B size the host needs longer to launch
 them (~27 ms a step on the H100 machine) than the GPU to run them (~17 ms at batch 256). A pass
@@ -8,7 +9,12 @@ rows beyond the real ones decode on a spare cache slot that nothing reads. The a
 launch depends only on the bucket (it is captured with the cache's full length as its bound and
 reads each row's own length on the device), so one capture serves every context length.
 
-Passes with prompts, with tier-2 rows, or on a CPU run eagerly.
+A pass whose rows attend on tier 2 cannot be one graph (it waits for replies every layer), but
+between two waits its work has a fixed shape too: post-attention of layer l-1 and pre-attention
+of layer l. `LayerGraphs` captures that segment per (layer, bucket of row counts) around static
+input/output buffers of the bucket, so a layer costs one replay instead of ~30 launches.
+
+Passes with prompts, or on a CPU, run eagerly.
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ class DecodeGraphs:
             local_max_ctx=cache.max_len, prefill=slice(B, B), prefill_lengths=[],
             cu_seqlens=torch.zeros(1, dtype=torch.int32, device=dev), store_index=None,
             store_slots=slots, store_pos=positions, n_store=B, local_prefill=[], chunks=[], remote=[],
-            remote_dec=slice(B, B),
             last_tokens=torch.arange(B, device=dev))
 
         def step() -> torch.Tensor:
@@ -93,3 +98,95 @@ class DecodeGraphs:
         inputs.copy_(host, non_blocking=True)
         graph.replay()
         return logits[:n]
+
+
+class LayerGraphs:
+    """Segments of decode passes between tier-2 waits, replayed as CUDA graphs.
+
+    Segment l of a slice holding layers [start, stop): post-attention of layer l-1 (unless
+    l == start) then pre-attention of layer l (unless l == stop). Inputs are copied into the
+    bucket's static buffers and the residual stream is copied out, so micro-batches of the same
+    bucket can interleave; q/k/v are read from the static buffers before the next replay (the
+    stream orders it)."""
+
+    def __init__(self, model: Transformer, layers: range, max_rows: int):
+        self.model, self.layers = model, layers
+        self.device = model.device
+        self.buckets = sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.static: dict[int, dict[str, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def eligible(plan: PassPlan) -> bool:
+        """Decode rows only (one token each): the segment's shape is the row count's."""
+        return plan.n == plan.n_rows and not plan.prefill_lengths and not plan.chunks
+
+    def _buffers(self, B: int) -> dict[str, torch.Tensor]:
+        s = self.static.get(B)
+        if s is None:
+            a, dev, dt = self.model.args, self.device, self.model.dtype
+            s = self.static[B] = dict(
+                x=torch.zeros(B, a.dim, device=dev, dtype=dt),
+                o=torch.zeros(B, a.n_heads * a.head_dim, device=dev, dtype=dt),
+                pos=torch.zeros(B, dtype=torch.long, device=dev),
+                x_out=torch.zeros(B, a.dim, device=dev, dtype=dt),
+                q=torch.zeros(B, a.n_heads, a.head_dim, device=dev, dtype=dt),
+                k=torch.zeros(B, a.n_kv_heads, a.head_dim, device=dev, dtype=dt),
+                v=torch.zeros(B, a.n_kv_heads, a.head_dim, device=dev, dtype=dt))
+        return s
+
+    def _segment(self, l: int, s: dict[str, torch.Tensor]) -> None:
+        """The segment's ops on the static buffers (captured, or run once to warm up)."""
+        x = s["x"] if l == self.layers.start else self.model.post_attention(l - 1, s["x"], s["o"])
+        s["x_out"].copy_(x)
+        if l < self.layers.stop:
+            q, k, v = self.model.pre_attention(l, x, s["pos"])
+            s["q"].copy_(q)
+            s["k"].copy_(k)
+            s["v"].copy_(v)
+
+    def capture_all(self) -> None:
+        """Capture every (segment, bucket) now, before the job's clock starts: a few hundred
+        small graphs, each captured straight on a side stream (no collection or cache flush per
+        graph, as torch.cuda.graph would do)."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for B in self.buckets:
+                s = self._buffers(B)
+                self.model.rotary.forget()
+                for l in (self.layers.start, self.layers.start + 1):  # warm up off-graph
+                    self._segment(min(l, self.layers.stop), s)
+                for l in range(self.layers.start, self.layers.stop + 1):
+                    self.model.rotary.forget()  # cos/sin computed in the graph, from s["pos"]
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(pool=self.pool)
+                    try:
+                        self._segment(l, s)
+                    finally:
+                        graph.capture_end()
+                    self.graphs[(l, B)] = graph
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.model.rotary.forget()
+
+    def run(self, l: int, x: torch.Tensor, o: torch.Tensor | None, positions: torch.Tensor
+            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """Segment l for n rows: x (n, dim) the residual stream entering it, o (n, H*D) layer
+        l-1's attention output (None at the slice's first layer) -> (x after post-attention of
+        layer l-1, a tensor of its own; (q, k, v) of layer l, views of static buffers valid until
+        the next replay, or None at the slice's end)."""
+        n = x.shape[0]
+        B = next(b for b in self.buckets if b >= n)
+        s = self._buffers(B)
+        s["x"][:n].copy_(x)
+        if o is not None:
+            s["o"][:n].copy_(o)
+        if l < self.layers.stop:
+            s["pos"][:n].copy_(positions)
+        self.graphs[(l, B)].replay()
+        x_new = s["x_out"][:n].clone() if l > self.layers.start else x
+        if l == self.layers.stop:
+            return x_new, None
+        return x_new, (s["q"][:n], s["k"][:n], s["v"][:n])

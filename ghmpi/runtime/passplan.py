@@ -74,7 +74,6 @@ class PassPlan:
     chunks: list[tuple[int, int, int, int]]  # (start token, end token, local cache row, position):
     #                      later chunks of long prompts on local slots (stored and attended here)
     remote: list[RemoteShare]
-    remote_dec: slice  # token span of the rows decoding on tier 2 (every owner's span in order)
     last_tokens: torch.Tensor  # (rows,) long: each row's last token (the one that samples)
 
     @property
@@ -201,7 +200,7 @@ def build_plan(rows: list[Row], owner: np.ndarray, local_index: np.ndarray,
         cu_seqlens=d_cu.to(torch.int32),
         store_index=None if all_stored else d_si, store_slots=d_ss, store_pos=d_sp,
         n_store=n_store, local_prefill=local_prefill, chunks=chunks, remote=remote,
-        remote_dec=slice(n_ld, n_ld + len(remote_dec)), last_tokens=d_last)
+        last_tokens=d_last)
 
 
 def attend_local(cache: KVCache | None, plan: PassPlan, layer: int, q: torch.Tensor,

@@ -25,7 +25,7 @@ from ghmpi.comm.topology import LOCAL, Layout
 from ghmpi.model.attention import warm_up_cuda
 from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
-from ghmpi.runtime.cudagraph import DecodeGraphs
+from ghmpi.runtime.cudagraph import DecodeGraphs, LayerGraphs
 from ghmpi.runtime.driver import Driver
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
@@ -42,7 +42,8 @@ class Pass:
     plan: PassPlan
     x: torch.Tensor  # (n, dim) residual stream, n = sum of the rows' token counts
     layer: int  # global index of the next layer to run (or of the one awaiting replies)
-    o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled
+    o: torch.Tensor | None = None  # (n, n_heads*head_dim) attention output being assembled, or,
+    #                                once it is, awaiting the post-attention of layer - 1
     waits: list[MPI.Request] = field(default_factory=list)  # tier-2 replies to this layer
     waiting_on: list[int] = field(default_factory=list)  # their ranks
     replied: list[slice] = field(default_factory=list)  # token spans the replies fill, in order
@@ -91,12 +92,22 @@ class Tier1:
         self.cache = (KVCache(list(self.layers), len(local) + graphs, max_len,
                               self.args.n_kv_heads, self.args.head_dim, kv_dtype, self.device)
                       if local else None)
-        self.graphs = None
+        self.graphs = self.layer_graphs = None
         if self.device.type == "cuda":
             warm_up_cuda(self.args, model.dtype, self.device)
         if graphs and local:
             self.graphs = DecodeGraphs(model, self.cache, layout.max_micro_batch_size, len(local))
             self.graphs.capture_all()
+        # Passes that wait on tier 2 (or run through several slices) replay the work between
+        # two attentions per layer instead.
+        if (self.device.type == "cuda" and (layout.n_tier2 or layout.slices > 1)
+                and os.environ.get("GHMPI_CUDA_GRAPHS", "1") != "0"):
+            t0 = time.perf_counter()
+            self.layer_graphs = LayerGraphs(model, self.layers, layout.max_micro_batch_size)
+            self.layer_graphs.capture_all()
+            if self.first:
+                print(f"ghmpi: tier 1: {len(self.layer_graphs.graphs)} layer graphs captured in "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
         self.owner = np.array(layout.owners(j), dtype=np.int64)
         self.group = layout.tier2_group(j)
         self.ready: list[Pass] = []
@@ -111,17 +122,29 @@ class Tier1:
         return Pass(mb, plan, x, self.layers.start)
 
     def _start_layer(self, p: Pass) -> None:
-        """pre-attention -> attend (ship tier 2 its share first, then the local attention while
-        tier 2 works) -> post-attention once every reply is in (`_finish_layer`)."""
+        """post-attention of the layer before -> pre-attention -> attend (ship tier 2 its share
+        first, then the local attention while tier 2 works); the post-attention waits until
+        every reply is in (`_finish_layer`) and runs with the next layer's pre-attention."""
         self.faults.step()
-        l, plan = p.layer, p.plan
-        q, k, v = self.model.pre_attention(l, p.x, plan.positions)  # (n, H, D), (n, KV, D) x2
+        p.x, (q, k, v) = self._segment(p)  # (n, H, D), (n, KV, D) x2
         p.o = torch.empty(q.shape[0], self.args.n_heads * self.args.head_dim, dtype=q.dtype,
                           device=q.device)
         self._ship(p, q, k, v)
-        attend_local(self.cache, p.plan, l, q, k, v, p.o)
+        attend_local(self.cache, p.plan, p.layer, q, k, v, p.o)
         if not p.waits:
             self._finish_layer(p)
+
+    def _segment(self, p: Pass) -> tuple[torch.Tensor, tuple | None]:
+        """The work between two attentions: post-attention of layer p.layer - 1 (when its output
+        p.o is pending), then pre-attention of p.layer (unless the slice ends there) -> (the
+        residual stream after it, (q, k, v) or None). A decode pass on a GPU replays it as one
+        CUDA graph."""
+        if self.layer_graphs is not None and LayerGraphs.eligible(p.plan):
+            return self.layer_graphs.run(p.layer, p.x, p.o, p.plan.positions)
+        x = p.x if p.o is None else self.model.post_attention(p.layer - 1, p.x, p.o)
+        if p.layer == self.layers.stop:
+            return x, None
+        return x, self.model.pre_attention(p.layer, x, p.plan.positions)
 
     def _ship(self, p: Pass, q, k, v) -> None:
         """Send each tier-2 owner one message with its decode rows' q/k/v, the prompts' K/V and
@@ -187,12 +210,12 @@ class Tier1:
                 p.o[span] = o[at:at + span.stop - span.start]
                 at += span.stop - span.start
             p.waits, p.waiting_on, p.replied = [], [], []
-        p.x = self.model.post_attention(p.layer, p.x, p.o)
-        p.o = None
-        p.layer += 1
+        p.layer += 1  # p.o now awaits its post-attention (`_segment`)
         if p.layer < self.layers.stop:
             self.ready.append(p)
         else:
+            p.x, _ = self._segment(p)
+            p.o = None
             self._leave_slice(p)
 
     def _leave_slice(self, p: Pass) -> None:
