@@ -52,4 +52,25 @@ PYEOF
   rm -rf "$OUT"/prof0 "$OUT"/prof10
   check
   ;;
+c)  # after a change to the ring: exactness on CUDA, the ring at 0 and 10 ms, a profile at 10 ms
+  check
+  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts ${PIPE_PROMPTS:-256} \
+    --new ${PIPE_NEW:-64} --delays ${DELAYS:-0,10} --single -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: (delay|single)|layer graphs" "$OUT/pipeline.txt"
+  grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"; grep -A5 "^jobs:" "$OUT/pipeline.txt"
+  if [ -n "${PROFILE:-}" ]; then
+    GHMPI_PROFILE=$OUT/prof T=150 step profile $PY - "$W" 10 <<'PYEOF'
+import sys
+from pathlib import Path
+from ghmpi.bench.job import make_inputs, run_ghmpi
+work, d = Path(sys.argv[1]), sys.argv[2]
+model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
+job = run_ghmpi(model_dir, prompts, work / f"prof-d{d}.h5", 9, 64, "bfloat16",
+                [f"runtime.reply_delay_ms={d}"])
+print(job["generate_tokens_per_s"], job["summary"])
+PYEOF
+    $PY -c "import pstats; p=pstats.Stats('$OUT/prof/rank0.prof'); p.sort_stats('tottime').print_stats(30); p.sort_stats('cumulative').print_stats(30)" > "$OUT/prof-rank0.txt" 2>&1
+    rm -rf "$OUT/prof"; sed -n 1,40p "$OUT/prof-rank0.txt"
+  fi
+  ;;
 esac
