@@ -26,6 +26,7 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.runtime.passplan import PassPlan, run_local_pass
 from ghmpi.runtime.scheduler import Row
+from ghmpi.runtime.wire import split_qkv
 
 
 class DecodeGraphs:
@@ -131,9 +132,10 @@ class LayerGraphs:
                 o=torch.zeros(B, a.n_heads * a.head_dim, device=dev, dtype=dt),
                 pos=torch.zeros(B, dtype=torch.long, device=dev),
                 x_out=torch.zeros(B, a.dim, device=dev, dtype=dt),
-                q=torch.zeros(B, a.n_heads, a.head_dim, device=dev, dtype=dt),
-                k=torch.zeros(B, a.n_kv_heads, a.head_dim, device=dev, dtype=dt),
-                v=torch.zeros(B, a.n_kv_heads, a.head_dim, device=dev, dtype=dt))
+                qkv=torch.zeros(B, a.n_heads + 2 * a.n_kv_heads, a.head_dim, device=dev,
+                                dtype=dt))
+            # q, k, v side by side per row, as they travel to tier 2 (wire.packed_qkv)
+            s["q"], s["k"], s["v"] = split_qkv(s["qkv"], a.n_heads)
         return s
 
     def _segment(self, l: int, s: dict[str, torch.Tensor]) -> None:

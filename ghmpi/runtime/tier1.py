@@ -31,7 +31,8 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan
 from ghmpi.runtime.scheduler import Draws, Row
-from ghmpi.runtime.wire import WireFormat, Work, reply_tag, rows_from_header, rows_header
+from ghmpi.runtime.wire import (WireFormat, Work, packed_qkv, reply_tag, rows_from_header,
+                                rows_header, split_qkv)
 
 
 @dataclass
@@ -152,6 +153,9 @@ class Tier1:
         synchronised once (which also retires the last layer's copy out of this micro-batch's
         reply buffer, so its receives can be posted again). The owners' replies land one after
         the other in that buffer: rows of the spans in `p.replied`, in order."""
+        if not p.plan.remote:
+            return
+        q, k, v = split_qkv(packed_qkv(q, k, v), q.shape[1])  # every owner's rows: one run
         works = []
         for sh in p.plan.remote:
             idx, fills, chunks = sh.dec_span, sh.fill_spans, sh.chunk_spans
@@ -162,8 +166,6 @@ class Tier1:
                 chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
                 chunk_len=[b - a for a, b in chunks], qc=[q[a:b] for a, b in chunks],
                 kc=[k[a:b] for a, b in chunks], vc=[v[a:b] for a, b in chunks]))
-        if not works:
-            return
         keys = [("work", p.mb, sh.owner) for sh in p.plan.remote]
         msgs = Work.encode_all(
             works, self.wire, lambda n: self.outbox.buffer(("stage", p.mb), n),

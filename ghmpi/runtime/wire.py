@@ -59,12 +59,14 @@ class WireFormat:
         """Several messages' payloads (each its parts' bytes back to back) in one device-to-host
         copy into `buffer(size)` (pinned beside a GPU), synchronised once -> each message's
         payload bytes (views of that buffer). Tier 1 ships a layer's messages to every tier-2
-        rank this way: one gather and one copy, not a copy per part per rank."""
-        flat = [t.reshape(-1).to(self.dtype) for parts in payloads for t in parts]
+        rank this way. Parts that already lie back to back in device memory (every owner's
+        decode rows, cut from one packed q/k/v tensor) are copied as one run, without a gather."""
+        flat = [t.to(self.dtype) for parts in payloads for t in parts]
         sizes = [sum(t.numel() for t in parts) * self.itemsize for parts in payloads]
         host = buffer(sum(sizes))
-        if flat and sum(sizes):
-            joined = torch.cat(flat).view(torch.uint8)
+        runs = _runs(flat)
+        if runs:
+            joined = (runs[0] if len(runs) == 1 else torch.cat(runs)).view(torch.uint8)
             torch.from_numpy(host).copy_(joined, non_blocking=self.pinned)
             if joined.device.type == "cuda":
                 torch.cuda.current_stream(joined.device).synchronize()
@@ -99,6 +101,48 @@ class WireFormat:
             out.append(self.from_bytes(buf[at:at + n], shape, "cpu"))
             at += n
         return out
+
+
+def _runs(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The parts as flat tensors, each maximal run of parts that lie back to back in one
+    storage joined into one view (no copy)."""
+    runs: list[torch.Tensor] = []
+    end = None  # (storage pointer, offset) just past the last run
+    for t in parts:
+        if not t.numel():
+            continue
+        flat = t.reshape(-1)
+        contiguous = t.is_contiguous()
+        here = (t.untyped_storage().data_ptr(), t.storage_offset()) if contiguous else None
+        if here is not None and here == end and runs[-1].dtype == t.dtype:
+            last = runs[-1]
+            runs[-1] = last.as_strided((last.numel() + flat.numel(),), (1,),
+                                       last.storage_offset())
+        else:
+            runs.append(flat)
+        end = (here[0], here[1] + t.numel()) if here is not None else None
+    return runs
+
+
+def packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(n, H + 2 KV, D): the rows of q (n, H, D), k and v (n, KV, D) side by side, as they
+    travel to tier 2. No copy when q, k, v already lie that way in one storage."""
+    n, H, D = q.shape
+    KV = k.shape[1]
+    row = ((H + 2 * KV) * D, D, 1)
+    if (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            == v.untyped_storage().data_ptr()
+            and q.stride() == row and k.stride() == row and v.stride() == row
+            and k.storage_offset() == q.storage_offset() + H * D
+            and v.storage_offset() == k.storage_offset() + KV * D):
+        return q.as_strided((n, H + 2 * KV, D), row, q.storage_offset())
+    return torch.cat([q, k, v], dim=1)
+
+
+def split_qkv(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `packed_qkv`: views (n, H, D), (n, KV, D), (n, KV, D)."""
+    kv = (qkv.shape[1] - n_heads) // 2
+    return qkv[:, :n_heads], qkv[:, n_heads:n_heads + kv], qkv[:, n_heads + kv:]
 
 
 def _f2w(x: float) -> int:
@@ -157,8 +201,8 @@ class Work:
     """One tier-1 -> tier-2 message: decode rows to attend, prompt K/V to store, prompt chunks to
     store and attend. `encode` and `decode` are the two sides of its one layout: header words
     (mb, layer, counts, the decode rows' slots and positions, the prompts' slots and lengths, the
-    chunks' slots, start positions and lengths, copies), then q, k, v of the decode rows, the
-    prompts' K and V, and q, k, v of the chunks.
+    chunks' slots, start positions and lengths, copies), then the decode rows' q, k, v side by
+    side per row, the prompts' K and V, and q, k, v of the chunks.
 
     A prompt whose K/V go to several slots of the rank (samples sharing a prefill) crosses the
     wire once: `fill_copies[i]` lists prompt i's extra slots, and `decode` repeats its K/V.
@@ -202,8 +246,10 @@ class Work:
         return words
 
     def parts(self) -> list[torch.Tensor]:
-        """The payload, in wire order."""
-        return [self.q, self.k, self.v, *self.kf, *self.vf, *self.qc, *self.kc, *self.vc]
+        """The payload, in wire order: the decode rows' q, k, v side by side (`packed_qkv`),
+        then the prompts' K and V, then the chunks' q, k, v."""
+        return [packed_qkv(self.q, self.k, self.v), *self.kf, *self.vf, *self.qc, *self.kc,
+                *self.vc]
 
     def encode(self, wire: WireFormat, buffer: Callable[[int], np.ndarray] | None = None
                ) -> np.ndarray:
@@ -235,9 +281,10 @@ class Work:
         rest = w[at:]
         n_kv, n_ck = int(fill_len.sum()), int(chunk_len.sum())
         H, KV, D = n_heads, n_kv_heads, head_dim
-        q, k, v, kf, vf, qc, kc, vc = wire.split(
-            payload, [(n_dec, H, D), (n_dec, KV, D), (n_dec, KV, D), (n_kv, KV, D),
-                      (n_kv, KV, D), (n_ck, H, D), (n_ck, KV, D), (n_ck, KV, D)])
+        qkv, kf, vf, qc, kc, vc = wire.split(
+            payload, [(n_dec, H + 2 * KV, D), (n_kv, KV, D), (n_kv, KV, D), (n_ck, H, D),
+                      (n_ck, KV, D), (n_ck, KV, D)])
+        q, k, v = split_qkv(qkv, H)
         if len(rest) and n_fill:  # copies: repeat each fill's K/V for its extra slots
             counts = rest[:n_fill]
             extra = rest[n_fill:n_fill + int(counts.sum())]
