@@ -13,7 +13,7 @@ W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
 step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
 check() {  # float32 exactness on CUDA (gpu_check.sh writes its files into a scratch folder)
   s=$(date +%s)
-  OUT=/tmp/ghmpi-check timeout 200 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  mkdir -p /tmp/ghmpi-check; OUT=/tmp/ghmpi-check timeout 200 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
   echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"
   grep -E "completions equal|rc=" "$OUT/gpu_check.txt"
 }
@@ -72,5 +72,22 @@ PYEOF
     $PY -c "import pstats; p=pstats.Stats('$OUT/prof/rank0.prof'); p.sort_stats('tottime').print_stats(30); p.sort_stats('cumulative').print_stats(30)" > "$OUT/prof-rank0.txt" 2>&1
     rm -rf "$OUT/prof"; sed -n 1,40p "$OUT/prof-rank0.txt"
   fi
+  ;;
+d)  # exactness, then the ring at a 10 ms reply delay against the micro-batch count
+  check
+  T=400 step mbsweep $PY - "$W" <<'PYEOF'
+import sys
+from pathlib import Path
+from ghmpi.bench.job import make_inputs, run_ghmpi
+work = Path(sys.argv[1])
+model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
+for d, mbs in ((0, 0), (10, 0), (10, 4), (10, 10), (10, 14)):
+    sets = [f"runtime.reply_delay_ms={d}"] + ([f"topology.micro_batches={mbs}"] if mbs else [])
+    job = run_ghmpi(model_dir, prompts, work / f"sweep.h5", 9, ${NEW:-32}, "bfloat16", sets)
+    print(f"delay {d} mbs {mbs or 'auto'}: {job['generate_tokens_per_s']:.0f} tokens/s |",
+          " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l
+                     or "graphs" in l), flush=True)
+PYEOF
+  grep -E "^delay" "$OUT/mbsweep.txt" | cut -c1-400
   ;;
 esac
