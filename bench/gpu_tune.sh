@@ -73,17 +73,16 @@ PYEOF
     rm -rf "$OUT/prof"; sed -n 1,40p "$OUT/prof-rank0.txt"
   fi
   ;;
-d)  # exactness, then the ring at a 10 ms reply delay against the micro-batch count
-  check
-  T=400 step mbsweep $PY - "$W" <<'PYEOF'
+d)  # the ring at a 10 ms reply delay against the micro-batch count
+  T=400 step mbsweep $PY - "$W" "${NEW:-32}" <<'PYEOF'
 import sys
 from pathlib import Path
 from ghmpi.bench.job import make_inputs, run_ghmpi
-work = Path(sys.argv[1])
+work, new = Path(sys.argv[1]), int(sys.argv[2])
 model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
 for d, mbs in ((0, 0), (10, 0), (10, 4), (10, 10), (10, 14)):
     sets = [f"runtime.reply_delay_ms={d}"] + ([f"topology.micro_batches={mbs}"] if mbs else [])
-    job = run_ghmpi(model_dir, prompts, work / f"sweep.h5", 9, ${NEW:-32}, "bfloat16", sets)
+    job = run_ghmpi(model_dir, prompts, work / f"sweep.h5", 9, new, "bfloat16", sets)
     print(f"delay {d} mbs {mbs or 'auto'}: {job['generate_tokens_per_s']:.0f} tokens/s |",
           " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l
                      or "graphs" in l), flush=True)
