@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# After the merges: float32 exactness on CUDA, the issue-8 job vs transformers, and the ring at
-# reply delays 0 and 10 ms (issue 9). Usage (repo root): OUT=dir bash bench/gpu_final.sh
+# The figures of the README's Performance section, on the GPU machine, in two parts (each fits one
+# device call). Usage (repo root): OUT=dir bash bench/gpu_final.sh a|b
+#   a: decode step vs the HBM roofline and the compute-aware bound (bench decode); the issue-8
+#      job, 256 prompts x 512 -> 128, default settings, vs transformers generate (bench job)
+#   b: the ring (-n 9) at reply delays 0..20 ms against its tiers' capacities, the single tier
+#      and a hybrid (bench pipeline), 256 prompts x 512 -> 64
 set -u
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GHMPI_KERNEL_CACHE=/tmp/ghmpi-kernels
 PY=${PY:-python3}
-W=/tmp/ghmpi-bench
-mkdir -p $OUT/check
-OUT=$OUT/check timeout 200 bash bench/gpu_check.sh > $OUT/gpu_check.txt 2>&1; echo "gpu_check rc=$?"
-rm -rf $OUT/check
-grep -E "completions equal" $OUT/gpu_check.txt
-timeout 200 $PY -m ghmpi bench job --workdir $W -o $OUT/job128.json > $OUT/job128.txt 2>&1; echo "job rc=$?"
-grep -E "transformers:|ghmpi_over|'generate_tokens_per_s'" $OUT/job128.txt | cut -c1-400
-timeout 260 $PY -m ghmpi bench pipeline --workdir $W --prompts 128 --new 64 --delays 0,10 -o $OUT/pipeline.json > $OUT/pipeline.txt 2>&1; echo "pipeline rc=$?"
-grep "ghmpi bench: delay" $OUT/pipeline.txt; grep -A6 "^jobs:" $OUT/pipeline.txt; grep -E "capacity|bound" $OUT/pipeline.txt
+W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
+step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+case ${1:-a} in
+a)
+  T=120 step decode $PY -m ghmpi bench decode --batches 1,64,256,max -o "$OUT/decode.json"
+  grep "ghmpi bench: batch" "$OUT/decode.txt"
+  T=420 step job $PY -m ghmpi bench job --workdir "$W" -o "$OUT/job.json"
+  grep -E "transformers:|ghmpi:|ghmpi_over" "$OUT/job.txt" | cut -c1-300 | tail -8
+  ;;
+b)
+  T=580 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 64 \
+    --delays 0,2,5,10,20 --single --hybrid 1 --hybrid-share 0.75 -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: (delay|single|hybrid)" "$OUT/pipeline.txt" | cut -c1-300
+  grep -E "capacity|bound_tps|target" "$OUT/pipeline.txt"; grep -A8 "^jobs:" "$OUT/pipeline.txt"
+  ;;
+esac

@@ -168,9 +168,10 @@ def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: in
     `local_fit` slots fit a tier-1 rank's KV budget, `remote_fit` a tier-2 rank's (None: no
     limit); it never exceeds what the prompts can fill, and a CPU tier 1 (tests, debugging)
     stays at 64. A delay between the tiers (`reply_delay_ms`) is hidden by more micro-batches in
-    flight: one more per slice for every 2 ms (about one tier-2 layer of a large micro-batch)."""
+    flight: one more per slice for every 1.25 ms (at 10 ms, 10 micro-batches measured best on the
+    H100 machine: bench/results/h100-2026-11-23-tune/run5-mbsweep.txt)."""
     has_tier2 = world_size > slices
-    extra = slices * math.ceil(reply_delay_ms / 2.0) if has_tier2 else 0
+    extra = slices * math.ceil(reply_delay_ms / 1.25) if has_tier2 else 0
     mbs = micro_batches or (2 * slices + extra if has_tier2 else 1)
     if micro_batch_size:
         return mbs, micro_batch_size
