@@ -17,6 +17,24 @@ check() {  # float32 exactness on CUDA (gpu_check.sh writes its files into a scr
   echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"
   grep -E "completions equal|rc=" "$OUT/gpu_check.txt"
 }
+profile() {  # profile NAME PROMPTS DELAY_MS: cProfile of every rank of the -n 9 job (8B, 512 -> 64)
+  name=$1; prompts=$2; d=$3
+  GHMPI_PROFILE=$OUT/$name T=240 step $name $PY - "$W" "$prompts" "$d" <<'PYEOF'
+import sys
+from pathlib import Path
+from ghmpi.bench.job import make_inputs, run_ghmpi
+work, n, d = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, n, 512)
+job = run_ghmpi(model_dir, prompts, work / f"prof-d{d}.h5", 9, 64, "bfloat16",
+                [f"runtime.reply_delay_ms={d}"])
+print(job["generate_tokens_per_s"], job["summary"])
+PYEOF
+  tail -3 "$OUT/$name.txt" | cut -c1-600
+  for r in 0 1; do
+    $PY -c "import pstats; p=pstats.Stats('$OUT/$name/rank$r.prof'); p.sort_stats('tottime').print_stats(30); p.sort_stats('cumulative').print_stats(30)" > "$OUT/$name-rank$r.txt" 2>&1
+  done
+  rm -rf "$OUT/$name"; sed -n 1,40p "$OUT/$name-rank0.txt"
+}
 case ${1:-a} in
 a)
   lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|MHz|L3|NUMA node" > "$OUT/lscpu.txt"; cat "$OUT/lscpu.txt"
@@ -29,27 +47,11 @@ a)
 b)
   T=60 step decode $PY -m ghmpi bench decode --batches 256,max -o "$OUT/decode.json"
   grep "ghmpi bench: batch" "$OUT/decode.txt"
-  for d in 0 10; do
-    GHMPI_PROFILE=$OUT/prof$d T=240 step profile$d $PY - "$W" "$d" <<'PYEOF'
-import sys
-from pathlib import Path
-from ghmpi.bench.job import make_inputs, run_ghmpi
-work, d = Path(sys.argv[1]), sys.argv[2]
-model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 128, 512)
-job = run_ghmpi(model_dir, prompts, work / f"prof-d{d}.h5", 9, 64, "bfloat16",
-                [f"runtime.reply_delay_ms={d}"])
-print(job["generate_tokens_per_s"], job["summary"])
-PYEOF
-    tail -3 "$OUT/profile$d.txt" | cut -c1-600
-    for r in 0 1; do
-      $PY -c "import pstats,sys; p=pstats.Stats('$OUT/prof$d/rank$r.prof'); p.sort_stats('tottime').print_stats(25); p.sort_stats('cumulative').print_stats(30)" > "$OUT/prof$d-rank$r.txt" 2>&1
-    done
-    head -60 "$OUT/prof$d-rank0.txt" | tail -40
-  done
+  profile prof0 128 0
+  profile prof10 128 10
   T=300 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 128 --new 64 --delays 0,10 \
     -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: delay" "$OUT/pipeline.txt"; grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"
-  rm -rf "$OUT"/prof0 "$OUT"/prof10
   check
   ;;
 c)  # after a change to the ring: exactness on CUDA, the ring at 0 and 10 ms, a profile at 10 ms
@@ -58,20 +60,7 @@ c)  # after a change to the ring: exactness on CUDA, the ring at 0 and 10 ms, a 
     --new ${PIPE_NEW:-64} --delays ${DELAYS:-0,10} --single -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: (delay|single)|layer graphs" "$OUT/pipeline.txt"
   grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"; grep -A5 "^jobs:" "$OUT/pipeline.txt"
-  if [ -n "${PROFILE:-}" ]; then
-    GHMPI_PROFILE=$OUT/prof T=150 step profile $PY - "$W" 10 <<'PYEOF'
-import sys
-from pathlib import Path
-from ghmpi.bench.job import make_inputs, run_ghmpi
-work, d = Path(sys.argv[1]), sys.argv[2]
-model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
-job = run_ghmpi(model_dir, prompts, work / f"prof-d{d}.h5", 9, 64, "bfloat16",
-                [f"runtime.reply_delay_ms={d}"])
-print(job["generate_tokens_per_s"], job["summary"])
-PYEOF
-    $PY -c "import pstats; p=pstats.Stats('$OUT/prof/rank0.prof'); p.sort_stats('tottime').print_stats(30); p.sort_stats('cumulative').print_stats(30)" > "$OUT/prof-rank0.txt" 2>&1
-    rm -rf "$OUT/prof"; sed -n 1,40p "$OUT/prof-rank0.txt"
-  fi
+  [ -n "${PROFILE:-}" ] && profile prof 256 10
   ;;
 d)  # the ring at a 10 ms reply delay against the micro-batch count
   T=400 step mbsweep $PY - "$W" "${NEW:-32}" <<'PYEOF'

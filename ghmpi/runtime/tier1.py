@@ -3,11 +3,13 @@
 Per layer a micro-batch runs pre-attention, ships q/k/v of its decode rows to the tier-2 ranks
 owning those slots (with the new prompts' K/V for their caches, and q/k/v of the later chunks of
 long prompts on those slots), and, while those answer, the rank works on other micro-batches: it
-always advances the ready one that is furthest along. Whole prompts and first chunks are
-prefilled here in one packed causal call; a later chunk attends its cached prefix where the slot's
-KV lives. Only q/k/v and attention outputs cross tiers, the residual stream stays on this device.
-After the slice's last layer the hidden states go to the next slice; the last slice samples and
-the tokens return to slice 0, closing the ring.
+always advances the ready one that is furthest along. When the replies are in, the layer's
+post-attention runs together with the next layer's pre-attention (`_segment`; one CUDA graph per
+layer for decode passes on a GPU). Whole prompts and first chunks are prefilled here in one packed
+causal call; a later chunk attends its cached prefix where the slot's KV lives. Only q/k/v and
+attention outputs cross tiers, the residual stream stays on this device. After the slice's last
+layer the hidden states go to the next slice; the last slice samples and the tokens return to
+slice 0, closing the ring.
 """
 
 from __future__ import annotations
