@@ -62,6 +62,18 @@ c)  # after a change to the ring: exactness on CUDA, the ring at 0 and 10 ms, a 
   grep -E "capacity|bound|micro_batch" "$OUT/pipeline.txt"; grep -A5 "^jobs:" "$OUT/pipeline.txt"
   [ -n "${PROFILE:-}" ] && profile prof 256 10
   ;;
+e)  # tier-2 attention on this node's CPU: the kernel's paths against torch, then AMX vs vector q.k
+  T=120 step kcheck $PY bench/cpu_kernel_check.py; cat "$OUT/kcheck.txt"
+  GHMPI_KERNEL_CFLAGS=-DGHMPI_NO_AMX T=120 step kcheck_noamx $PY bench/cpu_kernel_check.py
+  head -1 "$OUT/kcheck_noamx.txt"; grep -c " ok" "$OUT/kcheck_noamx.txt"
+  for v in amx noamx; do
+    flags=""; [ $v = noamx ] && flags=-DGHMPI_NO_AMX
+    GHMPI_KERNEL_CFLAGS=$flags T=200 step attention_$v $PY -m ghmpi bench attention --contexts 512,8192 \
+      --batches 1,64,256 --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 --no-torch \
+      -o "$OUT/attention_$v.json"
+    grep -E "native_ratio=|dram_read" "$OUT/attention_$v.txt" | sed 's/ghmpi bench: //' | cut -c1-200
+  done
+  ;;
 d)  # the ring at a 10 ms reply delay against the micro-batch count
   T=400 step mbsweep $PY - "$W" "${NEW:-32}" <<'PYEOF'
 import sys

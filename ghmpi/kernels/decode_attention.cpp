@@ -20,8 +20,12 @@
 // AVX512-BF16 and a bf16 query over a bf16 cache, q.k and p@V use vdpbf16ps (p rounded to bf16 for
 // p@V, as torch's bf16 attention does): half the instructions, no conversions of K or V.
 // Scores of 16 positions are reduced together (hsum16), V accumulators stay in registers over a
-// block. AMX is not used: the kernel is bound by memory, not by arithmetic.
-// GHMPI_PORTABLE forces the plain code (tests build both).
+// block. With AMX (AMX-BF16 in the build target and the kernel granting tile use), q.k of a full
+// block of 16 positions is one tile product per 32 dims instead: the K rows load as a tile
+// straight from the cache, the query heads of the kv group are the other operand, and the 16 x
+// n_rep scores come out of one tile store. Grouped-query attention does n_rep heads of q.k per K
+// byte, which the vector units could not keep up with at DRAM speed.
+// GHMPI_PORTABLE forces the plain code (tests build both); GHMPI_NO_AMX keeps the vector q.k.
 
 #include <ATen/Parallel.h>
 
@@ -43,6 +47,14 @@
 #define GHMPI_BF16DP 1  // vdpbf16ps: bf16 pairs multiplied and summed into fp32
 #else
 #define GHMPI_BF16DP 0
+#endif
+#if GHMPI_BF16DP && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && \
+    !defined(GHMPI_NO_AMX)
+#define GHMPI_AMX 1  // tile products for q.k (bf16 mode)
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define GHMPI_AMX 0
 #endif
 
 namespace {
@@ -293,6 +305,64 @@ inline void unpermute(float* a, int64_t D) {
 }
 #endif
 
+#if GHMPI_AMX
+// Linux hands out the tile registers' state on request, once per process.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0 (scores: 16 positions x 16 fp32), 1 (K: 16 positions x 32 bf16), 2 (q: 16 dim pairs x
+// 16 heads x 2 bf16): 16 rows of 64 bytes each. Loaded per item, released after it, so no other
+// user of the tiles on this thread (a library's matrix product) sees our configuration.
+inline void amx_begin() {
+  TileConfig c{};
+  c.palette_id = 1;
+  for (int t = 0; t < 3; ++t) { c.colsb[t] = 64; c.rows[t] = 16; }
+  _tile_loadconfig(&c);
+}
+
+// qt: per chunk of 32 dims, the tile operand B[r][h] = (q_h[2r], q_h[2r+1]) for the n_rep heads
+// (columns past n_rep are zero): D / 32 tiles of 1 KiB.
+inline void pack_q_tiles(const uint16_t* q, int64_t n_rep, int64_t D, uint16_t* qt) {
+  std::memset(qt, 0, static_cast<size_t>(D / 32) * 1024);
+  for (int64_t c = 0; c < D / 32; ++c)
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t h = 0; h < n_rep; ++h) {
+        uint16_t* e = qt + ((c * 16 + r) * 16 + h) * 2;
+        e[0] = q[h * D + 32 * c + 2 * r];
+        e[1] = q[h * D + 32 * c + 2 * r + 1];
+      }
+}
+
+// Scores as scores_block_dp for a full block of 16 positions: C (16 x 16) = K (16 x D) . q^T,
+// 32 dims per tile product; S[r * TB + i] = scale * C[i][r]. ct: 1 KiB scratch.
+inline void scores_block_amx(const uint16_t* qt, const char* kp, int64_t stride, int64_t n_rep,
+                             int64_t D, float scale, float* ct, float* S) {
+  _tile_zero(0);
+  for (int64_t c = 0; c < D / 32; ++c) {
+    _tile_loadd(1, kp + c * 64, stride);
+    _tile_loadd(2, qt + c * 512, 64);
+    _tile_dpbf16ps(0, 1, 2);
+  }
+  _tile_stored(0, ct, 64);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                                           4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < n_rep; ++r)
+    _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(
+        _mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(r))), ct, 4),
+        vscale));
+}
+#endif
+
 inline void prefetch_range(const char* p, int64_t bytes) {
 #ifndef GHMPI_NO_PREFETCH
 #ifndef GHMPI_PREFETCH_LOCALITY
@@ -311,6 +381,7 @@ struct Problem {
   int64_t H, n_kv, D, max_len, n_rep;
   float scale;
   float* out;  // (B, H*D) fp32
+  bool amx;    // tile products for q.k in bf16 mode (built for AMX and granted by the kernel)
 };
 
 struct Item {
@@ -324,7 +395,11 @@ struct Scratch {
   std::vector<float> s, m, l, acc, kf;
   std::vector<uint16_t> qb;  // bf16 mode: the item's query heads in bf16
   std::vector<uint32_t> pp;  // bf16 mode: a block's p as bf16 pairs, 8 per head
+  std::vector<uint16_t> qt;  // AMX: the item's kv groups' query tiles
+  std::vector<float> ct;     // AMX: one stored score tile
   void ensure(int64_t nh, int64_t D) {
+    if (static_cast<int64_t>(qt.size()) < nh * D * 16) qt.resize(nh * D * 16);
+    if (ct.size() < 256) ct.resize(256);
     if (static_cast<int64_t>(qb.size()) < nh * D) qb.resize(nh * D);
     if (static_cast<int64_t>(pp.size()) < nh * 8) pp.resize(nh * 8);
     if (static_cast<int64_t>(m.size()) < nh) {
@@ -364,6 +439,14 @@ void run_item(const Problem& P, const Item& it, float* partials) {
                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + x)));
   }
 #endif
+#if GHMPI_AMX
+  const bool amx = DP && P.amx && n_rep <= 16;
+  if (amx) {
+    amx_begin();
+    for (int64_t g = 0; g < ng; ++g)
+      pack_q_tiles(sc.qb.data() + g * n_rep * D, n_rep, D, sc.qt.data() + g * (D / 32) * 512);
+  }
+#endif
 
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
@@ -375,6 +458,13 @@ void run_item(const Problem& P, const Item& it, float* partials) {
       }
     }
     // scores S[h][i] = scale * q_h . k_{t+i}
+#if GHMPI_AMX
+    if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
+      for (int64_t g = 0; g < ng; ++g)
+        scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + (t * pos_stride + g * D) * es,
+                         pos_stride * es, n_rep, D, P.scale, sc.ct.data(), S + g * n_rep * TB);
+    } else
+#endif
 #if GHMPI_BF16DP
     if constexpr (DP) {
       for (int64_t g = 0; g < ng; ++g)
@@ -476,6 +566,9 @@ void run_item(const Problem& P, const Item& it, float* partials) {
     for (int64_t h = 0; h < nh; ++h) unpermute(A + h * D, D);
   }
 #endif
+#if GHMPI_AMX
+  if (amx) _tile_release();
+#endif
   if (it.part < 0) {  // whole context: normalise into the output
     float* o = P.out + (it.b * P.H + h0) * D;
     for (int64_t h = 0; h < nh; ++h) {
@@ -522,7 +615,10 @@ int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int
     total += lengths[b];
   }
   Problem P{q, k, v, slots, lengths, H, n_kv, D, max_len, H / n_kv,
-            1.0f / std::sqrt(static_cast<float>(D)), out};
+            1.0f / std::sqrt(static_cast<float>(D)), out, false};
+#if GHMPI_AMX
+  P.amx = amx_permitted();
+#endif
 
   // Split: chunks of at least min_chunk positions, small enough for ~4 items per thread; then
   // kv-head groups if rows x chunks still leave threads without work.
@@ -641,6 +737,11 @@ double ghmpi_read_sum(const float* x, int64_t n) {
 }
 
 // What the build targets, for the log line.
-const char* ghmpi_kernel_isa() { return GHMPI_BF16DP ? "avx512+bf16" : GHMPI_AVX512 ? "avx512" : "portable"; }
+const char* ghmpi_kernel_isa() {
+#if GHMPI_AMX
+  if (amx_permitted()) return "avx512+bf16+amx";
+#endif
+  return GHMPI_BF16DP ? "avx512+bf16" : GHMPI_AVX512 ? "avx512" : "portable";
+}
 
 }  // extern "C"
