@@ -71,8 +71,14 @@ e)  # tier-2 attention on this node's CPU: the kernel's paths against torch, the
     GHMPI_KERNEL_CFLAGS=$flags T=200 step attention_$v $PY -m ghmpi bench attention --contexts 512,8192 \
       --batches 1,64,256 --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 --no-torch \
       -o "$OUT/attention_$v.json"
-    grep -E "native_ratio=|dram_read" "$OUT/attention_$v.txt" | sed 's/ghmpi bench: //' | cut -c1-200
+    grep -E "native_kv_read_GBps=|dram_read" "$OUT/attention_$v.txt" | sed 's/ghmpi bench: //' | cut -c1-160
   done
+  if [ -n "${PIPE:-}" ]; then
+    T=250 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 64 \
+      --delays ${DELAYS:-0} -o "$OUT/pipeline.json"
+    grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-300; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+    grep -E "capacity|bound_tps" "$OUT/pipeline.txt"
+  fi
   ;;
 d)  # the ring at a 10 ms reply delay against the micro-batch count
   T=400 step mbsweep $PY - "$W" "${NEW:-32}" <<'PYEOF'

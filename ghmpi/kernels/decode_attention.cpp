@@ -20,11 +20,12 @@
 // AVX512-BF16 and a bf16 query over a bf16 cache, q.k and p@V use vdpbf16ps (p rounded to bf16 for
 // p@V, as torch's bf16 attention does): half the instructions, no conversions of K or V.
 // Scores of 16 positions are reduced together (hsum16), V accumulators stay in registers over a
-// block. With AMX (AMX-BF16 in the build target and the kernel granting tile use), q.k of a full
-// block of 16 positions is one tile product per 32 dims instead: the K rows load as a tile
-// straight from the cache, the query heads of the kv group are the other operand, and the 16 x
-// n_rep scores come out of one tile store. Grouped-query attention does n_rep heads of q.k per K
-// byte, which the vector units could not keep up with at DRAM speed.
+// block. With AMX (AMX-BF16 in the build target and the kernel granting tile use), a full block
+// of 16 positions runs on tiles instead: q.k is one tile product per 32 dims (the K rows load as
+// a tile straight from the cache, the kv group's query heads are the other operand), and p @ V one
+// per 16 dims (the block's V rows interleaved in pairs of positions, all heads' p at once).
+// Grouped-query attention does n_rep heads of work per K/V byte, which the vector units could not
+// keep up with at DRAM speed (bench/results/h100-2026-11-23-amx/).
 // GHMPI_PORTABLE forces the plain code (tests build both); GHMPI_NO_AMX keeps the vector q.k.
 
 #include <ATen/Parallel.h>
@@ -319,13 +320,17 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Tiles 0 (scores: 16 positions x 16 fp32), 1 (K: 16 positions x 32 bf16), 2 (q: 16 dim pairs x
-// 16 heads x 2 bf16): 16 rows of 64 bytes each. Loaded per item, released after it, so no other
-// user of the tiles on this thread (a library's matrix product) sees our configuration.
-inline void amx_begin() {
+// q.k: tiles 0 (scores: 16 positions x 16 fp32), 1 (K: 16 positions x 32 bf16), 2 (q: 16 dim
+// pairs x 16 heads x 2 bf16). p @ V: tiles 3 (n_rep heads x 16 dims fp32), 4 (p: n_rep heads x
+// 16 positions bf16), 5 (V: 8 position pairs x 16 dims x 2 bf16). Loaded per item, released after
+// it, so no other user of the tiles on this thread (a library's matrix product) sees them.
+inline void amx_begin(int64_t n_rep) {
   TileConfig c{};
   c.palette_id = 1;
   for (int t = 0; t < 3; ++t) { c.colsb[t] = 64; c.rows[t] = 16; }
+  c.colsb[3] = 64; c.rows[3] = static_cast<uint8_t>(n_rep);
+  c.colsb[4] = 32; c.rows[4] = static_cast<uint8_t>(n_rep);
+  c.colsb[5] = 64; c.rows[5] = 8;
   _tile_loadconfig(&c);
 }
 
@@ -360,6 +365,34 @@ inline void scores_block_amx(const uint16_t* qt, const char* kp, int64_t stride,
     _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(
         _mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(r))), ct, 4),
         vscale));
+}
+
+// acc += p @ V for a full block of 16 positions, as values_block_dp computes it (p in bf16, the
+// accumulators of each 32-dim chunk in its [lo | hi] unpack order): the block's V rows are
+// interleaved in pairs of positions into D / 16 tiles (vt, 16 * D uint16), then one tile product
+// per 16 dims takes all n_rep heads' p at once. Pp: the heads' p as bf16, 32 bytes per head.
+inline void values_block_amx(const char* vp, int64_t stride, int64_t n_rep, int64_t D,
+                             const uint32_t* Pp, float* A, uint16_t* vt, float* cb) {
+  for (int r = 0; r < 8; ++r) {
+    const char* a = vp + (2 * r) * stride;
+    const char* b = a + stride;
+    for (int64_t c = 0; c < D / 32; ++c) {
+      const __m512i x = _mm512_loadu_si512(a + c * 64), y = _mm512_loadu_si512(b + c * 64);
+      _mm512_storeu_si512(vt + ((2 * c) * 8 + r) * 32, _mm512_unpacklo_epi16(x, y));
+      _mm512_storeu_si512(vt + ((2 * c + 1) * 8 + r) * 32, _mm512_unpackhi_epi16(x, y));
+    }
+  }
+  _tile_loadd(4, Pp, 32);
+  for (int64_t j = 0; j < D / 16; ++j) {
+    _tile_zero(3);
+    _tile_loadd(5, vt + j * 256, 64);
+    _tile_dpbf16ps(3, 4, 5);
+    _tile_stored(3, cb, 64);
+    for (int64_t h = 0; h < n_rep; ++h) {
+      float* ah = A + h * D + j * 16;
+      _mm512_storeu_ps(ah, _mm512_add_ps(_mm512_loadu_ps(ah), _mm512_loadu_ps(cb + h * 16)));
+    }
+  }
 }
 #endif
 
@@ -397,8 +430,10 @@ struct Scratch {
   std::vector<uint32_t> pp;  // bf16 mode: a block's p as bf16 pairs, 8 per head
   std::vector<uint16_t> qt;  // AMX: the item's kv groups' query tiles
   std::vector<float> ct;     // AMX: one stored score tile
+  std::vector<uint16_t> vt;  // AMX: a block's V rows interleaved in position pairs
   void ensure(int64_t nh, int64_t D) {
     if (static_cast<int64_t>(qt.size()) < nh * D * 16) qt.resize(nh * D * 16);
+    if (static_cast<int64_t>(vt.size()) < 16 * D) vt.resize(16 * D);
     if (ct.size() < 256) ct.resize(256);
     if (static_cast<int64_t>(qb.size()) < nh * D) qb.resize(nh * D);
     if (static_cast<int64_t>(pp.size()) < nh * 8) pp.resize(nh * 8);
@@ -442,7 +477,7 @@ void run_item(const Problem& P, const Item& it, float* partials) {
 #if GHMPI_AMX
   const bool amx = DP && P.amx && n_rep <= 16;
   if (amx) {
-    amx_begin();
+    amx_begin(n_rep);
     for (int64_t g = 0; g < ng; ++g)
       pack_q_tiles(sc.qb.data() + g * n_rep * D, n_rep, D, sc.qt.data() + g * (D / 32) * 512);
   }
@@ -499,7 +534,13 @@ void run_item(const Problem& P, const Item& it, float* partials) {
     for (int64_t h = 0; h < nh; ++h) {
       float* sh = S + h * TB;
       float mx = M[h];
-      for (int i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
+#if GHMPI_AVX512
+      if constexpr (VEC)
+        mx = std::max(mx, _mm512_mask_reduce_max_ps(static_cast<__mmask16>((1u << n) - 1),
+                                                     _mm512_loadu_ps(sh)));
+      else
+#endif
+        for (int i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
       const float alpha = M[h] == NEG_INF ? 0.0f : std::exp(M[h] - mx);
       float sum = 0.0f;
 #if GHMPI_AVX512
@@ -529,6 +570,14 @@ void run_item(const Problem& P, const Item& it, float* partials) {
       }
     }
     // acc_h += sum_i p[h][i] * v_{t+i}
+#if GHMPI_AMX
+    if (amx && n == TB) {
+      for (int64_t g = 0; g < ng; ++g)
+        values_block_amx(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n_rep, D,
+                         sc.pp.data() + g * n_rep * 8, A + g * n_rep * D, sc.vt.data(),
+                         sc.ct.data());
+    } else
+#endif
 #if GHMPI_BF16DP
     if constexpr (DP) {
       for (int64_t g = 0; g < ng; ++g)
