@@ -80,6 +80,22 @@ e)  # tier-2 attention on this node's CPU: the kernel's paths against torch, the
     grep -E "capacity|bound_tps" "$OUT/pipeline.txt"
   fi
   ;;
+f)  # the -n 9 job with the tier-2 kernel's tile path on, off, on (256 prompts x 512 -> 64, 0 ms)
+  for v in amx noamx amx; do
+    flags=""; [ $v = noamx ] && flags=-DGHMPI_NO_AMX
+    GHMPI_KERNEL_CFLAGS=$flags T=200 step ring_$v $PY - "$W" <<'PYEOF'
+import sys
+from pathlib import Path
+from ghmpi.bench.job import make_inputs, run_ghmpi
+work = Path(sys.argv[1])
+model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
+job = run_ghmpi(model_dir, prompts, work / "ring.h5", 9, 64, "bfloat16", [])
+print(f"{job['generate_tokens_per_s']:.0f} tokens/s |",
+      " | ".join(l for l in job["summary"] if "busy" in l or "tier 2:" in l))
+PYEOF
+    echo "$v: $(tail -1 "$OUT/ring_$v.txt" | cut -c1-400)"
+  done
+  ;;
 d)  # the ring at a 10 ms reply delay against the micro-batch count
   T=400 step mbsweep $PY - "$W" "${NEW:-32}" <<'PYEOF'
 import sys
