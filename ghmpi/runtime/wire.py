@@ -64,7 +64,7 @@ class WireFormat:
         flat = [t.to(self.dtype) for parts in payloads for t in parts]
         sizes = [sum(t.numel() for t in parts) * self.itemsize for parts in payloads]
         host = buffer(sum(sizes))
-        runs = _runs(flat)
+        runs = coalesce(flat)
         if runs:
             joined = (runs[0] if len(runs) == 1 else torch.cat(runs)).view(torch.uint8)
             torch.from_numpy(host).copy_(joined, non_blocking=self.pinned)
@@ -103,7 +103,7 @@ class WireFormat:
         return out
 
 
-def _runs(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def coalesce(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The parts as flat tensors, each maximal run of parts that lie back to back in one
     storage joined into one view (no copy)."""
     runs: list[torch.Tensor] = []

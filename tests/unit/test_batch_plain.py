@@ -21,7 +21,8 @@ from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logpr
 from ghmpi.runtime.passplan import build_plan
 from ghmpi.runtime.scheduler import Draws, Params, Request, Row, Scheduler
 from ghmpi.runtime.stopstrings import StopStrings, cut_at_stop
-from ghmpi.runtime.wire import WireFormat, Work, rows_from_header, rows_header
+from ghmpi.runtime.wire import (WireFormat, Work, coalesce, packed_qkv, rows_from_header, rows_header,
+                                split_qkv)
 from ghmpi.comm import transport as tp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,3 +256,32 @@ def test_settings_datasets_and_digest(tmp_path: Path) -> None:
     write_prompts(b, [[1, 2], [3]], stop=['["a"]', "nope"])
     with PromptFile(b) as pb, pytest.raises(Exception, match=r"prompt 1 has stop 'nope'"):
         pb.validate(10, 100)
+
+
+def test_staged_messages_equal_one_by_one_and_need_no_gather() -> None:
+    """Tier 1 ships a layer's messages in one staged copy (Work.encode_all): every message is
+    byte for byte what Work.encode makes alone; owners' decode rows cut from one packed q/k/v
+    tensor lie back to back, so they are staged as one run (no gather); and packed_qkv finds that
+    layout without a copy, in inference mode too."""
+    H, KV, D = 4, 2, 3
+    g = torch.Generator().manual_seed(1)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            qkv = torch.randn(7, H + 2 * KV, D, generator=g)
+            q, k, v = split_qkv(qkv, H)
+            assert packed_qkv(q[2:5], k[2:5], v[2:5]).data_ptr() == qkv[2].data_ptr()
+            assert torch.equal(packed_qkv(q.clone(), k, v), qkv)  # separate tensors: one cat
+            kf, vf = torch.randn(3, KV, D, generator=g), torch.randn(3, KV, D, generator=g)
+            works = [Work(0, 2, [1, 2], [5, 6], [], [], q[0:2], k[0:2], v[0:2], [], []),
+                     Work(0, 2, [3, 4, 0], [5, 6, 7], [8], [3], q[2:5], k[2:5], v[2:5], [kf],
+                          [vf]),
+                     Work(0, 2, [9, 10], [1, 2], [], [], q[5:7], k[5:7], v[5:7], [], [])]
+            wire = WireFormat(torch.float32)
+            staged = Work.encode_all(works, wire, wire.alloc, [wire.alloc] * 3)
+            for w, msg in zip(works, staged):
+                assert np.array_equal(msg, w.encode(wire))
+                back = Work.decode(wire, msg, H, KV, D)
+                assert torch.equal(back.q, w.q) and torch.equal(back.v, w.v)
+            runs = coalesce([p for w in works for p in w.parts()])
+            assert len(runs) == 4  # rows of owners 1-2 | kf | vf | rows of owner 3
+            assert runs[0].data_ptr() == qkv.data_ptr() and runs[0].numel() == 5 * (H + 2 * KV) * D
