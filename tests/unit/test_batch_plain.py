@@ -21,8 +21,8 @@ from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logpr
 from ghmpi.runtime.passplan import build_plan
 from ghmpi.runtime.scheduler import Draws, Params, Request, Row, Scheduler
 from ghmpi.runtime.stopstrings import StopStrings, cut_at_stop
-from ghmpi.runtime.wire import (WireFormat, Work, coalesce, packed_qkv, rows_from_header, rows_header,
-                                split_qkv)
+from ghmpi.runtime.wire import (WireFormat, Work, coalesce, packed_qkv, rows_from_header,
+                                rows_header, split_qkv)
 from ghmpi.comm import transport as tp
 
 REPO = Path(__file__).resolve().parents[2]
