@@ -136,10 +136,14 @@ class Backoff:
     def reset(self) -> None:
         self.rounds = 0
 
-    def idle(self) -> None:
+    def idle(self, cap: float | None = None) -> None:
+        """One idle round; `cap` bounds this round's pause (a deadline close by, an answer
+        expected soon)."""
         self.rounds += 1
         if self.rounds > 8:
-            time.sleep(min(self.cap, 1e-5 * (self.rounds - 8)))
+            pause = min(self.cap if cap is None else cap, 1e-5 * (self.rounds - 8))
+            if pause > 0:
+                time.sleep(pause)
 
 
 class BusyClock:

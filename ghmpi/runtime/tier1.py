@@ -56,6 +56,9 @@ class Pass:
         return self.plan.rows
 
 
+REPLY_POLL_S = 1e-4  # longest pause while micro-batches wait on tier-2 replies
+
+
 def _merged(spans: list[slice]) -> list[slice]:
     """Adjacent spans joined (the owners' decode rows follow each other in the batch)."""
     out: list[slice] = []
@@ -316,8 +319,8 @@ class Tier1:
                     break
             if busy:
                 backoff.reset()
-            else:
-                backoff.idle()
+            else:  # idle; while replies are due, look again soon (a late look stalls the ring)
+                backoff.idle(REPLY_POLL_S if self.waiting else None)
             # an iteration that did work is busy time (its GPU work is synchronised on the way:
             # replies, shipping, sampling); one that found nothing to do is idle time
             if busy:

@@ -108,8 +108,8 @@ class Tier2:
             msg = tp.try_recv(self.world, buffer=self._receive_into)
             self.outbox.poll()
             if msg is None:
-                with self.busy.idle():
-                    backoff.idle()
+                with self.busy.idle():  # never past a held reply's time
+                    backoff.idle(self.held[0][0] - time.monotonic() if self.held else None)
                 continue
             backoff.reset()
             buf, source, tag = msg
