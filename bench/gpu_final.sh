@@ -5,12 +5,7 @@
 #      job, 256 prompts x 512 -> 128, default settings, vs transformers generate (bench job)
 #   b: the ring (-n 9) at reply delays 0..20 ms against its tiers' capacities, the single tier
 #      and a hybrid (bench pipeline), 256 prompts x 512 -> 64
-set -u
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GHMPI_KERNEL_CACHE=/tmp/ghmpi-kernels
-PY=${PY:-python3}
-W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
-step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+. bench/steps.sh
 case ${1:-a} in
 a)
   T=120 step decode $PY -m ghmpi bench decode --batches 1,64,256,max -o "$OUT/decode.json"

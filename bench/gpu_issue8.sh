@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8 on the GPU machine: decode and prefill suites, the whole job vs transformers, and the
 # float32 exactness check. Usage (repo root): OUT=dir bash bench/gpu_issue8.sh
-set -u
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
-step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+. bench/steps.sh
 step decode $PY -m ghmpi bench decode -o "$OUT/decode.json"
 step prefill $PY -m ghmpi bench prefill -o "$OUT/prefill.json"
 step job128 $PY -m ghmpi bench job --workdir "$W" -o "$OUT/job128.json" ${JOB_ARGS:-}

@@ -3,13 +3,7 @@
 #   decode step with the fused kernels; tier-2 attention on this node's CPU vs its DRAM bandwidth;
 #   the ring (-n 9) against its tiers' capacities at reply delays 0..20 ms; single tier; hybrid.
 # Usage (repo root): OUT=dir bash bench/gpu_issue9.sh
-set -u
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export GHMPI_KERNEL_CACHE=/tmp/ghmpi-kernels
-PY=${PY:-python3}
-W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
-step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+. bench/steps.sh
 step decode $PY -m ghmpi bench decode --batches 1,64,256,max -o "$OUT/decode.json"
 T=200 step attention $PY -m ghmpi bench attention --contexts 512,8192 --batches 1,64,256 \
   --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 -o "$OUT/attention.json"

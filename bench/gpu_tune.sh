@@ -5,12 +5,7 @@
 #   part b: `bench pipeline` (-n 9 at reply delays 0 and 10 ms) and a cProfile of every rank of
 #           the -n 9 job at 0 and 10 ms (GHMPI_PROFILE), printed as the top functions
 # Usage (repo root): OUT=dir bash bench/gpu_tune.sh a|b
-set -u
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 GHMPI_KERNEL_CACHE=/tmp/ghmpi-kernels
-PY=${PY:-python3}
-W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
-step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+. bench/steps.sh
 check() {  # float32 exactness on CUDA (gpu_check.sh writes its files into a scratch folder)
   s=$(date +%s)
   mkdir -p /tmp/ghmpi-check; OUT=/tmp/ghmpi-check timeout 200 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
