@@ -139,17 +139,9 @@ def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path, prompts_file, refer
 
 
 @pytest.fixture()
-def small_fs(tmp_path: Path):
+def small_fs(tmpfs) -> Path:
     """A tmpfs of 64 KiB (root only): room for a few shards of the job, not all."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("64k")
 
 
 def storage_error_then_resume(err: str, rc: int, out: Path, cause: str) -> None:

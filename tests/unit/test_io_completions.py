@@ -360,17 +360,9 @@ def test_h5py_write_failure_text_gives_the_errno() -> None:
 
 
 @pytest.fixture()
-def tiny_fs(tmp_path: Path):
+def tiny_fs(tmpfs) -> Path:
     """A 96 KiB tmpfs (root only): a real full filesystem."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs("96k")
 
 
 def test_full_filesystem(tiny_fs: Path) -> None:
