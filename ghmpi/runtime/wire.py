@@ -30,16 +30,25 @@ class WireFormat:
         return np.empty(nbytes, dtype=np.uint8)
 
     def _joined(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The parts' bytes back to back, as one uint8 tensor on their device."""
-        flat = [t.reshape(-1).to(self.dtype) for t in parts]
-        if not flat:
+        """The parts' bytes back to back, as one uint8 tensor on their device: parts that already
+        lie back to back in one storage (every owner's decode rows, cut from one packed q/k/v
+        tensor) are one view, gathered with nothing else (`coalesce`)."""
+        runs = coalesce([t.to(self.dtype) for t in parts])
+        if not runs:
             return torch.empty(0, dtype=torch.uint8)
-        joined = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
-        return joined.view(torch.uint8)
+        return (runs[0] if len(runs) == 1 else torch.cat(runs)).view(torch.uint8)
 
     def to_bytes(self, parts: Sequence[torch.Tensor]) -> np.ndarray:
         """CPU tensors' bytes as one uint8 array (no copy for a single contiguous part)."""
         return self._joined(parts).cpu().numpy()
+
+    def _to_host(self, joined: torch.Tensor, host: np.ndarray) -> None:
+        """Copy `_joined` bytes into host memory; on a GPU (into pinned memory, without blocking)
+        the stream is synchronised, so the bytes are there when this returns."""
+        if joined.numel():
+            torch.from_numpy(host).copy_(joined, non_blocking=self.pinned)
+            if joined.device.type == "cuda":
+                torch.cuda.current_stream(joined.device).synchronize()
 
     def frame(self, header: Sequence[int], parts: Sequence[torch.Tensor],
               buffer: Callable[[int], np.ndarray]) -> np.ndarray:
@@ -47,11 +56,7 @@ class WireFormat:
         straight into the (pinned) buffer and the stream is synchronised before it is sent."""
         joined = self._joined(parts)
         buf = buffer(frame_size(len(header), joined.numel()))
-        at = write_header(buf, header)
-        if joined.numel():
-            torch.from_numpy(buf[at:]).copy_(joined, non_blocking=self.pinned)
-            if joined.device.type == "cuda":
-                torch.cuda.current_stream(joined.device).synchronize()
+        self._to_host(joined, buf[write_header(buf, header):])
         return buf
 
     def stage(self, payloads: Sequence[Sequence[torch.Tensor]],
@@ -59,17 +64,11 @@ class WireFormat:
         """Several messages' payloads (each its parts' bytes back to back) in one device-to-host
         copy into `buffer(size)` (pinned beside a GPU), synchronised once -> each message's
         payload bytes (views of that buffer). Tier 1 ships a layer's messages to every tier-2
-        rank this way. Parts that already lie back to back in device memory (every owner's
-        decode rows, cut from one packed q/k/v tensor) are copied as one run, without a gather."""
-        flat = [t.to(self.dtype) for parts in payloads for t in parts]
+        rank this way: one gather and one copy, not a copy per part per rank."""
+        joined = self._joined([t for parts in payloads for t in parts])
         sizes = [sum(t.numel() for t in parts) * self.itemsize for parts in payloads]
-        host = buffer(sum(sizes))
-        runs = coalesce(flat)
-        if runs:
-            joined = (runs[0] if len(runs) == 1 else torch.cat(runs)).view(torch.uint8)
-            torch.from_numpy(host).copy_(joined, non_blocking=self.pinned)
-            if joined.device.type == "cuda":
-                torch.cuda.current_stream(joined.device).synchronize()
+        host = buffer(joined.numel())
+        self._to_host(joined, host)
         ends = np.cumsum(sizes)
         return [host[e - n:e] for e, n in zip(ends, sizes)]
 
