@@ -29,11 +29,21 @@ from ghmpi.runtime.scheduler import Row
 from ghmpi.runtime.wire import split_qkv
 
 
+def buckets(max_rows: int) -> list[int]:
+    """Row counts a graph is captured for: powers of two up to, and including, max_rows."""
+    return sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)})
+
+
+def bucket(sizes: list[int], n: int) -> int:
+    """The smallest captured row count that holds n rows."""
+    return next(b for b in sizes if b >= n)
+
+
 class DecodeGraphs:
     def __init__(self, model: Transformer, cache: KVCache, max_rows: int, spare_slot: int):
         self.model, self.cache, self.spare = model, cache, spare_slot
         self.device = model.device
-        self.buckets = sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        self.buckets = buckets(max_rows)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
                                      torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -83,7 +93,7 @@ class DecodeGraphs:
     def run(self, rows: list[Row], local_index: np.ndarray) -> torch.Tensor:
         """Replay the pass of these decode rows -> logits (rows, vocab) float32 on the GPU."""
         n = len(rows)
-        B = next(b for b in self.buckets if b >= n)
+        B = bucket(self.buckets, n)
         if B not in self.graphs:
             self.graphs[B] = self._capture(B)
         graph, inputs, host, logits = self.graphs[B]
@@ -113,7 +123,7 @@ class LayerGraphs:
     def __init__(self, model: Transformer, layers: range, max_rows: int):
         self.model, self.layers = model, layers
         self.device = model.device
-        self.buckets = sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        self.buckets = buckets(max_rows)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.static: dict[int, dict[str, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -180,7 +190,7 @@ class LayerGraphs:
         layer l-1, a tensor of its own; (q, k, v) of layer l, views of static buffers valid until
         the next replay, or None at the slice's end)."""
         n = x.shape[0]
-        B = next(b for b in self.buckets if b >= n)
+        B = bucket(self.buckets, n)
         s = self._buffers(B)
         s["x"][:n].copy_(x)
         if o is not None:

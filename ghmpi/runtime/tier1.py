@@ -90,11 +90,12 @@ class Tier1:
         local = layout.local_slots()
         self.local_index = np.full(layout.n_slots, -1, dtype=np.int64)
         self.local_index[local] = np.arange(len(local))
+        cuda_graphs = (self.device.type == "cuda"
+                       and os.environ.get("GHMPI_CUDA_GRAPHS", "1") != "0")
         # The single tier on a GPU replays its decode passes as CUDA graphs (one spare slot
         # absorbs the padding rows of a bucket).
-        graphs = (self.device.type == "cuda" and layout.slices == 1
-                  and (layout.n_tier2 == 0 or layout.gpu_micro_batches > 0)
-                  and os.environ.get("GHMPI_CUDA_GRAPHS", "1") != "0")
+        graphs = (cuda_graphs and layout.slices == 1
+                  and (layout.n_tier2 == 0 or layout.gpu_micro_batches > 0))
         self.cache = (KVCache(list(self.layers), len(local) + graphs, max_len,
                               self.args.n_kv_heads, self.args.head_dim, kv_dtype, self.device)
                       if local else None)
@@ -106,8 +107,7 @@ class Tier1:
             self.graphs.capture_all()
         # Passes that wait on tier 2 (or run through several slices) replay the work between
         # two attentions per layer instead.
-        if (self.device.type == "cuda" and (layout.n_tier2 or layout.slices > 1)
-                and os.environ.get("GHMPI_CUDA_GRAPHS", "1") != "0"):
+        if cuda_graphs and (layout.n_tier2 or layout.slices > 1):
             t0 = time.perf_counter()
             self.layer_graphs = LayerGraphs(model, self.layers, layout.max_micro_batch_size)
             self.layer_graphs.capture_all()
