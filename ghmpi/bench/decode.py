@@ -16,7 +16,7 @@ from ghmpi.model.attention import cached_decode_attention, decode_attention, gpu
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime.passplan import build_plan, run_local_pass
 from ghmpi.runtime.scheduler import Row
-from ghmpi.runtime.sizing import weight_bytes
+from ghmpi.runtime.sizing import layer_matmul_params, weight_bytes
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> dict:
         # The bytes alone bound a step only while the weight products are memory bound; at large
         # batches they are compute bound (B tokens x 2 flops per weight), so the step's bound is
         # max(weight bytes, weight flops) + the KV bytes (attention stays memory bound).
-        compute = 2 * B * linear_params(a) / (peak * 1e12)
+        compute = 2 * B * (a.n_layers * layer_matmul_params(a) + a.vocab_size * a.dim) / (
+            peak * 1e12)  # the layers' products and the LM head, per decode token
         bound = max(wbytes / (bw * 1e9), compute) + B * context * kv_token / (bw * 1e9)
         rows_out.append(dict(batch=B, context=context, step_ms=t * 1e3, eager_ms=t_eager * 1e3,
                              roofline_ms=roof * 1e3, of_roofline=roof / t, tokens_per_s=B / t,
@@ -109,14 +110,6 @@ def run(args: argparse.Namespace) -> dict:
             "gemm_TFLOPs": peak,
             "decode_attention": gpu_decode_path() if gpu else "cpu", "steps": rows_out,
             "attention": attn, "fused_vs_torch_rel_err": fused}
-
-
-def linear_params(a) -> int:
-    """Weights a decode token multiplies through: the layers' projections and the LM head."""
-    qkv = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-    out = a.n_heads * a.head_dim * a.dim
-    mlp = 3 * a.dim * a.hidden_dim
-    return a.n_layers * (qkv + out + mlp) + a.vocab_size * a.dim
 
 
 def _attention_side_by_side(device, dtype, a, repeat: int) -> list[dict]:

@@ -16,6 +16,7 @@ from ghmpi.model.attention import packed_prefill_attention, prefill_attention
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime.passplan import build_plan, run_local_pass
 from ghmpi.runtime.scheduler import Row
+from ghmpi.runtime.sizing import layer_matmul_params
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +34,7 @@ def pass_flops(a, lengths: list[int], rows: int) -> float:
     """Multiply-adds x 2 of a prefill pass: projections and MLP per token, causal attention per
     prompt, the LM head per sampled row."""
     T = sum(lengths)
-    per_token = 2 * a.n_layers * (a.dim * (a.q_size + 2 * a.kv_size) + a.q_size * a.dim
-                                  + 3 * a.dim * a.hidden_dim)
+    per_token = 2 * a.n_layers * layer_matmul_params(a)
     attn = 2 * a.n_layers * a.n_heads * a.head_dim * sum(L * L for L in lengths)  # QK^T + PV, causal
     return T * per_token + attn + 2 * rows * a.dim * a.vocab_size
 

@@ -26,10 +26,15 @@ class Budget:
     source: str
 
 
+def layer_matmul_params(args: ModelArgs) -> int:
+    """Weights of one layer's matrix products: the q/k/v and output projections, the MLP's three."""
+    return ((args.q_size + 2 * args.kv_size) * args.dim + args.dim * args.q_size
+            + 3 * args.hidden_dim * args.dim)
+
+
 def weight_bytes(args: ModelArgs, n_layers: int, embed: bool, head: bool, itemsize: int) -> int:
     """Bytes of a slice's weights in the compute dtype."""
-    per_layer = (args.q_size + 2 * args.kv_size) * args.dim + args.dim * args.q_size \
-        + 3 * args.hidden_dim * args.dim + 2 * args.dim
+    per_layer = layer_matmul_params(args) + 2 * args.dim  # + the two norms
     table = args.vocab_size * args.dim
     tables = (embed + (head and not (embed and args.tie_word_embeddings))) * table
     return itemsize * (n_layers * per_layer + tables + args.dim)
