@@ -16,6 +16,7 @@ the aggregate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import os
 import statistics
@@ -197,14 +198,20 @@ def _split_worker(rank: int, threads: int, cpus: list[int] | None, path: str, sp
         barrier.abort()
 
 
-def run_split(P: int, T: int, path: str, spec: dict, cores: list[int]) -> float:
-    """Aggregate KV GB/s of P processes x T threads, each on its own cache, started together."""
+def run_split(threads: list[int], path: str, spec: dict, cores: list[int],
+              batches: list[int] | None = None) -> float:
+    """Aggregate KV GB/s of len(threads) processes, process p with threads[p] threads (and
+    batches[p] rows a call, else spec's), each on its own cache, started together: all bytes over
+    the slowest process's time, as a step that waits for every process sees them."""
     ctx = mp.get_context("spawn")  # never fork a process whose OpenMP pool is running
+    P = len(threads)
     barrier, queue = ctx.Barrier(P), ctx.Queue()
-    pin = len(cores) >= P * T
+    pin = len(cores) >= sum(threads)
+    starts = [0, *itertools.accumulate(threads)]
     procs = [ctx.Process(target=_split_worker, daemon=True,
-                         args=(p, T, cores[p * T:(p + 1) * T] if pin else None, path, spec, barrier, queue))
-             for p in range(P)]
+                         args=(p, t, cores[starts[p]:starts[p + 1]] if pin else None, path,
+                               {**spec, "batch": batches[p]} if batches else spec, barrier, queue))
+             for p, t in enumerate(threads)]
     for pr in procs:
         pr.start()
     results = [queue.get(timeout=600) for _ in procs]
@@ -212,7 +219,7 @@ def run_split(P: int, T: int, path: str, spec: dict, cores: list[int]) -> float:
         pr.join(timeout=60)
     errors = [r[2] for r in results if r[1] < 0]
     if errors:
-        raise RuntimeError(f"bench attention split {P}x{T}: {errors[0]}")
+        raise RuntimeError(f"bench attention split {P} processes x {threads} threads: {errors[0]}")
     return sum(r[2] for r in results) / max(r[1] for r in results) / 1e9
 
 
@@ -295,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
         row = {"ranks": P, "threads": T, "dtype": spec["dtype"], "heads": spec["heads"],
                "batch_per_rank": spec["batch"], "context": split_ctx}
         for path in paths:
-            gbps = run_split(P, T, path, spec, cores)
+            gbps = run_split([T] * P, path, spec, cores)
             row[f"{path}_kv_read_GBps"] = gbps
         splits.append(row)
         log(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

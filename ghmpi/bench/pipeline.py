@@ -3,8 +3,9 @@
 - tier-1 capacity: tokens/s tier 1 would give if attention cost nothing: one eager pass of a
   micro-batch with attention on a one-token context, the micro-batches run one after another;
 - tier-2 capacity: tokens/s the tier-2 ranks' decode attention allows: the native kernel run by
-  as many processes x threads as the job's tier-2 ranks get, all at once, on the job's mean
-  context (aggregate KV GB/s over the KV bytes one token-step reads);
+  one process per tier-2 rank, each with the threads the job's placement gives that rank and the
+  slots the job deals it, all at once, on the job's mean context (aggregate KV GB/s, paced by the
+  slowest process, over the KV bytes one token-step reads);
 - the job (`mpirun -n N`) at each reply delay (a network hop emulated by `runtime.reply_delay_ms`),
   as generated tokens/s, over min(tier-1, tier-2 capacity) and over the zero-delay run;
 - optionally the single tier (-n 1) and a hybrid layout (`--hybrid K`: K GPU micro-batches beside
@@ -24,8 +25,11 @@ import torch
 from ghmpi.bench import log
 from ghmpi.bench.common import pick_device, random_model, timed
 from ghmpi.bench.decode import DT
+from ghmpi.bench.checkpoint import hf_config
 from ghmpi.bench.job import job_size, make_inputs, run_ghmpi
+from ghmpi.comm.topology import Layout
 from ghmpi.model.kvcache import KVCache
+from ghmpi.runtime import placement
 from ghmpi.runtime.passplan import build_plan, run_local_pass
 from ghmpi.runtime.scheduler import Row
 
@@ -78,24 +82,35 @@ def tier1_capacity(shape: str, layers: int | None, dtype: torch.dtype, mb_size: 
     return mb_size / t
 
 
-def tier2_capacity(shape: str, layers: int | None, dtype: str, ranks: int, threads: int,
-                   rows: int, context: int) -> tuple[float, float]:
-    """(tokens/s, aggregate KV GB/s) of `ranks` processes x `threads` attending `rows` rows of
-    `context` tokens each, all at once (the native kernel, as the tier-2 ranks run it)."""
+def tier2_capacity(shape: str, layers: int | None, dtype: str, threads: list[int],
+                   rows: list[int], context: int) -> tuple[float, float]:
+    """(tokens/s, aggregate KV GB/s) of one process per tier-2 rank, rank i with threads[i]
+    threads attending rows[i] rows of `context` tokens each, all at once (the native kernel, as
+    the tier-2 ranks run it); the slowest process sets the pace, as it does a micro-batch's."""
     from ghmpi.bench.attention import run_split
-    from ghmpi.bench.checkpoint import hf_config
 
     cfg = hf_config(shape, layers)
     D = cfg["hidden_size"] // cfg["num_attention_heads"]
     heads = "gqa" if cfg["num_key_value_heads"] < cfg["num_attention_heads"] else "mha"
     itemsize = 2 if dtype != "float32" else 4
-    per_call = 2 * rows * context * cfg["num_key_value_heads"] * D * itemsize
-    spec = dict(nbytes=max(4 * per_call, 2**26), dtype=dtype, heads=heads, head_dim=D, batch=rows,
+    per_call = 2 * max(rows) * context * cfg["num_key_value_heads"] * D * itemsize
+    spec = dict(nbytes=max(4 * per_call, 2**26), dtype=dtype, heads=heads, head_dim=D,
                 context=context, reps=20)
     cores = sorted(os.sched_getaffinity(0))
-    gbps = run_split(ranks, threads, "native", spec, cores)
+    gbps = run_split(threads, "native", spec, cores, rows)
     token_bytes = context * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * D * itemsize
     return gbps * 1e9 / token_bytes, gbps
+
+
+def job_tier2_split(ranks: int, gpu: bool, cores: int, mbs: int, size: int,
+                    n_layers: int) -> tuple[list[int], list[int]]:
+    """(threads, slots) of each tier-2 rank of a one-slice job on this node, as the job lays
+    them out: the placement's shares of the cores, the slots dealt by those weights."""
+    kinds = [placement.GPU if gpu else placement.CPU1] + [placement.TIER2] * (ranks - 1)
+    threads = placement.shares(kinds, cores)[1:]
+    layout = Layout(ranks, 1, n_layers, mbs, size, 0,
+                    tier2_weights=tuple(threads) if len(set(threads)) > 1 else ())
+    return threads, [len(layout.owned_slots(r)) for r in range(1, ranks)]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -117,17 +132,15 @@ def run(args: argparse.Namespace) -> dict:
         log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s; "
             + " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l))
     mbs, size = _layout(jobs[0]["summary"])
-    n_tier2 = ranks - 1
-    cores = len(os.sched_getaffinity(0))
-    threads = max(1, (cores - (2 if gpu else 1)) // n_tier2)
     context = L + new // 2
-    rows = max(1, -(-size // n_tier2))  # a tier-2 rank's rows of one micro-batch
-    cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, n_tier2, threads,
-                                rows * mbs, context)
+    threads, slots = job_tier2_split(ranks, gpu, len(os.sched_getaffinity(0)), mbs, size,
+                                     hf_config(shape, args.layers)["num_hidden_layers"])
+    cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, threads, slots, context)
     cap1 = tier1_capacity(shape, args.layers, DT[args.dtype], size)
     bound = min(cap1, cap2)
     base = jobs[0]["generate_tokens_per_s"]
-    result.update(micro_batches=mbs, micro_batch_size=size, tier2_threads_per_rank=threads,
+    result.update(micro_batches=mbs, micro_batch_size=size, tier2_threads=threads,
+                  tier2_slots=slots,
                   mean_context=context, tier1_capacity_tps=cap1, tier2_capacity_tps=cap2,
                   tier2_kv_GBps=gbps, bound_tps=bound)
     result["jobs"] = [dict(delay_ms=j["delay_ms"], tokens_per_s=j["generate_tokens_per_s"],

@@ -35,6 +35,10 @@ class Layout:
     hybrid_slots: int  # slots of each of those micro-batches kept on tier 1
     gpu_micro_batches: int = 0  # more micro-batches whose KV stays wholly on tier 1 (hybrid)
     gpu_micro_batch_size: int = 0  # their size (0: micro_batch_size)
+    # Share of each tier-2 rank (world rank slices + i) in the slots of its group: its CPU
+    # threads, so a rank with twice the cores holds twice the slots and every rank of a group
+    # finishes a micro-batch's attention at about the same time; empty: equal shares.
+    tier2_weights: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.slices < 1:
@@ -48,6 +52,10 @@ class Layout:
                 f"topology.slices is {self.slices} but the model has only {self.n_layers} layers")
         if self.gpu_micro_batches and not self.gpu_micro_batch_size:
             object.__setattr__(self, "gpu_micro_batch_size", self.micro_batch_size)
+        if self.tier2_weights and (len(self.tier2_weights) != self.n_tier2
+                                   or min(self.tier2_weights) < 1):
+            raise ValueError(f"tier2_weights {self.tier2_weights}: need one weight >= 1 per "
+                             f"tier-2 rank ({self.n_tier2})")
         if self.hybrid_slots > self.micro_batch_size:
             raise ConfigError(
                 f"topology.hybrid_slots ({self.hybrid_slots}) exceeds topology.micro_batch_size "
@@ -137,12 +145,18 @@ class Layout:
     def owner(self, slot: int, j: int) -> int:
         """World rank holding the KV cache of `slot` for slice j's layers, or LOCAL (tier 1).
 
-        A slot keeps the same index inside every slice's group, so its owner is fixed for life."""
+        A slot keeps the same index inside every slice's group, so its owner is fixed for life.
+        The tier-2 slots are dealt to the group's ranks in turn, each rank as often as its weight
+        (`deal`), so every micro-batch's rows split in proportion to the ranks' threads."""
         remote = self._remote_index(slot)
         if remote < 0:
             return LOCAL
         group = self.tier2_group(j)
-        return group[remote % len(group)]
+        turns = deal([self.tier2_weight(r) for r in group])
+        return group[turns[remote % len(turns)]]
+
+    def tier2_weight(self, rank: int) -> int:
+        return self.tier2_weights[rank - self.slices] if self.tier2_weights else 1
 
     def owners(self, j: int) -> list[int]:
         """owner(slot, j) of every slot, in slot order."""
@@ -155,6 +169,22 @@ class Layout:
 
     def local_slots(self) -> list[int]:
         return [s for s in range(self.n_slots) if self.is_local(s)]
+
+
+def deal(weights: list[int]) -> list[int]:
+    """One round of dealing to len(weights) takers, taker i served weights[i] times, spread out
+    (smooth weighted round robin: each turn goes to the taker furthest behind its share). Equal
+    weights deal 0, 1, 2, ... in order."""
+    g = math.gcd(*weights)
+    w = [x // g for x in weights]
+    total, credit, out = sum(w), [0] * len(w), []
+    for _ in range(total):
+        for i, x in enumerate(w):
+            credit[i] += x
+        i = max(range(len(w)), key=lambda k: credit[k])  # the first of the most behind
+        credit[i] -= total
+        out.append(i)
+    return out
 
 
 def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: int,

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -67,6 +67,7 @@ class JobPlan:
     n_rows: int = 0  # completions: prompts x their samples (generation.n or the prompt's `n`)
     logprobs: int | None = None  # top-k log-probabilities stored per token (None: none stored)
     stops: bool = False  # stop strings are watched (ghmpi/runtime/stopstrings.py)
+    budgets: _Budgets | None = None  # the KV budgets the layout was sized for
 
 
 def _cuda_wanted(cfg: Config) -> bool:
@@ -133,7 +134,7 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
         lock.release()
         raise
     plan = JobPlan(args, layout, max_len, stats.n_prompts, store.n_done, job_id, on_gpu,
-                   batch.n_rows, batch.logprobs, batch.stops)
+                   batch.n_rows, batch.logprobs, batch.stops, budgets)
     return plan, store, lock
 
 
@@ -164,10 +165,14 @@ def _budgets(cfg: Config, args: ModelArgs, world_size: int, ranks_on_node: int,
 
 
 def _check_memory(cfg: Config, args: ModelArgs, layout: Layout, max_len: int,
-                  budgets: _Budgets) -> None:
+                  budgets: _Budgets, tier2_scale: Callable[[int], float] = lambda r: 1.0) -> None:
+    """Every holder's KV cache within its budget; a tier-2 rank's budget times tier2_scale(rank)
+    (its share of its node's memory when slots are dealt by weight)."""
     kv = DTYPES[cfg.kv_dtype]
+    t2 = budgets.tier2
     holders = [(r, layout.owned_slots(r), [l for j in layout.slices_served(r)
-                                            for l in layout.slice_layers(j)], budgets.tier2)
+                                            for l in layout.slice_layers(j)],
+                sizing.Budget(int(t2.nbytes * tier2_scale(r)), t2.source))
                for r in range(layout.slices, layout.world_size)]
     local = layout.local_slots()
     holders += [(j, local, list(layout.slice_layers(j)), budgets.tier1)
@@ -245,6 +250,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
                                     torch_threads=cfg.runtime.torch_threads)[node.Get_rank()]
         placement.apply(place)
         torch.set_num_threads(place.threads)
+        plan = _weigh_tier2(cfg, plan, world, node, place.threads)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
@@ -266,6 +272,45 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     tier.Free()
     node.Free()
     return status
+
+
+def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
+                 threads: int) -> JobPlan:
+    """The plan with its tier-2 slots dealt by the ranks' threads where that fits
+    (`dealt_by_threads`). Rank 0 decides; every rank gets the plan."""
+    leader = node.bcast(world.Get_rank(), root=0)
+    seen = world.gather((leader, threads), root=0)
+    if world.Get_rank() == 0 and plan.budgets is not None:
+        plan = replace(plan, layout=dealt_by_threads(
+            plan.layout, seen, lambda lay, scale: _check_memory(
+                cfg, plan.args, lay, plan.max_len, plan.budgets, scale)))
+    return world.bcast(plan, root=0)
+
+
+def dealt_by_threads(layout: Layout, seen: list[tuple[int, int]],
+                     check: Callable[[Layout, Callable[[int], float]], None]) -> Layout:
+    """`layout` with each tier-2 rank's share of the slots in proportion to its threads, where
+    they differ: the placement gives the ranks of a node 1 or 2 cores when they do not divide
+    evenly, and a micro-batch waits for its slowest rank. seen[r] = (the lowest world rank on
+    rank r's node, r's threads). A rank may then hold its node's tier-2 memory in proportion to
+    its weight among the node's tier-2 ranks: `check(layout, scale)` raises ConfigError if a rank's
+    KV cache exceeds its budget x scale(rank); then the shares stay equal."""
+    weights = tuple(t for _, t in seen[layout.slices:])
+    if len(set(weights)) <= 1:
+        return layout
+    weighted = replace(layout, tier2_weights=weights)
+
+    def scale(r: int) -> float:
+        mates = [weighted.tier2_weight(s) for s in range(layout.slices, layout.world_size)
+                 if seen[s][0] == seen[r][0]]
+        return weighted.tier2_weight(r) * len(mates) / sum(mates)
+    try:
+        check(weighted, scale)
+    except ConfigError:
+        print("ghmpi: tier 2: equal slot shares (shares by threads would not fit the KV budgets)",
+              flush=True)
+        return layout
+    return weighted
 
 
 def _agree(world: MPI.Comm, status: int) -> int:

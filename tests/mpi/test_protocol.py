@@ -46,16 +46,19 @@ def test_ring_round_trip_of_framed_tensors(dtype):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("slices", [1, 2])
-def test_tier2_ranks_attend_like_a_local_cache(slices):
+@pytest.mark.parametrize("slices,weighted", [(1, False), (2, False), (1, True)])
+def test_tier2_ranks_attend_like_a_local_cache(slices, weighted):
     """World rank 0 drives the protocol for every slice; the other tier-2 ranks run the real loop.
-    Ranks 1..slices-1 (if any) only idle as the other tier-1 slices would."""
+    Ranks 1..slices-1 (if any) only idle as the other tier-1 slices would. `weighted`: slots dealt
+    to the tier-2 ranks by unequal weights (as by their threads)."""
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size <= slices:
         pytest.skip("needs at least one tier-2 rank")
     args = SimpleNamespace(n_heads=4, n_kv_heads=2, head_dim=8)
-    lay = Layout(size, slices, n_layers=2 * slices, micro_batches=2, micro_batch_size=3, hybrid_slots=0)
+    weights = tuple(1 + i % 2 for i in range(size - slices)) if weighted else ()
+    lay = Layout(size, slices, n_layers=2 * slices, micro_batches=2, micro_batch_size=3,
+                 hybrid_slots=0, tier2_weights=weights)
     wire = WireFormat(torch.float32)
     max_len = 16
     if not lay.is_tier1(rank):

@@ -40,6 +40,20 @@ def test_job_suite_against_transformers(tmp_path: Path) -> None:
     assert r["ghmpi_over_transformers"] > 0
 
 
+def test_pipeline_suite(tmp_path: Path) -> None:
+    """The ring at -n 3 with a reply delay, the single tier and a hybrid layout, against both
+    tiers' capacities measured in the same run."""
+    r = bench("pipeline", "--workdir", str(tmp_path / "w"), "--delays", "0,2", "--single",
+              "--hybrid", "1", tmp_path=tmp_path)
+    assert r["ranks"] == 3 and [j["delay_ms"] for j in r["jobs"]] == [0, 2]
+    assert r["tier1_capacity_tps"] > 0 and r["tier2_capacity_tps"] > 0
+    assert r["bound_tps"] == min(r["tier1_capacity_tps"], r["tier2_capacity_tps"])
+    assert sum(r["tier2_slots"]) == r["micro_batches"] * r["micro_batch_size"]
+    assert all(j["tokens_per_s"] > 0 and 0 <= j["tier2_busy"] <= 1 for j in r["jobs"])
+    assert r["jobs"][0]["of_zero_delay"] == 1
+    assert r["single_tier_tps"] > 0 and r["hybrid_tps"] > 0 and "hybrid_target_tps" in r
+
+
 def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ghmpi", "bench", "nope"], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ghmpi.comm.topology import LOCAL, Layout, auto_batches, split_evenly
+from ghmpi.comm.topology import LOCAL, Layout, auto_batches, deal, split_evenly
 from ghmpi.errors import ConfigError
 
 
@@ -56,6 +56,29 @@ def test_slots_spread_round_robin_over_group():
     owners = [lay.owner(s, 0) for s in range(16)]
     assert owners == [1, 2, 3, 4, 5, 6, 7, 8] * 2
     assert all(len(lay.owned_slots(r)) == 2 for r in range(1, 9))
+
+
+def test_deal_serves_each_taker_by_weight_spread_out():
+    assert deal([1, 1, 1]) == [0, 1, 2]
+    assert deal([2, 2]) == [0, 1]  # only the proportions count
+    turns = deal([2, 2, 2, 2, 2, 2, 1, 1])
+    assert [turns.count(i) for i in range(8)] == [2] * 6 + [1] * 2
+    assert turns[:8] == list(range(8))  # every taker once before anyone twice
+    assert deal([3, 1]) == [0, 0, 1, 0]
+
+
+def test_weighted_slots_follow_threads_in_every_micro_batch():
+    """6 tier-2 ranks with 2 threads and 2 with 1 (14 cores): each micro-batch's 128 slots split
+    about 2:1, so the ranks finish a layer's attention together."""
+    lay = Layout(9, 1, 8, 2, 128, 0, tier2_weights=(2, 2, 2, 2, 2, 2, 1, 1))
+    for mb in range(2):
+        rows = [sum(lay.owner(s, 0) == r for s in lay.micro_batch_slots(mb)) for r in range(1, 9)]
+        assert sum(rows) == 128 and all(18 <= n <= 19 for n in rows[:6])
+        assert rows[6:] == [9, 9]
+    assert sorted(s for r in range(1, 9) for s in lay.owned_slots(r)) == list(range(256))
+    assert Layout(9, 1, 8, 2, 16, 0, tier2_weights=(1,) * 8).owners(0) == layout(9, size=16).owners(0)
+    with pytest.raises(ValueError):
+        Layout(9, 1, 8, 2, 16, 0, tier2_weights=(1, 2))
 
 
 def test_hybrid_slots_stay_local():
