@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,8 +34,26 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan
 from ghmpi.runtime.scheduler import Draws, Row
-from ghmpi.runtime.wire import (WireFormat, Work, packed_qkv, reply_tag, rows_from_header,
-                                rows_header, split_qkv)
+from ghmpi.runtime.wire import (Shipment, WireFormat, Work, packed_qkv, reply_tag,
+                                rows_from_header, rows_header)
+
+
+@dataclass
+class _Route:
+    """A pass's traffic with tier 2, the same every layer (`Tier1._route`)."""
+
+    shipment: Shipment  # the messages' headers
+    owners: list[int]  # their destinations
+    keys: list[tuple]  # their send buffers' keys
+    staging: Callable[[int], np.ndarray]  # the staged copy's buffer
+    buffers: list[Callable[[int], np.ndarray]]  # the send buffers
+    replies: list[tuple[int, int, int]]  # (owner, start, end) bytes of the reply buffer
+    reply_bytes: int
+    waiting_on: list[int]  # the owners that reply
+    replied: list[slice]  # the token spans the replies fill, in order (merged)
+
+
+_NONE3 = (torch.empty(0), torch.empty(0), torch.empty(0))  # a route's Works carry no tensors
 
 
 @dataclass
@@ -50,6 +69,7 @@ class Pass:
     waits: list[MPI.Request] = field(default_factory=list)  # tier-2 replies to this layer
     waiting_on: list[int] = field(default_factory=list)  # their ranks
     replied: list[slice] = field(default_factory=list)  # token spans the replies fill, in order
+    route: _Route | None = None  # its traffic with tier 2, worked out at its first layer
 
     @property
     def rows(self) -> list[Row]:
@@ -157,35 +177,47 @@ class Tier1:
         its prompt chunks' q/k/v. All messages' payloads leave the device in one staged copy,
         synchronised once (which also retires the last layer's copy out of this micro-batch's
         reply buffer, so its receives can be posted again). The owners' replies land one after
-        the other in that buffer: rows of the spans in `p.replied`, in order."""
+        the other in that buffer: rows of the spans in `p.replied`, in order. What is the same
+        every layer (headers, keys, reply offsets) is worked out once per pass (`_route`)."""
         if not p.plan.remote:
             return
-        q, k, v = split_qkv(packed_qkv(q, k, v), q.shape[1])  # every owner's rows: one run
-        works = []
-        for sh in p.plan.remote:
-            idx, fills, chunks = sh.dec_span, sh.fill_spans, sh.chunk_spans
-            works.append(Work(
-                p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
-                [b - a for a, b in fills], q[idx], k[idx], v[idx],
-                [k[a:b] for a, b in fills], [v[a:b] for a, b in fills], sh.fill_copies,
-                chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
-                chunk_len=[b - a for a, b in chunks], qc=[q[a:b] for a, b in chunks],
-                kc=[k[a:b] for a, b in chunks], vc=[v[a:b] for a, b in chunks]))
-        keys = [("work", p.mb, sh.owner) for sh in p.plan.remote]
-        msgs = Work.encode_all(
-            works, self.wire, lambda n: self.outbox.buffer(("stage", p.mb), n),
-            [lambda n, key=key: self.outbox.buffer(key, n) for key in keys])
-        reply = self._reply_buffer(p.mb, sum(w.n_reply for w in works) * self.row_bytes)
-        at = 0
-        for sh, work, key, msg in zip(p.plan.remote, works, keys, msgs):
-            if work.n_reply:  # post the receive before the request goes out
-                end = at + work.n_reply * self.row_bytes
-                p.waits.append(self.world.Irecv([reply[at:end], MPI.BYTE], source=sh.owner,
-                                                tag=reply_tag(p.mb)))
-                p.waiting_on.append(sh.owner)
-                p.replied.extend(sh.reply_spans)
-                at = end
-            self.outbox.send(msg, sh.owner, tp.TAG_WORK, key=key)
+        r = p.route or self._route(p)
+        qkv = packed_qkv(q, k, v)  # every owner's decode rows: one run of it
+        payloads = [Work.wire_parts(qkv[sh.dec_span], [k[a:b] for a, b in sh.fill_spans],
+                                    [v[a:b] for a, b in sh.fill_spans],
+                                    [q[a:b] for a, b in sh.chunk_spans],
+                                    [k[a:b] for a, b in sh.chunk_spans],
+                                    [v[a:b] for a, b in sh.chunk_spans])
+                    for sh in p.plan.remote]
+        msgs = r.shipment.frames(self.wire, p.layer, payloads, r.staging, r.buffers)
+        reply = self._reply_buffer(p.mb, r.reply_bytes)
+        for (owner, a, b) in r.replies:  # post the receives before the requests go out
+            p.waits.append(self.world.Irecv([reply[a:b], MPI.BYTE], source=owner,
+                                            tag=reply_tag(p.mb)))
+        p.waiting_on, p.replied = r.waiting_on, r.replied
+        for owner, key, msg in zip(r.owners, r.keys, msgs):
+            self.outbox.send(msg, owner, tp.TAG_WORK, key=key)
+
+    def _route(self, p: Pass) -> "_Route":
+        remote = p.plan.remote
+        works = [Work(p.mb, p.layer, sh.dec_slots, sh.dec_pos, sh.fill_slots,
+                      [b - a for a, b in sh.fill_spans], *_NONE3, [], [], sh.fill_copies,
+                      chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
+                      chunk_len=[b - a for a, b in sh.chunk_spans]) for sh in remote]
+        shipment = Shipment(works)
+        keys = [("work", p.mb, sh.owner) for sh in remote]
+        replies, at = [], 0
+        for sh, n in zip(remote, shipment.n_reply):
+            if n:
+                replies.append((sh.owner, at, at + n * self.row_bytes))
+                at += n * self.row_bytes
+        p.route = _Route(
+            shipment, [sh.owner for sh in remote], keys,
+            lambda n, key=("stage", p.mb): self.outbox.buffer(key, n),
+            [lambda n, key=key: self.outbox.buffer(key, n) for key in keys], replies, at,
+            [o for o, _, _ in replies],
+            _merged([s for sh, n in zip(remote, shipment.n_reply) if n for s in sh.reply_spans]))
+        return p.route
 
     @property
     def row_bytes(self) -> int:
@@ -213,7 +245,7 @@ class Tier1:
             rows = sum(span.stop - span.start for span in p.replied)
             o = self.wire.from_bytes(self.replies[p.mb], (rows, p.o.shape[1]), self.device)
             at = 0
-            for span in _merged(p.replied):  # decode rows only: one span
+            for span in p.replied:  # decode rows only: one span
                 p.o[span] = o[at:at + span.stop - span.start]
                 at += span.stop - span.start
             p.waits, p.waiting_on, p.replied = [], [], []

@@ -245,25 +245,29 @@ class Work:
         return words
 
     def parts(self) -> list[torch.Tensor]:
-        """The payload, in wire order: the decode rows' q, k, v side by side (`packed_qkv`),
+        """The payload, in wire order (`wire_parts`)."""
+        return self.wire_parts(packed_qkv(self.q, self.k, self.v), self.kf, self.vf, self.qc,
+                               self.kc, self.vc)
+
+    @staticmethod
+    def wire_parts(qkv: torch.Tensor, kf: Sequence[torch.Tensor], vf: Sequence[torch.Tensor],
+                   qc: Sequence[torch.Tensor], kc: Sequence[torch.Tensor],
+                   vc: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The payload's parts in wire order: the decode rows' q, k, v side by side (`packed_qkv`),
         then the prompts' K and V, then the chunks' q, k, v."""
-        return [packed_qkv(self.q, self.k, self.v), *self.kf, *self.vf, *self.qc, *self.kc,
-                *self.vc]
+        return [qkv, *kf, *vf, *qc, *kc, *vc]
 
     def encode(self, wire: WireFormat, buffer: Callable[[int], np.ndarray] | None = None
                ) -> np.ndarray:
-        """The message bytes (in `buffer(size)` if given). Several messages at once: `encode_all`."""
+        """The message bytes (in `buffer(size)` if given). Several messages at once: `Shipment`."""
         return wire.frame(self.header(), self.parts(), buffer or wire.alloc)
 
     @staticmethod
     def encode_all(works: Sequence["Work"], wire: WireFormat,
                    staging: Callable[[int], np.ndarray],
                    buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
-        """Every message's bytes, `works[i]` in `buffers[i](size)`: the payloads cross from the
-        device in one staged copy (`WireFormat.stage`), then each is framed on the host."""
-        payloads = wire.stage([w.parts() for w in works], staging)
-        return [wire.frame_bytes(w.header(), pl, buf)
-                for w, pl, buf in zip(works, payloads, buffers)]
+        """Every message's bytes, `works[i]` in `buffers[i](size)`, staged in one copy."""
+        return Shipment(works).frames(wire, None, [w.parts() for w in works], staging, buffers)
 
     @staticmethod
     def decode(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,
@@ -302,3 +306,26 @@ class Work:
         return Work(mb, layer, dec_slots, dec_pos, fill_slots, fill_len, q, k, v, kf, vf,
                     chunk_slots=chunk_slots, chunk_pos=chunk_pos, chunk_len=chunk_len,
                     qc=qc, kc=kc, vc=vc)
+
+
+class Shipment:
+    """Messages to several tier-2 ranks that are the same every layer but for the layer number
+    and the tensors (a pass's): their header words are built once (`Work.header`; word 1, the
+    layer, is patched per layer), and a layer's payloads cross from the device in one staged copy
+    (`WireFormat.stage`), then each is framed on the host."""
+
+    def __init__(self, works: Sequence[Work]):
+        self.headers = [np.asarray(w.header(), dtype=np.int64) for w in works]
+        self.n_reply = [w.n_reply for w in works]
+
+    def frames(self, wire: WireFormat, layer: int | None,
+               payloads: Sequence[Sequence[torch.Tensor]], staging: Callable[[int], np.ndarray],
+               buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
+        """Message i: headers[i] (at `layer`, unless None), then payloads[i]'s bytes, in
+        `buffers[i](size)`."""
+        out = []
+        for header, payload, buffer in zip(self.headers, wire.stage(payloads, staging), buffers):
+            if layer is not None:
+                header[1] = layer
+            out.append(wire.frame_bytes(header, payload, buffer))
+        return out

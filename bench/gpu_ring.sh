@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The ring on the GPU machine (session 4): each part fits one device call.
+#   a: `bench pipeline` (256 prompts x 512 -> 64, reply delays 0 and 10 ms; tier 2's capacity with
+#      the job's own threads and slots per rank) and a cProfile of every rank at 10 ms
+#   b: the micro-batch count at 0 ms (auto, 3, 4) and a cProfile at 0 ms
+# Usage (repo root): OUT=dir bash bench/gpu_ring.sh a|b
+. bench/steps.sh
+. bench/profile.sh
+sweep() {  # sweep NAME DELAY "MBS..." : the -n 9 job against the micro-batch count
+  T=${T:-400} step $1 $PY - "$W" "$2" $3 <<'PYEOF'
+import sys
+from pathlib import Path
+from ghmpi.bench.job import make_inputs, run_ghmpi
+work, d, counts = Path(sys.argv[1]), sys.argv[2], [int(x) for x in sys.argv[3:]]
+model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
+for mbs in counts:
+    sets = [f"runtime.reply_delay_ms={d}"] + ([f"topology.micro_batches={mbs}"] if mbs else [])
+    job = run_ghmpi(model_dir, prompts, work / "sweep.h5", 9, 64, "bfloat16", sets)
+    print(f"delay {d} mbs {mbs or 'auto'}: {job['generate_tokens_per_s']:.0f} tokens/s |",
+          " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l
+                     or "tier 2:" in l), flush=True)
+PYEOF
+  grep -E "^delay" "$OUT/$1.txt" | cut -c1-400
+}
+case ${1:-a} in
+a)
+  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 64 \
+    --delays ${DELAYS:-0,10} -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-400
+  grep -E "capacity|bound|micro_batch|tier2_" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+  profile prof10 256 10
+  ;;
+b)  # is the ring waiting on MPI progress? (messages of 30-50 KB go by rendezvous in Open MPI's
+    # shared-memory transport, so each needs both sides inside MPI to move)
+  (ompi_info --param btl vader --level 9; ompi_info --param btl sm --level 9) 2>/dev/null \
+    | grep -E "single_copy|eager_limit|max_send_size" | grep -v "^ *[A-Z]" | head -20 > "$OUT/ompi.txt"
+  grep -E "current value" "$OUT/ompi.txt" | cut -c1-160
+  big="OMPI_MCA_btl_vader_eager_limit=262144 OMPI_MCA_btl_vader_max_send_size=262144"
+  T=560 step variants $PY bench/ring_variants.py "$W" "default;0;0" "eager256k;0;0;$big" \
+    "mbs3;0;3" "d10;10;0" "d10-eager256k;10;0;$big"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  ;;
+esac

@@ -1,0 +1,38 @@
+"""The -n 9 job (8B shape, 256 prompts x 512 -> 64) under several settings, one line each.
+
+Usage: python bench/ring_variants.py WORKDIR 'NAME;DELAY_MS;MICRO_BATCHES;ENV=VAL ...' ...
+(MICRO_BATCHES 0: automatic; ENV: variables for mpirun, e.g. Open MPI MCA parameters)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ghmpi.bench.job import make_inputs, run_ghmpi
+
+
+def main() -> None:
+    work = Path(sys.argv[1])
+    model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
+    for spec in sys.argv[2:]:
+        name, delay, mbs, *env = spec.split(";")
+        sets = [f"runtime.reply_delay_ms={delay}"]
+        if int(mbs):
+            sets.append(f"topology.micro_batches={mbs}")
+        saved = dict(os.environ)
+        os.environ.update(kv.split("=", 1) for kv in " ".join(env).split() if "=" in kv)
+        try:
+            job = run_ghmpi(model_dir, prompts, work / "variant.h5", 9, 64, "bfloat16", sets)
+            print(f"{name}: {job['generate_tokens_per_s']:.0f} tokens/s |",
+                  " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l),
+                  flush=True)
+        except Exception as e:  # a setting the launcher refuses: say so, go on
+            print(f"{name}: failed: {str(e)[-400:]}", flush=True)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+if __name__ == "__main__":
+    main()
