@@ -2,7 +2,8 @@
 # The ring on the GPU machine (session 4): each part fits one device call.
 #   a: `bench pipeline` (256 prompts x 512 -> 64, reply delays 0 and 10 ms; tier 2's capacity with
 #      the job's own threads and slots per rank) and a cProfile of every rank at 10 ms
-#   b: the micro-batch count at 0 ms (auto, 3, 4) and a cProfile at 0 ms
+#   b: Open MPI's shared-memory settings; the job with larger eager messages, 3 micro-batches
+#   c: the job at 0 and 10 ms, traced (GHMPI_TRACE), with bench/trace_summary.py
 # Usage (repo root): OUT=dir bash bench/gpu_ring.sh a|b
 . bench/steps.sh
 . bench/profile.sh
@@ -39,5 +40,14 @@ b)  # is the ring waiting on MPI progress? (messages of 30-50 KB go by rendezvou
   T=560 step variants $PY bench/ring_variants.py "$W" "default;0;0" "eager256k;0;0;$big" \
     "mbs3;0;3" "d10;10;0" "d10-eager256k;10;0;$big"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  ;;
+c)  # after a change to the ring: the job at 0 and 10 ms (and 10 ms with 14 micro-batches), each
+    # traced (GHMPI_TRACE) and summarised by bench/trace_summary.py
+  T=560 step ringc $PY bench/ring_variants.py "$W" "d0;0;0;GHMPI_TRACE=/tmp/tr-d0" \
+    "d10;10;0;GHMPI_TRACE=/tmp/tr-d10" ${EXTRA:-"d10-mbs14;10;14"}
+  cut -c1-300 "$OUT/ringc.txt" | grep -E "tokens/s|failed"
+  for d in d0 d10; do
+    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"; cat "$OUT/trace-$d.txt"
+  done
   ;;
 esac

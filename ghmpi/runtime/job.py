@@ -41,7 +41,7 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.model.loader import check_checkpoint
 from ghmpi.runtime import placement
 from ghmpi.runtime.faults import FaultInjector
-from ghmpi.runtime import sizing
+from ghmpi.runtime import sizing, trace
 from ghmpi.runtime.progress import Progress, peak_rss_mib
 from ghmpi.runtime import admission
 from ghmpi.runtime.batch import batch_features, extras_of, stop_watcher
@@ -255,6 +255,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
         status = _profiled(_run_role, rank)(cfg, plan, world, rank, device, store, lock, started)
+        trace.dump(rank)
     except Exception as e:
         role = layout.role(rank)
         print(f"ghmpi: error: rank {rank} ({role}) failed: {type(e).__name__}: {e}",

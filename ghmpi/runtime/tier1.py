@@ -30,6 +30,7 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.model.llama import Transformer
 from ghmpi.runtime.cudagraph import DecodeGraphs, LayerGraphs
 from ghmpi.runtime.driver import Driver
+from ghmpi.runtime import trace
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan
@@ -182,6 +183,7 @@ class Tier1:
         if not p.plan.remote:
             return
         r = p.route or self._route(p)
+        trace.mark("ship", p.mb, p.layer, p.plan.n_rows, p.plan.n)
         qkv = packed_qkv(q, k, v)  # every owner's decode rows: one run of it
         payloads = [Work.wire_parts(qkv[sh.dec_span], [k[a:b] for a, b in sh.fill_spans],
                                     [v[a:b] for a, b in sh.fill_spans],
@@ -197,6 +199,7 @@ class Tier1:
         p.waiting_on, p.replied = r.waiting_on, r.replied
         for owner, key, msg in zip(r.owners, r.keys, msgs):
             self.outbox.send(msg, owner, tp.TAG_WORK, key=key)
+        trace.mark("shipped", p.mb, p.layer, p.plan.n_rows, p.plan.n)
 
     def _route(self, p: Pass) -> "_Route":
         remote = p.plan.remote
@@ -270,6 +273,7 @@ class Tier1:
         each row's own settings and random stream, one draw per sample sharing a prefill, and
         log-probabilities when asked), to slice 0."""
         d = choose(logits, p.rows, self.logprobs)
+        trace.mark("sample", p.mb, p.layer, p.plan.n_rows, p.plan.n)
         if any(r.prompt_logprobs for r in p.rows):
             d.prompt_logprobs = prompt_logprobs(self.model.classify, p.x, p.rows)
         if self.first:
@@ -322,6 +326,7 @@ class Tier1:
             still = []
             for p in self.waiting:
                 if self._replies_in(p):
+                    trace.mark("replied", p.mb, p.layer, p.plan.n_rows, p.plan.n)
                     self._finish_layer(p)
                     busy = True
                 else:

@@ -20,6 +20,7 @@ from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import Layout
 from ghmpi.model.args import ModelArgs
 from ghmpi.model.kvcache import KVCache
+from ghmpi.runtime import trace
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.wire import WireFormat, Work, reply_tag
 
@@ -54,10 +55,12 @@ class Tier2:
         self.faults.step()
         a = self.args
         w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
+        trace.mark("recv", w.mb, w.layer, len(w.dec_slots), w.n_reply + int(sum(w.fill_len)))
         self._store_fills(w)
         outs = self._attend(w)
         if outs:
             self._reply(self.wire.to_bytes(outs), source, reply_tag(w.mb))
+        trace.mark("served", w.mb, w.layer)
 
     def _store_fills(self, w: Work) -> None:
         at = 0
