@@ -2,17 +2,17 @@
 
 Usage: python bench/trace_summary.py DIR [TIER1_RANKS]   (TIER1_RANKS: 1 unless given)
 
-Splits the job at the last layer that carried prompt tokens (prefill) and prints, for the decode
-phase after it: tier 1's time per layer visit (`ship` -> `shipped`: staging and sending),
-the round trip (`shipped` -> `replied`) and the turnaround (`replied` -> that micro-batch's next
-`ship`), and each tier-2 rank's serve time (`recv` -> `served`) and busy fraction."""
+Splits the job at the last layer that carried prompt tokens and prints, for the prefill phase
+before it and the decode phase after it: tier 1's time per layer visit (`ship` -> `shipped`:
+staging and sending), the round trip (`shipped` -> `replied`) and the turnaround (`replied` ->
+that micro-batch's next `ship`); each tier-2 rank's receive time and bytes (`got`), serve time
+(`recv` -> `served`) and busy fraction (receiving and serving)."""
 
 from __future__ import annotations
 
 import json
 import statistics as st
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 
@@ -22,54 +22,55 @@ def ms(xs: list[float]) -> str:
     return f"mean {1e3 * st.mean(xs):.2f} ms, median {1e3 * st.median(xs):.2f}, n {len(xs)}"
 
 
-def main() -> None:
-    folder = Path(sys.argv[1])
-    n_t1 = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
-    t0 = min(e[0] for ev in ranks.values() for e in ev if ev)
-    t1 = ranks[0]
-    pre = [e[0] for e in t1 if e[1] == "ship" and e[5] > e[4]]
-    start = max(pre) if pre else t0
-    end = max(e[0] for e in t1)
-    print(f"job traced {end - t0:.1f} s; prefill until {start - t0:.1f} s; decode phase "
-          f"{end - start:.1f} s")
-    dec = [e for e in t1 if e[0] > start]
-    ship, shipped, replied = {}, [], []
-    turn, trip, own = [], [], []
-    last_reply: dict[int, float] = {}
-    for t, ev, mb, layer, rows, tok in dec:
+def tier1(events: list) -> None:
+    ship, waiting, last_reply = {}, {}, {}
+    own, trip, turn = [], [], []
+    for t, ev, mb, layer, rows, tok in events:
         if ev == "ship":
             ship[mb] = t
             if mb in last_reply:
                 turn.append(t - last_reply.pop(mb))
         elif ev == "shipped" and mb in ship:
-            own.append(t - ship[mb])
-            shipped.append((mb, t))
-            ship[mb + 10**6] = t
-        elif ev == "replied" and mb + 10**6 in ship:
-            trip.append(t - ship.pop(mb + 10**6))
+            own.append(t - ship.pop(mb))
+            waiting[mb] = t
+        elif ev == "replied" and mb in waiting:
+            trip.append(t - waiting.pop(mb))
             last_reply[mb] = t
-    print(f"tier 1: stage+send {ms(own)}")
-    print(f"tier 1: round trip shipped->replied {ms(trip)}")
-    print(f"tier 1: turnaround replied->next ship {ms(turn)}")
-    samples = [t for t, ev, *_ in dec if ev == "sample"]
-    print(f"tier 1: {len(samples)} samples in the decode phase")
-    for r in sorted(k for k in ranks if k >= n_t1):
-        ev = [e for e in ranks[r] if e[0] > start]
-        serve, gaps, busy = [], [], 0.0
-        got = None
-        last = None
-        for t, name, *_ in ev:
-            if name == "recv":
-                got = t
-                if last is not None:
-                    gaps.append(t - last)
-            elif name == "served" and got is not None:
-                serve.append(t - got)
-                busy += t - got
-                last = t
-        print(f"tier 2 rank {r}: serve {ms(serve)}; gap to next {ms(gaps)}; busy "
-              f"{busy / max(end - start, 1e-9):.0%} of the decode phase")
+    print(f"  tier 1: stage+send {ms(own)}")
+    print(f"  tier 1: round trip shipped->replied {ms(trip)}")
+    print(f"  tier 1: turnaround replied->next ship {ms(turn)}")
+
+
+def tier2(rank: int, events: list, span: float) -> None:
+    serve, recv, nbytes, busy, got = [], [], [], 0.0, None
+    for t, ev, mb, layer, rows, tok in events:
+        if ev == "got":
+            recv.append(rows / 1e6)
+            nbytes.append(tok)
+            busy += rows / 1e6
+        elif ev == "recv":
+            got = t
+        elif ev == "served" and got is not None:
+            serve.append(t - got)
+            busy += t - got
+    mb = f", {st.mean(nbytes) / 1e6:.2f} MB each" if nbytes else ""
+    print(f"  tier 2 rank {rank}: receive {ms(recv)}{mb}; serve {ms(serve)}; busy "
+          f"{busy / max(span, 1e-9):.0%}")
+
+
+def main() -> None:
+    folder = Path(sys.argv[1])
+    n_t1 = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
+    t0 = min(e[0] for ev in ranks.values() for e in ev if ev)
+    pre = [e[0] for e in ranks[0] if e[1] == "ship" and e[5] > e[4]]
+    cut = max(pre) if pre else t0
+    end = max(e[0] for ev in ranks.values() for e in ev if ev)
+    for name, lo, hi in (("prefill", t0, cut), ("decode", cut, end)):
+        print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced)")
+        tier1([e for e in ranks[0] if lo <= e[0] < hi])
+        for r in sorted(k for k in ranks if k >= n_t1):
+            tier2(r, [e for e in ranks[r] if lo <= e[0] < hi], hi - lo)
 
 
 if __name__ == "__main__":

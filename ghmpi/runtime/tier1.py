@@ -46,7 +46,6 @@ class _Route:
     shipment: Shipment  # the messages' headers
     owners: list[int]  # their destinations
     keys: list[tuple]  # their send buffers' keys
-    staging: Callable[[int], np.ndarray]  # the staged copy's buffer
     buffers: list[Callable[[int], np.ndarray]]  # the send buffers
     replies: list[tuple[int, int, int]]  # (owner, start, end) bytes of the reply buffer
     reply_bytes: int
@@ -175,9 +174,9 @@ class Tier1:
 
     def _ship(self, p: Pass, q, k, v) -> None:
         """Send each tier-2 owner one message with its decode rows' q/k/v, the prompts' K/V and
-        its prompt chunks' q/k/v. All messages' payloads leave the device in one staged copy,
-        synchronised once (which also retires the last layer's copy out of this micro-batch's
-        reply buffer, so its receives can be posted again). The owners' replies land one after
+        its prompt chunks' q/k/v. All messages' payloads leave the device together, straight
+        into their send buffers, synchronised once (which also retires the last layer's copy out
+        of this micro-batch's reply buffer, so its receives can be posted again). The owners' replies land one after
         the other in that buffer: rows of the spans in `p.replied`, in order. What is the same
         every layer (headers, keys, reply offsets) is worked out once per pass (`_route`)."""
         if not p.plan.remote:
@@ -191,7 +190,7 @@ class Tier1:
                                     [k[a:b] for a, b in sh.chunk_spans],
                                     [v[a:b] for a, b in sh.chunk_spans])
                     for sh in p.plan.remote]
-        msgs = r.shipment.frames(self.wire, p.layer, payloads, r.staging, r.buffers)
+        msgs = r.shipment.frames(self.wire, p.layer, payloads, r.buffers)
         reply = self._reply_buffer(p.mb, r.reply_bytes)
         for (owner, a, b) in r.replies:  # post the receives before the requests go out
             p.waits.append(self.world.Irecv([reply[a:b], MPI.BYTE], source=owner,
@@ -216,7 +215,6 @@ class Tier1:
                 at += n * self.row_bytes
         p.route = _Route(
             shipment, [sh.owner for sh in remote], keys,
-            lambda n, key=("stage", p.mb): self.outbox.buffer(key, n),
             [lambda n, key=key: self.outbox.buffer(key, n) for key in keys], replies, at,
             [o for o, _, _ in replies],
             _merged([s for sh, n in zip(remote, shipment.n_reply) if n for s in sh.reply_spans]))
@@ -233,7 +231,7 @@ class Tier1:
         full micro-batch of decode rows from the start and grows when a pass's prompt chunks on
         tier-2 slots ask for more (at most the pass's prefill budget more), so pinned memory goes
         to chunk rows only where chunks happen. Replacing it is safe: `_ship` asks after the
-        staged copy synchronised the GPU, so no copy out of the old buffer is pending."""
+        copy of the messages synchronised the GPU, so no copy out of the old buffer is pending."""
         buf = self.replies.get(mb)
         if buf is None or buf.nbytes < nbytes:
             buf = self.replies[mb] = self.wire.alloc(

@@ -108,7 +108,10 @@ class Tier2:
         while stops < len(self.served) or self.held:
             if self.held:
                 self._release_held()
+            t = time.perf_counter()
             msg = tp.try_recv(self.world, buffer=self._receive_into)
+            if msg is not None:
+                trace.mark("got", rows=int(1e6 * (time.perf_counter() - t)), tokens=msg[0].nbytes)
             self.outbox.poll()
             if msg is None:
                 with self.busy.idle():  # never past a held reply's time

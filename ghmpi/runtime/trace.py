@@ -3,8 +3,9 @@
 Off unless GHMPI_TRACE names a folder; then `mark` records (seconds since the epoch, event,
 micro-batch, layer, rows, tokens) in memory and `dump` writes <dir>/rank<N>.json when the rank ends.
 Read them with `python bench/trace_summary.py dir`. Events: tier 1 `ship` / `shipped` (a layer's
-messages out), `replied` (its replies all in), `sample`; tier 2 `recv` (a message taken in),
-`served` (its reply sent or held).
+messages out), `replied` (its replies all in), `sample`; tier 2 `got` (a message received: rows =
+microseconds the receive took, tokens = its bytes), `recv` (decoded), `served` (its reply sent or
+held).
 """
 
 from __future__ import annotations

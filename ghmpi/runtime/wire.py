@@ -42,44 +42,34 @@ class WireFormat:
         """CPU tensors' bytes as one uint8 array (no copy for a single contiguous part)."""
         return self._joined(parts).cpu().numpy()
 
-    def _to_host(self, joined: torch.Tensor, host: np.ndarray) -> None:
-        """Copy `_joined` bytes into host memory; on a GPU (into pinned memory, without blocking)
-        the stream is synchronised, so the bytes are there when this returns."""
-        if joined.numel():
-            torch.from_numpy(host).copy_(joined, non_blocking=self.pinned)
-            if joined.device.type == "cuda":
-                torch.cuda.current_stream(joined.device).synchronize()
-
     def frame(self, header: Sequence[int], parts: Sequence[torch.Tensor],
               buffer: Callable[[int], np.ndarray]) -> np.ndarray:
-        """Header words, then the parts' bytes, written into `buffer(size)`; on a GPU the bytes go
-        straight into the (pinned) buffer and the stream is synchronised before it is sent."""
-        joined = self._joined(parts)
-        buf = buffer(frame_size(len(header), joined.numel()))
-        self._to_host(joined, buf[write_header(buf, header):])
-        return buf
+        """Header words, then the parts' bytes, written into `buffer(size)` (one message of
+        `frame_all`)."""
+        return self.frame_all([header], [parts], [buffer])[0]
 
-    def stage(self, payloads: Sequence[Sequence[torch.Tensor]],
-              buffer: Callable[[int], np.ndarray]) -> list[np.ndarray]:
-        """Several messages' payloads (each its parts' bytes back to back) in one device-to-host
-        copy into `buffer(size)` (pinned beside a GPU), synchronised once -> each message's
-        payload bytes (views of that buffer). Tier 1 ships a layer's messages to every tier-2
-        rank this way: one gather and one copy, not a copy per part per rank."""
+    def frame_all(self, headers: Sequence[Sequence[int] | np.ndarray],
+                  payloads: Sequence[Sequence[torch.Tensor]],
+                  buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
+        """Several messages: message i is headers[i], then payloads[i]'s parts' bytes back to
+        back, in `buffers[i](size)`. All parts are gathered on their device at once (`_joined`:
+        none at all when they lie back to back already, as every owner's decode rows do), then
+        each message's bytes are copied straight into its buffer (page-locked beside a GPU:
+        asynchronous DMA) and the stream is synchronised once, so the bytes are there when this
+        returns. Tier 1 ships a layer's messages to every tier-2 rank this way."""
         joined = self._joined([t for parts in payloads for t in parts])
-        sizes = [sum(t.numel() for t in parts) * self.itemsize for parts in payloads]
-        host = buffer(joined.numel())
-        self._to_host(joined, host)
-        ends = np.cumsum(sizes)
-        return [host[e - n:e] for e, n in zip(ends, sizes)]
-
-    @staticmethod
-    def frame_bytes(header: Sequence[int], payload: np.ndarray,
-                    buffer: Callable[[int], np.ndarray]) -> np.ndarray:
-        """Header words, then `payload` (host bytes, e.g. from `stage`), in `buffer(size)`."""
-        buf = buffer(frame_size(len(header), payload.nbytes))
-        at = write_header(buf, header)
-        buf[at:] = payload
-        return buf
+        out, at = [], 0
+        for header, parts, buffer in zip(headers, payloads, buffers):
+            n = sum(t.numel() for t in parts) * self.itemsize
+            buf = buffer(frame_size(len(header), n))
+            start = write_header(buf, header)
+            if n:
+                torch.from_numpy(buf[start:]).copy_(joined[at:at + n], non_blocking=self.pinned)
+            at += n
+            out.append(buf)
+        if joined.device.type == "cuda" and joined.numel():
+            torch.cuda.current_stream(joined.device).synchronize()
+        return out
 
     def from_bytes(self, buf: np.ndarray, shape: tuple[int, ...], device: torch.device | str
                    ) -> torch.Tensor:
@@ -264,10 +254,9 @@ class Work:
 
     @staticmethod
     def encode_all(works: Sequence["Work"], wire: WireFormat,
-                   staging: Callable[[int], np.ndarray],
                    buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
-        """Every message's bytes, `works[i]` in `buffers[i](size)`, staged in one copy."""
-        return Shipment(works).frames(wire, None, [w.parts() for w in works], staging, buffers)
+        """Every message's bytes, `works[i]` in `buffers[i](size)`, gathered at once."""
+        return Shipment(works).frames(wire, None, [w.parts() for w in works], buffers)
 
     @staticmethod
     def decode(wire: WireFormat, buf: np.ndarray, n_heads: int, n_kv_heads: int,
@@ -311,21 +300,19 @@ class Work:
 class Shipment:
     """Messages to several tier-2 ranks that are the same every layer but for the layer number
     and the tensors (a pass's): their header words are built once (`Work.header`; word 1, the
-    layer, is patched per layer), and a layer's payloads cross from the device in one staged copy
-    (`WireFormat.stage`), then each is framed on the host."""
+    layer, is patched per layer), and a layer's payloads cross from the device together
+    (`WireFormat.frame_all`)."""
 
     def __init__(self, works: Sequence[Work]):
         self.headers = [np.asarray(w.header(), dtype=np.int64) for w in works]
         self.n_reply = [w.n_reply for w in works]
 
     def frames(self, wire: WireFormat, layer: int | None,
-               payloads: Sequence[Sequence[torch.Tensor]], staging: Callable[[int], np.ndarray],
+               payloads: Sequence[Sequence[torch.Tensor]],
                buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
         """Message i: headers[i] (at `layer`, unless None), then payloads[i]'s bytes, in
         `buffers[i](size)`."""
-        out = []
-        for header, payload, buffer in zip(self.headers, wire.stage(payloads, staging), buffers):
-            if layer is not None:
+        if layer is not None:
+            for header in self.headers:
                 header[1] = layer
-            out.append(wire.frame_bytes(header, payload, buffer))
-        return out
+        return wire.frame_all(self.headers, payloads, buffers)

@@ -259,7 +259,7 @@ def test_settings_datasets_and_digest(tmp_path: Path) -> None:
 
 
 def test_staged_messages_equal_one_by_one_and_need_no_gather() -> None:
-    """Tier 1 ships a layer's messages in one staged copy (Work.encode_all): every message is
+    """Tier 1 ships a layer's messages together (Work.encode_all): every message is
     byte for byte what Work.encode makes alone; owners' decode rows cut from one packed q/k/v
     tensor lie back to back, so they are staged as one run (no gather); and packed_qkv finds that
     layout without a copy, in inference mode too."""
@@ -277,7 +277,7 @@ def test_staged_messages_equal_one_by_one_and_need_no_gather() -> None:
                           [vf]),
                      Work(0, 2, [9, 10], [1, 2], [], [], q[5:7], k[5:7], v[5:7], [], [])]
             wire = WireFormat(torch.float32)
-            staged = Work.encode_all(works, wire, wire.alloc, [wire.alloc] * 3)
+            staged = Work.encode_all(works, wire, [wire.alloc] * 3)
             for w, msg in zip(works, staged):
                 assert np.array_equal(msg, w.encode(wire))
                 back = Work.decode(wire, msg, H, KV, D)
