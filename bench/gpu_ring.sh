@@ -50,4 +50,13 @@ c)  # after a change to the ring: the job at 0 and 10 ms (and 10 ms with 14 micr
     $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"; cat "$OUT/trace-$d.txt"
   done
   ;;
+d)  # the ring traced at 0 ms (256 prompts); then 0 and 10 ms with 1024 prompts x 512 -> 32, enough
+    # sequences in flight for tier 2's work per layer to outlast a 10 ms hop
+  T=150 step ringd $PY bench/ring_variants.py "$W" "d0;0;0;GHMPI_TRACE=/tmp/tr-d0b"
+  cut -c1-300 "$OUT/ringd.txt" | grep -E "tokens/s|failed"
+  $PY bench/trace_summary.py /tmp/tr-d0b > "$OUT/trace-d0.txt" 2>&1; cat "$OUT/trace-d0.txt"
+  T=420 step ring1024 $PY bench/ring_variants.py --prompts 1024 --new 32 "$W" "p1024-d0;0;0" \
+    "p1024-d10;10;0"
+  cut -c1-300 "$OUT/ring1024.txt" | grep -E "tokens/s|failed"
+  ;;
 esac

@@ -1,21 +1,29 @@
-"""The -n 9 job (8B shape, 256 prompts x 512 -> 64) under several settings, one line each.
+"""The -n 9 job (8B shape, 256 prompts x 512 -> 64 unless told) under several settings, one line each.
 
-Usage: python bench/ring_variants.py WORKDIR 'NAME;DELAY_MS;MICRO_BATCHES;ENV=VAL ...' ...
-(MICRO_BATCHES 0: automatic; ENV: variables for mpirun, e.g. Open MPI MCA parameters)."""
+Usage: python bench/ring_variants.py [--prompts N] [--new N] WORKDIR
+           'NAME;DELAY_MS;MICRO_BATCHES;ENV=VAL ...' ...
+(MICRO_BATCHES 0: automatic; ENV: variables for mpirun, e.g. Open MPI MCA parameters, or
+GHMPI_TRACE=dir)."""
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 from pathlib import Path
 
 from ghmpi.bench.job import make_inputs, run_ghmpi
 
 
 def main() -> None:
-    work = Path(sys.argv[1])
-    model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, 256, 512)
-    for spec in sys.argv[2:]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("workdir")
+    ap.add_argument("variants", nargs="+")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    model_dir, prompts, _ = make_inputs(work, "llama3-8b", None, args.prompts, 512)
+    for spec in args.variants:
         name, delay, mbs, *env = spec.split(";")
         sets = [f"runtime.reply_delay_ms={delay}"]
         if int(mbs):
@@ -23,7 +31,7 @@ def main() -> None:
         saved = dict(os.environ)
         os.environ.update(kv.split("=", 1) for kv in " ".join(env).split() if "=" in kv)
         try:
-            job = run_ghmpi(model_dir, prompts, work / "variant.h5", 9, 64, "bfloat16", sets)
+            job = run_ghmpi(model_dir, prompts, work / "variant.h5", 9, args.new, "bfloat16", sets)
             print(f"{name}: {job['generate_tokens_per_s']:.0f} tokens/s |",
                   " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l),
                   flush=True)
