@@ -59,4 +59,18 @@ d)  # the ring traced at 0 ms (256 prompts); then 0 and 10 ms with 1024 prompts 
     "p1024-d10;10;0"
   cut -c1-300 "$OUT/ring1024.txt" | grep -E "tokens/s|failed"
   ;;
+e)  # does a message move while its sender is busy outside MPI (Open MPI's defaults, larger eager
+    # messages, CMA single copy)? Then the job (256 x 512 -> 128) in bench pipeline, and
+    # with 3 micro-batches
+  mp() { timeout 60 mpirun --allow-run-as-root --oversubscribe -n 2 $PY bench/mpi_progress.py; }
+  { mp; OMPI_MCA_btl_vader_eager_limit=4194304 OMPI_MCA_btl_vader_max_send_size=4194304 mp
+    OMPI_MCA_btl_vader_single_copy_mechanism=cma mp; } > "$OUT/mpi_progress.txt" 2>&1
+  grep -E "settings|received|rror" "$OUT/mpi_progress.txt" | cut -c1-200 | head -30
+  T=300 step pipeline128 $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 \
+    --delays 0 -o "$OUT/pipeline128.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline128.txt" | cut -c1-300
+  grep -E "capacity|bound|tier2_" "$OUT/pipeline128.txt"; grep -A3 "^jobs:" "$OUT/pipeline128.txt"
+  T=200 step mbs3 $PY bench/ring_variants.py --new 128 "$W" "new128-mbs3;0;3"
+  cut -c1-300 "$OUT/mbs3.txt" | grep -E "tokens/s|failed"
+  ;;
 esac
