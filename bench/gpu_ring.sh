@@ -73,4 +73,11 @@ e)  # does a message move while its sender is busy outside MPI (Open MPI's defau
   T=200 step mbs3 $PY bench/ring_variants.py --new 128 "$W" "new128-mbs3;0;3"
   cut -c1-300 "$OUT/mbs3.txt" | grep -E "tokens/s|failed"
   ;;
+f)  # the job with single-copy transfers (CMA), traced: what waiting on the sender costs
+  cma="OMPI_MCA_btl_vader_single_copy_mechanism=cma"
+  T=300 step cma $PY bench/ring_variants.py --new 128 "$W" "new128-cma;0;0;$cma GHMPI_TRACE=/tmp/tr-cma" \
+    ${EXTRA:-}
+  cut -c1-300 "$OUT/cma.txt" | grep -E "tokens/s|failed"
+  $PY bench/trace_summary.py /tmp/tr-cma > "$OUT/trace-cma.txt" 2>&1; cat "$OUT/trace-cma.txt"
+  ;;
 esac

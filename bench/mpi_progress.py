@@ -4,6 +4,8 @@ Rank 0 posts Isend of N bytes, then computes for W ms without entering MPI, then
 send. Rank 1 waits in Recv. Printed: how long rank 1's Recv took from rank 0's Isend (clocks of
 one host), per size and busy time. A transfer that needs the sender inside MPI (rendezvous without
 single-copy) takes about W; one that does not (eager, or CMA single copy) takes the copy time.
+Last, the same with ghmpi's progress thread (ghmpi.comm.transport.ProgressThread) on rank 0 while
+it waits W ms in a call that releases the GIL, as a kernel or a GPU sync does.
 
 Usage: mpirun -n 2 python bench/mpi_progress.py   (Open MPI MCA settings from the environment)
 """
@@ -15,6 +17,8 @@ import time
 
 import numpy as np
 from mpi4py import MPI
+
+from ghmpi.comm.transport import ProgressThread
 
 
 def busy(seconds: float) -> None:
@@ -30,14 +34,18 @@ def main() -> None:
     rows = []
     for nbytes in (16 << 10, 150 << 10, 2500 << 10):
         buf = np.ones(nbytes, dtype=np.uint8)
-        for work_ms in (0.0, 3.0):
+        for work_ms, thread in ((0.0, False), (3.0, False), (3.0, True)):
             times = []
             for _ in range(20):
                 comm.Barrier()
                 if rank == 0:
                     t = time.time()
                     req = comm.Isend([buf, MPI.BYTE], dest=1, tag=7)
-                    busy(work_ms / 1e3)
+                    if thread:
+                        with ProgressThread():
+                            time.sleep(work_ms / 1e3)
+                    else:
+                        busy(work_ms / 1e3)
                     req.Wait()
                     comm.send(t, dest=1, tag=8)
                 else:
@@ -45,12 +53,14 @@ def main() -> None:
                     t_end = time.time()
                     times.append(t_end - comm.recv(source=0, tag=8))
             if rank == 1:
-                rows.append((nbytes, work_ms, float(np.median(times)) * 1e3))
+                rows.append((nbytes, work_ms, thread, float(np.median(times)) * 1e3))
     if rank == 1:
         mca = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OMPI_MCA_btl"))
         print(f"settings: {mca or 'defaults'}")
-        for nbytes, work_ms, ms in rows:
-            print(f"  {nbytes / 1e3:7.0f} kB, sender busy {work_ms:.0f} ms: received after {ms:.2f} ms")
+        for nbytes, work_ms, thread, ms in rows:
+            how = "in a GIL-free call, progress thread on" if thread else "computing"
+            print(f"  {nbytes / 1e3:7.0f} kB, sender {how} {work_ms:.0f} ms: received after "
+                  f"{ms:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ request completes, so no rank ever blocks in a send while its peer is blocked to
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from typing import Callable, Hashable, Sequence
 
@@ -144,6 +146,42 @@ class Backoff:
             pause = min(self.cap if cap is None else cap, 1e-5 * (self.rounds - 8))
             if pause > 0:
                 time.sleep(pause)
+
+
+class ProgressThread:
+    """Keeps MPI's progress engine turning from a thread while this rank computes.
+
+    A message larger than the eager limit moves only while its sender is inside MPI, unless the
+    transport copies it straight out of the sender's memory (CMA, XPMEM; often switched off in
+    containers). Tier 2 spends milliseconds in a kernel call and tier 1 in GPU syncs, and a reply
+    or a prompt's K/V would wait out that time. This thread probes COMM_SELF every `interval`
+    seconds (GHMPI_PROGRESS_US microseconds, default 100; 0: no thread): a probe turns the
+    progress engine and touches no request of the main thread. It runs only where MPI was
+    initialised with MPI_THREAD_MULTIPLE (mpi4py's default), and mostly while the main thread has
+    released the GIL (kernels, syncs, sleeps)."""
+
+    def __init__(self, interval: float | None = None):
+        if interval is None:
+            interval = float(os.environ.get("GHMPI_PROGRESS_US", "100")) / 1e6
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "ProgressThread":
+        if self.interval > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+            self._thread = threading.Thread(target=self._run, name="ghmpi-mpi-progress",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            MPI.COMM_SELF.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
 
 
 class BusyClock:

@@ -312,7 +312,12 @@ class Tier1:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
 
     def run(self) -> int:
-        """Serve until done (slice 0 decides) and return the job's exit status."""
+        """Serve until done (slice 0 decides) and return the job's exit status. Messages move
+        while this rank waits on its GPU (`tp.ProgressThread`)."""
+        with tp.ProgressThread(None if self.layout.world_size > 1 else 0):
+            return self._loop()
+
+    def _loop(self) -> int:
         if self.first:
             for mb in range(self.layout.n_micro_batches):
                 self._launch(mb)

@@ -102,7 +102,12 @@ class Tier2:
             self.outbox.send(reply, dest, tag)
 
     def run(self) -> int:
-        """Serve until every slice we serve has sent STOP; return the job's exit status."""
+        """Serve until every slice we serve has sent STOP; return the job's exit status. Replies
+        move while the attention kernel runs (`tp.ProgressThread`)."""
+        with tp.ProgressThread():
+            return self._loop()
+
+    def _loop(self) -> int:
         stops, status = 0, 0
         backoff = tp.Backoff()
         while stops < len(self.served) or self.held:
