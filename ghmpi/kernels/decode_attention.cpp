@@ -62,8 +62,8 @@ namespace {
 
 enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 constexpr int TB = 16;  // positions per block: one 16-lane vector of scores per query head
-#ifndef GHMPI_PREFETCH_BLOCKS
-#define GHMPI_PREFETCH_BLOCKS 1  // how many blocks ahead the next K/V are prefetched
+#ifndef GHMPI_PREFETCH_UNITS
+#define GHMPI_PREFETCH_UNITS 3  // how many units (block x kv head) ahead K and V are prefetched
 #endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -185,14 +185,17 @@ inline void scores_block(const float* q, const char* kp, int64_t stride, int n, 
   }
 }
 
-// acc_r += sum_i p[r][i] * v_i for one kv head's n_rep query heads, v_i at vp + i * stride bytes:
-// the accumulators of RG heads x PC 16-lane chunks stay in registers over the block's positions.
+// acc_r = alpha_r acc_r + sum_i p[r][i] * v_i for one kv head's n_rep query heads, v_i at
+// vp + i * stride bytes: the accumulators of RG heads x PC 16-lane chunks are loaded once, rescaled
+// to the block's new running max (the online softmax's alpha, folded in here instead of a pass of
+// its own over A) and stay in registers over the block's positions.
 template <int KV, int RG, int PC>
 inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const float* S,
-                        float* A, int64_t D) {
+                        const float* alpha, float* A, int64_t D) {
   __m512 acc[RG][PC];
   for (int r = 0; r < RG; ++r)
-    for (int c = 0; c < PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+    for (int c = 0; c < PC; ++c)
+      acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(A + r * D + d + c * 16), _mm512_set1_ps(alpha[r]));
   for (int i = 0; i < n; ++i) {
     __m512 x[PC];
     for (int c = 0; c < PC; ++c) x[c] = load16<KV>(vp + i * stride + (d + c * 16) * elsize<KV>());
@@ -207,22 +210,62 @@ inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const 
 
 template <int KV>
 inline void values_block(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
-                         const float* S, float* A) {
+                         const float* S, const float* alpha, float* A) {
   int64_t r = 0;
   for (; r + 4 <= n_rep; r += 4) {
     int64_t d = 0;
-    for (; d + 64 <= D; d += 64) values_pass<KV, 4, 4>(vp, stride, n, d, S + r * TB, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 4, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+    for (; d + 64 <= D; d += 64)
+      values_pass<KV, 4, 4>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
+    for (; d < D; d += 16) values_pass<KV, 4, 1>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
   }
   for (; r + 2 <= n_rep; r += 2) {
     int64_t d = 0;
-    for (; d + 128 <= D; d += 128) values_pass<KV, 2, 8>(vp, stride, n, d, S + r * TB, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 2, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+    for (; d + 128 <= D; d += 128)
+      values_pass<KV, 2, 8>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
+    for (; d < D; d += 16) values_pass<KV, 2, 1>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
   }
   for (; r < n_rep; ++r) {
     int64_t d = 0;
-    for (; d + 128 <= D; d += 128) values_pass<KV, 1, 8>(vp, stride, n, d, S + r * TB, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 1, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+    for (; d + 128 <= D; d += 128)
+      values_pass<KV, 1, 8>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
+    for (; d < D; d += 16) values_pass<KV, 1, 1>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
+  }
+}
+
+// Online softmax of one kv head's n_rep query heads over a block of n <= 16 positions, one vector
+// per head. S (n_rep, TB): the scores in, the weights p = e^(s - m) out (zero past n); M: the
+// heads' running maxima, raised to the block's; alpha[r] = e^(m_old - m_new), the factor the
+// head's accumulators and sums are rescaled by (0 for its first block); Lv: the running sums, 16
+// lanes per head (Lv = alpha Lv + p, lanes added once at the end, no reduction per block). DP:
+// p is rounded to bf16 (p @ V runs on it, as torch's bf16 attention; the sums add what is used),
+// and its bf16 pairs go to Pp, 8 uint32 per head.
+template <bool DP>
+inline void softmax_block(float* S, int n, int64_t n_rep, float* M, float* Lv, float* alpha,
+                          uint32_t* Pp) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  for (int64_t r0 = 0; r0 < n_rep; r0 += 16) {  // the new maxima and alphas, 16 heads a vector
+    const int nr = static_cast<int>(std::min<int64_t>(16, n_rep - r0));
+    const __mmask16 hm = static_cast<__mmask16>((1u << nr) - 1);
+    alignas(64) float mx[16];
+    for (int r = 0; r < nr; ++r)
+      mx[r] = std::max(M[r0 + r], _mm512_mask_reduce_max_ps(mask, _mm512_loadu_ps(S + (r0 + r) * TB)));
+    const __m512 mo = _mm512_maskz_loadu_ps(hm, M + r0), mn = _mm512_load_ps(mx);
+    const __mmask16 seen = _mm512_mask_cmp_ps_mask(hm, mo, _mm512_set1_ps(NEG_INF), _CMP_NEQ_OQ);
+    _mm512_mask_storeu_ps(alpha + r0, hm, _mm512_maskz_mov_ps(seen, exp512(_mm512_sub_ps(mo, mn))));
+    _mm512_mask_storeu_ps(M + r0, hm, mn);
+  }
+  for (int64_t r = 0; r < n_rep; ++r) {
+    float* sr = S + r * TB;
+    __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr), _mm512_set1_ps(M[r]))));
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      const __m256bh pb = _mm512_cvtneps_pbh(p);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pp + r * 8), (__m256i)pb);
+      p = _mm512_cvtpbh_ps(pb);
+    }
+#endif
+    _mm512_storeu_ps(sr, p);
+    _mm512_storeu_ps(Lv + r * 16, _mm512_fmadd_ps(_mm512_loadu_ps(Lv + r * 16), _mm512_set1_ps(alpha[r]), p));
   }
 }
 #endif
@@ -253,13 +296,15 @@ inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, i
 // acc += sum_i p_i v_i over pairs of positions: rows i and i+1 interleaved (unpacklo/hi) make
 // 16 (v_i[d], v_i+1[d]) pairs per register, times the broadcast pair (p_i, p_i+1). The
 // accumulators of a 32-dim chunk are [lo | hi] in unpack order; unpermute() restores d order.
-// Pp: per head, 8 uint32 = the block's 16 p values as bf16 pairs.
+// Pp: per head, 8 uint32 = the block's 16 p values as bf16 pairs. alpha: the rescale, as in
+// values_pass (a lane-wise product: the unpack order does not matter to it).
 template <int RG, int PC>
 inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, const uint32_t* Pp,
-                           float* A, int64_t D) {
+                           const float* alpha, float* A, int64_t D) {
   __m512 acc[RG][2 * PC];
   for (int r = 0; r < RG; ++r)
-    for (int c = 0; c < 2 * PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+    for (int c = 0; c < 2 * PC; ++c)
+      acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(A + r * D + d + c * 16), _mm512_set1_ps(alpha[r]));
   for (int i = 0; i < n; i += 2) {
     __m512i lo[PC], hi[PC];
     for (int c = 0; c < PC; ++c) {
@@ -281,15 +326,22 @@ inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, con
     for (int c = 0; c < 2 * PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
 }
 
+// Passes of 16 accumulators where D allows (8 for one head): enough independent vdpbf16ps
+// chains to cover its latency (a single head's 32 dims would be 2 chains, latency bound).
+template <int RG, int PC>
+inline void values_heads_dp(const char* vp, int64_t stride, int n, int64_t D, const uint32_t* Pp,
+                            const float* alpha, float* A) {
+  int64_t d = 0;
+  for (; d + 32 * PC <= D; d += 32 * PC) values_pass_dp<RG, PC>(vp, stride, n, d, Pp, alpha, A, D);
+  for (; d < D; d += 32) values_pass_dp<RG, 1>(vp, stride, n, d, Pp, alpha, A, D);
+}
+
 inline void values_block_dp(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
-                            const uint32_t* Pp, float* A) {
+                            const uint32_t* Pp, const float* alpha, float* A) {
   int64_t r = 0;
-  for (; r + 4 <= n_rep; r += 4)
-    for (int64_t d = 0; d < D; d += 64) values_pass_dp<4, 2>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
-  for (; r + 2 <= n_rep; r += 2)
-    for (int64_t d = 0; d < D; d += 32) values_pass_dp<2, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
-  for (; r < n_rep; ++r)
-    for (int64_t d = 0; d < D; d += 32) values_pass_dp<1, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+  for (; r + 4 <= n_rep; r += 4) values_heads_dp<4, 2>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D);
+  for (; r + 2 <= n_rep; r += 2) values_heads_dp<2, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D);
+  for (; r < n_rep; ++r) values_heads_dp<1, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D);
 }
 
 // The unpack order of a 32-dim chunk back to d order: lane j of lo holds d = 8 (j / 4) + j % 4,
@@ -396,13 +448,25 @@ inline void values_block_amx(const char* vp, int64_t stride, int64_t n_rep, int6
 }
 #endif
 
-inline void prefetch_range(const char* p, int64_t bytes) {
+// n runs of `bytes` bytes, `stride` apart, from p: a unit's K or V rows. Into L2 by default: the
+// unit is read a few units later, and prefetcht0 (into L1, 32 KiB on some cores) stalls the
+// pipeline once the L1 miss buffers are full, which costs more than the L2 hit it would save.
+inline void prefetch_rows(const char* p, int64_t stride, int64_t n, int64_t bytes) {
 #ifndef GHMPI_NO_PREFETCH
 #ifndef GHMPI_PREFETCH_LOCALITY
-#define GHMPI_PREFETCH_LOCALITY 3  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
+#define GHMPI_PREFETCH_LOCALITY 2  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
 #endif
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, GHMPI_PREFETCH_LOCALITY);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t o = 0; o < bytes; o += 64)
+      __builtin_prefetch(p + i * stride + o, 0, GHMPI_PREFETCH_LOCALITY);
 #endif
+}
+
+// A[r] *= alpha[r] for n_rep heads of D (the paths that do not fold it into their p @ V)
+inline void rescale(float* A, const float* alpha, int64_t n_rep, int64_t D) {
+  for (int64_t r = 0; r < n_rep; ++r)
+    if (alpha[r] != 1.0f)
+      for (int64_t d = 0; d < D; ++d) A[r * D + d] *= alpha[r];
 }
 
 struct Problem {
@@ -426,6 +490,8 @@ struct Item {
 // one item. Reused across calls.
 struct Scratch {
   std::vector<float> s, m, l, acc, kf;
+  std::vector<float> lv;     // vector paths: running sums, 16 lanes per head, added at the end
+  std::vector<float> alpha;  // one unit's rescale factors, per head
   std::vector<uint16_t> qb;  // bf16 mode: the item's query heads in bf16
   std::vector<uint32_t> pp;  // bf16 mode: a block's p as bf16 pairs, 8 per head
   std::vector<uint16_t> qt;  // AMX: the item's kv groups' query tiles
@@ -438,7 +504,7 @@ struct Scratch {
     if (static_cast<int64_t>(qb.size()) < nh * D) qb.resize(nh * D);
     if (static_cast<int64_t>(pp.size()) < nh * 8) pp.resize(nh * 8);
     if (static_cast<int64_t>(m.size()) < nh) {
-      s.resize(nh * TB); m.resize(nh); l.resize(nh);
+      s.resize(nh * TB); m.resize(nh); l.resize(nh); lv.resize(nh * 16); alpha.resize(nh);
     }
     if (static_cast<int64_t>(acc.size()) < nh * D) acc.resize(nh * D);
     if (static_cast<int64_t>(kf.size()) < TB * D) kf.resize(TB * D);
@@ -456,8 +522,11 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   float* M = sc.m.data();
   float* L = sc.l.data();
   float* A = sc.acc.data();
+  float* Lv = sc.lv.data();
+  float* alpha = sc.alpha.data();
   std::fill(M, M + nh, NEG_INF);
   std::fill(L, L + nh, 0.0f);
+  std::fill(Lv, Lv + nh * 16, 0.0f);
   std::fill(A, A + nh * D, 0.0f);
   const int64_t h0 = it.g0 * n_rep;
   const float* q = P.q + (it.b * P.H + h0) * D;  // (nh, D): the item's query heads
@@ -466,7 +535,6 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   const int64_t slot = P.slots[it.b];
   const char* kbase = static_cast<const char*>(P.k) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
   const char* vbase = static_cast<const char*>(P.v) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
-  const int64_t run_bytes = ng * D * es;  // one position's K (or V) bytes of this item's heads
 #if GHMPI_BF16DP
   if constexpr (DP) {  // exact: q was bf16 before the caller widened it
     for (int64_t x = 0; x < nh * D; x += 16)
@@ -483,133 +551,107 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   }
 #endif
 
+  // The loop walks units of (block of TB positions, kv head) in that order: a unit's K rows
+  // (TB runs of D elements, pos_stride apart) give its heads' scores, the online softmax turns them
+  // into weights, then its V rows are accumulated. The K (and V) of the unit GHMPI_PREFETCH_UNITS
+  // ahead are prefetched just before this unit's are read.
+  const int64_t row = pos_stride * es, unit_bytes = D * es;
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
-    {  // prefetch a block ahead while this one is computed
-      const int64_t tn = t + GHMPI_PREFETCH_BLOCKS * TB, nn = std::min<int64_t>(TB, it.t1 - tn);
-      for (int64_t i = 0; i < nn; ++i) {
-        prefetch_range(kbase + (tn + i) * pos_stride * es, run_bytes);
-        prefetch_range(vbase + (tn + i) * pos_stride * es, run_bytes);
-      }
-    }
-    // scores S[h][i] = scale * q_h . k_{t+i}
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t h = g * n_rep;  // the unit's first query head in the item
+      const int64_t off = (t * pos_stride + g * D) * es;
+      const int64_t ua = g + GHMPI_PREFETCH_UNITS, ta = t + ua / ng * TB;
+      const int64_t offa = (ta * pos_stride + ua % ng * D) * es;
+      const int64_t na = std::min<int64_t>(TB, it.t1 - ta);  // <= 0 past the item's end
+      prefetch_rows(kbase + offa, row, na, unit_bytes);
+      // scores S[r][i] = scale * q_(h+r) . k_(t+i)
 #if GHMPI_AMX
-    if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
-      for (int64_t g = 0; g < ng; ++g)
-        scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + (t * pos_stride + g * D) * es,
-                         pos_stride * es, n_rep, D, P.scale, sc.ct.data(), S + g * n_rep * TB);
-    } else
+      if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
+        scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + off, row, n_rep, D, P.scale,
+                         sc.ct.data(), S);
+      } else
 #endif
 #if GHMPI_BF16DP
-    if constexpr (DP) {
-      for (int64_t g = 0; g < ng; ++g)
-        scores_block_dp(sc.qb.data() + g * n_rep * D, kbase + (t * pos_stride + g * D) * es,
-                        pos_stride * es, n, n_rep, D, P.scale, S + g * n_rep * TB);
-    } else
+      if constexpr (DP) {
+        scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale, S);
+      } else
 #endif
-#if GHMPI_AVX512
-    if constexpr (VEC) {
-      for (int64_t g = 0; g < ng; ++g)
-        scores_block<KV>(q + g * n_rep * D, kbase + (t * pos_stride + g * D) * es, pos_stride * es,
-                         n, n_rep, D, P.scale, sc.kf.data(), S + g * n_rep * TB);
-    } else
-#endif
-    {
-      for (int i = 0; i < n; ++i) {
-        const char* kp = kbase + (t + i) * pos_stride * es;
-        for (int64_t g = 0; g < ng; ++g) {
-          const void* kg = kp + g * D * es;
-          float* kf = sc.kf.data();
-          for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kg, d);
-          for (int64_t r = 0; r < n_rep; ++r) {
-            const float* qh = q + (g * n_rep + r) * D;
-            float s = 0.0f;
-            for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
-            S[(g * n_rep + r) * TB + i] = s * P.scale;
-          }
-        }
-      }
-    }
-    // online softmax: S becomes the block's weights p, accumulators rescaled to the new max
-    for (int64_t h = 0; h < nh; ++h) {
-      float* sh = S + h * TB;
-      float mx = M[h];
-#if GHMPI_AVX512
-      if constexpr (VEC)
-        mx = std::max(mx, _mm512_mask_reduce_max_ps(static_cast<__mmask16>((1u << n) - 1),
-                                                     _mm512_loadu_ps(sh)));
-      else
-#endif
-        for (int i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
-      const float alpha = M[h] == NEG_INF ? 0.0f : std::exp(M[h] - mx);
-      float sum = 0.0f;
 #if GHMPI_AVX512
       if constexpr (VEC) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-        __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh), _mm512_set1_ps(mx)));
-        p = _mm512_maskz_mov_ps(mask, p);
-#if GHMPI_BF16DP
-        if constexpr (DP) {  // p @ V runs on bf16 p, as torch's bf16 attention: sum what is used
-          const __m256bh pb = _mm512_cvtneps_pbh(p);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.pp.data() + h * 8), (__m256i)pb);
-          p = _mm512_cvtpbh_ps(pb);
-        }
-#endif
-        _mm512_storeu_ps(sh, p);
-        sum = _mm512_reduce_add_ps(p);
+        scores_block<KV>(q + h * D, kbase + off, row, n, n_rep, D, P.scale, sc.kf.data(), S);
       } else
 #endif
       {
-        for (int i = 0; i < n; ++i) { sh[i] = std::exp(sh[i] - mx); sum += sh[i]; }
+        for (int i = 0; i < n; ++i) {
+          const char* kp = kbase + off + i * row;
+          float* kf = sc.kf.data();
+          for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kp, d);
+          for (int64_t r = 0; r < n_rep; ++r) {
+            const float* qh = q + (h + r) * D;
+            float s = 0.0f;
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
+            S[r * TB + i] = s * P.scale;
+          }
+        }
       }
-      L[h] = L[h] * alpha + sum;
-      M[h] = mx;
-      if (alpha != 1.0f) {
-        float* ah = A + h * D;
-        for (int64_t d = 0; d < D; ++d) ah[d] *= alpha;
+      // online softmax: S becomes the block's weights p; alpha rescales the accumulators
+#if GHMPI_AVX512
+      if constexpr (VEC) {
+        softmax_block<DP>(S, n, n_rep, M + h, Lv + h * 16, alpha, sc.pp.data());
+      } else
+#endif
+      {
+        for (int64_t r = 0; r < n_rep; ++r) {
+          float* sr = S + r * TB;
+          float mx = M[h + r];
+          for (int i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
+          alpha[r] = M[h + r] == NEG_INF ? 0.0f : std::exp(M[h + r] - mx);
+          float sum = 0.0f;
+          for (int i = 0; i < n; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
+          L[h + r] = L[h + r] * alpha[r] + sum;
+          M[h + r] = mx;
+        }
       }
-    }
-    // acc_h += sum_i p[h][i] * v_{t+i}
+      prefetch_rows(vbase + offa, row, na, unit_bytes);
+      // acc_(h+r) = alpha_r acc_(h+r) + sum_i p[r][i] * v_(t+i)
+      float* Ah = A + h * D;
 #if GHMPI_AMX
-    if (amx && n == TB) {
-      for (int64_t g = 0; g < ng; ++g)
-        values_block_amx(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n_rep, D,
-                         sc.pp.data() + g * n_rep * 8, A + g * n_rep * D, sc.vt.data(),
-                         sc.ct.data());
-    } else
+      if (amx && n == TB) {
+        rescale(Ah, alpha, n_rep, D);
+        values_block_amx(vbase + off, row, n_rep, D, sc.pp.data(), Ah, sc.vt.data(), sc.ct.data());
+      } else
 #endif
 #if GHMPI_BF16DP
-    if constexpr (DP) {
-      for (int64_t g = 0; g < ng; ++g)
-        values_block_dp(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
-                        sc.pp.data() + g * n_rep * 8, A + g * n_rep * D);
-    } else
+      if constexpr (DP) {
+        values_block_dp(vbase + off, row, n, n_rep, D, sc.pp.data(), alpha, Ah);
+      } else
 #endif
 #if GHMPI_AVX512
-    if constexpr (VEC) {
-      for (int64_t g = 0; g < ng; ++g)
-        values_block<KV>(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
-                         S + g * n_rep * TB, A + g * n_rep * D);
-    } else
+      if constexpr (VEC) {
+        values_block<KV>(vbase + off, row, n, n_rep, D, S, alpha, Ah);
+      } else
 #endif
-    {
-      for (int i = 0; i < n; ++i) {
-        const char* vp = vbase + (t + i) * pos_stride * es;
-        for (int64_t g = 0; g < ng; ++g) {
-          const void* vg = vp + g * D * es;
-          float* vf = sc.kf.data();
-          for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vg, d);
+      {
+        rescale(Ah, alpha, n_rep, D);
+        float* vf = sc.kf.data();
+        for (int i = 0; i < n; ++i) {
+          const char* vp = vbase + off + i * row;
+          for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vp, d);
           for (int64_t r = 0; r < n_rep; ++r) {
-            const int64_t h = g * n_rep + r;
-            const float p = S[h * TB + i];
-            float* ah = A + h * D;
+            const float p = S[r * TB + i];
+            float* ah = Ah + r * D;
             for (int64_t d = 0; d < D; ++d) ah[d] += p * vf[d];
           }
         }
       }
     }
   }
-
+#if GHMPI_AVX512
+  if constexpr (VEC) {  // the running sums' lanes added up
+    for (int64_t x = 0; x < nh; ++x) L[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(Lv + x * 16));
+  }
+#endif
 #if GHMPI_BF16DP
   if constexpr (DP) {
     for (int64_t h = 0; h < nh; ++h) unpermute(A + h * D, D);
