@@ -274,20 +274,50 @@ inline void softmax_block(float* S, int n, int64_t n_rep, float* M, float* Lv, f
 // bf16 mode (a bf16 query over a bf16 cache, as torch computes it): q . k with vdpbf16ps straight
 // from the cache, and p @ V with p rounded to bf16, two positions per instruction.
 
-// Scores as scores_block, q (n_rep, D) bf16, K rows bf16 read in place; D % 32 == 0.
+// Scores as scores_block, q (n_rep, D) bf16, K rows bf16 read in place; D % 32 == 0. Query heads
+// go in pairs: 16 accumulators = 2 heads x 8 positions, so each K load feeds two vdpbf16ps and one
+// hsum16 gives [head r: 8 positions | head r+1: the same 8]; a last odd head (and MHA) takes 16
+// positions per hsum16. A partial block is first copied into kb (TB x D bf16), zero past n.
 inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, int n,
-                            int64_t n_rep, int64_t D, float scale, float* S) {
-  const uint16_t* kr[TB];
-  for (int i = 0; i < TB; ++i) kr[i] = reinterpret_cast<const uint16_t*>(kp + (i < n ? i : 0) * stride);
+                            int64_t n_rep, int64_t D, float scale, uint16_t* kb, float* S) {
+  if (n < TB) {
+    for (int i = 0; i < TB; ++i) {
+      if (i < n) std::memcpy(kb + i * D, kp + i * stride, D * 2);
+      else std::memset(kb + i * D, 0, D * 2);
+    }
+    kp = reinterpret_cast<const char*>(kb);
+    stride = D * 2;
+  }
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < n_rep; ++r) {
+  int64_t r = 0;
+  for (; r + 2 <= n_rep; r += 2) {
+    const uint16_t* q0 = q + r * D;
+    const uint16_t* q1 = q0 + D;
+    for (int i0 = 0; i0 < TB; i0 += 8) {
+      const char* k0 = kp + i0 * stride;
+      __m512 acc[16];  // acc[j]: head r, position i0 + j; acc[8 + j]: head r + 1
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(q0 + d), b = (__m512bh)_mm512_loadu_si512(q1 + d);
+        for (int j = 0; j < 8; ++j) {
+          const __m512bh k = (__m512bh)_mm512_loadu_si512(k0 + j * stride + d * 2);
+          acc[j] = _mm512_dpbf16_ps(acc[j], a, k);
+          acc[8 + j] = _mm512_dpbf16_ps(acc[8 + j], b, k);
+        }
+      }
+      const __m512 s = _mm512_mul_ps(hsum16(acc), vscale);
+      _mm256_storeu_ps(S + r * TB + i0, _mm512_castps512_ps256(s));
+      _mm256_storeu_ps(S + (r + 1) * TB + i0, _mm512_extractf32x8_ps(s, 1));
+    }
+  }
+  for (; r < n_rep; ++r) {
     const uint16_t* qr = q + r * D;
     __m512 acc[TB];
     for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
       for (int i = 0; i < TB; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kr[i] + d));
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kp + i * stride + d * 2));
     }
     _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
   }
@@ -574,7 +604,8 @@ void run_item(const Problem& P, const Item& it, float* partials) {
 #endif
 #if GHMPI_BF16DP
       if constexpr (DP) {
-        scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale, S);
+        scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale,
+                        reinterpret_cast<uint16_t*>(sc.kf.data()), S);
       } else
 #endif
 #if GHMPI_AVX512
