@@ -106,6 +106,34 @@ inline float load1(const void* base, int64_t i) {
 
 template <int KV> constexpr int64_t elsize() { return KV == KV_F32 ? 4 : 2; }
 
+// The K or V rows of a unit ahead (n runs of `bytes`, `stride` apart; none where n <= 0), into L2
+// by default: prefetcht0 (into L1, 32 KiB on some cores) costs more than the L2 hit it would save.
+// The compute loops issue them a few lines per step (pace(steps), then step() per iteration of
+// their arithmetic): a whole unit's lines in one burst stalls the pipeline once the core's miss
+// buffers are full, so memory and arithmetic would take turns instead of overlapping.
+struct Prefetch {
+  const char* p;
+  int64_t stride, n, bytes;
+  int64_t i = 0, o = 0;  // the next line: row i, byte o
+  int64_t per = 0;       // lines per step
+  void pace(int64_t steps) {
+    const int64_t left = std::max<int64_t>(0, (n - i) * ((bytes + 63) / 64) - o / 64);
+    per = steps > 0 ? (left + steps - 1) / steps : left;
+  }
+  void step() {
+#ifndef GHMPI_NO_PREFETCH
+#ifndef GHMPI_PREFETCH_LOCALITY
+#define GHMPI_PREFETCH_LOCALITY 2  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
+#endif
+    for (int64_t k = 0; k < per && i < n; ++k) {
+      __builtin_prefetch(p + i * stride + o, 0, GHMPI_PREFETCH_LOCALITY);
+      if ((o += 64) >= bytes) { o = 0; ++i; }
+    }
+#endif
+  }
+  void rest() { per = INT64_MAX; step(); }  // what the loops left
+};
+
 #if GHMPI_AVX512
 // 16 elements of K or V at p, as fp32
 template <int KV>
@@ -160,7 +188,8 @@ inline __m512 hsum16(const __m512* v) {
 // K is converted to fp32 once into kf (16 x D), then each head's 16 dots share one hsum16.
 template <int KV>
 inline void scores_block(const float* q, const char* kp, int64_t stride, int n, int64_t n_rep,
-                         int64_t D, float scale, float* kf, float* S) {
+                         int64_t D, float scale, float* kf, float* S, Prefetch& pf) {
+  pf.pace(n_rep * (D / 16));
   const float* kr[TB];
   for (int i = 0; i < n; ++i) {
     if constexpr (KV == KV_F32) {
@@ -178,6 +207,7 @@ inline void scores_block(const float* q, const char* kp, int64_t stride, int n, 
     __m512 acc[TB];
     for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
+      pf.step();
       const __m512 qv = _mm512_loadu_ps(qr + d);
       for (int i = 0; i < TB; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[i] + d), acc[i]);
     }
@@ -191,12 +221,13 @@ inline void scores_block(const float* q, const char* kp, int64_t stride, int n, 
 // its own over A) and stay in registers over the block's positions.
 template <int KV, int RG, int PC>
 inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const float* S,
-                        const float* alpha, float* A, int64_t D) {
+                        const float* alpha, float* A, int64_t D, Prefetch& pf) {
   __m512 acc[RG][PC];
   for (int r = 0; r < RG; ++r)
     for (int c = 0; c < PC; ++c)
       acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(A + r * D + d + c * 16), _mm512_set1_ps(alpha[r]));
   for (int i = 0; i < n; ++i) {
+    pf.step();
     __m512 x[PC];
     for (int c = 0; c < PC; ++c) x[c] = load16<KV>(vp + i * stride + (d + c * 16) * elsize<KV>());
     for (int r = 0; r < RG; ++r) {
@@ -208,28 +239,23 @@ inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const 
     for (int c = 0; c < PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
 }
 
+template <int KV, int RG, int PC>
+inline void values_heads(const char* vp, int64_t stride, int n, int64_t D, const float* S,
+                         const float* alpha, float* A, Prefetch& pf) {
+  int64_t d = 0;
+  for (; d + 16 * PC <= D; d += 16 * PC) values_pass<KV, RG, PC>(vp, stride, n, d, S, alpha, A, D, pf);
+  for (; d < D; d += 16) values_pass<KV, RG, 1>(vp, stride, n, d, S, alpha, A, D, pf);
+}
+
 template <int KV>
 inline void values_block(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
-                         const float* S, const float* alpha, float* A) {
+                         const float* S, const float* alpha, float* A, Prefetch& pf) {
+  const int64_t p4 = D / 64 + D % 64 / 16, p2 = D / 128 + D % 128 / 16;  // passes per head group
+  pf.pace((n_rep / 4 * p4 + n_rep % 4 / 2 * p2 + n_rep % 2 * p2) * n);
   int64_t r = 0;
-  for (; r + 4 <= n_rep; r += 4) {
-    int64_t d = 0;
-    for (; d + 64 <= D; d += 64)
-      values_pass<KV, 4, 4>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 4, 1>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
-  }
-  for (; r + 2 <= n_rep; r += 2) {
-    int64_t d = 0;
-    for (; d + 128 <= D; d += 128)
-      values_pass<KV, 2, 8>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 2, 1>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
-  }
-  for (; r < n_rep; ++r) {
-    int64_t d = 0;
-    for (; d + 128 <= D; d += 128)
-      values_pass<KV, 1, 8>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 1, 1>(vp, stride, n, d, S + r * TB, alpha + r, A + r * D, D);
-  }
+  for (; r + 4 <= n_rep; r += 4) values_heads<KV, 4, 4>(vp, stride, n, D, S + r * TB, alpha + r, A + r * D, pf);
+  for (; r + 2 <= n_rep; r += 2) values_heads<KV, 2, 8>(vp, stride, n, D, S + r * TB, alpha + r, A + r * D, pf);
+  for (; r < n_rep; ++r) values_heads<KV, 1, 8>(vp, stride, n, D, S + r * TB, alpha + r, A + r * D, pf);
 }
 
 // Online softmax of one kv head's n_rep query heads over a block of n <= 16 positions, one vector
@@ -279,7 +305,9 @@ inline void softmax_block(float* S, int n, int64_t n_rep, float* M, float* Lv, f
 // hsum16 gives [head r: 8 positions | head r+1: the same 8]; a last odd head (and MHA) takes 16
 // positions per hsum16. A partial block is first copied into kb (TB x D bf16), zero past n.
 inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, int n,
-                            int64_t n_rep, int64_t D, float scale, uint16_t* kb, float* S) {
+                            int64_t n_rep, int64_t D, float scale, uint16_t* kb, float* S,
+                            Prefetch& pf) {
+  pf.pace((n_rep / 2 * 2 + n_rep % 2) * (D / 32));
   if (n < TB) {
     for (int i = 0; i < TB; ++i) {
       if (i < n) std::memcpy(kb + i * D, kp + i * stride, D * 2);
@@ -298,6 +326,7 @@ inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, i
       __m512 acc[16];  // acc[j]: head r, position i0 + j; acc[8 + j]: head r + 1
       for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 32) {
+        pf.step();
         const __m512bh a = (__m512bh)_mm512_loadu_si512(q0 + d), b = (__m512bh)_mm512_loadu_si512(q1 + d);
         for (int j = 0; j < 8; ++j) {
           const __m512bh k = (__m512bh)_mm512_loadu_si512(k0 + j * stride + d * 2);
@@ -315,6 +344,7 @@ inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, i
     __m512 acc[TB];
     for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
+      pf.step();
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
       for (int i = 0; i < TB; ++i)
         acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kp + i * stride + d * 2));
@@ -330,12 +360,13 @@ inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, i
 // values_pass (a lane-wise product: the unpack order does not matter to it).
 template <int RG, int PC>
 inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, const uint32_t* Pp,
-                           const float* alpha, float* A, int64_t D) {
+                           const float* alpha, float* A, int64_t D, Prefetch& pf) {
   __m512 acc[RG][2 * PC];
   for (int r = 0; r < RG; ++r)
     for (int c = 0; c < 2 * PC; ++c)
       acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(A + r * D + d + c * 16), _mm512_set1_ps(alpha[r]));
   for (int i = 0; i < n; i += 2) {
+    pf.step();
     __m512i lo[PC], hi[PC];
     for (int c = 0; c < PC; ++c) {
       const __m512i a = _mm512_loadu_si512(vp + i * stride + (d + c * 32) * 2);
@@ -360,18 +391,20 @@ inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, con
 // chains to cover its latency (a single head's 32 dims would be 2 chains, latency bound).
 template <int RG, int PC>
 inline void values_heads_dp(const char* vp, int64_t stride, int n, int64_t D, const uint32_t* Pp,
-                            const float* alpha, float* A) {
+                            const float* alpha, float* A, Prefetch& pf) {
   int64_t d = 0;
-  for (; d + 32 * PC <= D; d += 32 * PC) values_pass_dp<RG, PC>(vp, stride, n, d, Pp, alpha, A, D);
-  for (; d < D; d += 32) values_pass_dp<RG, 1>(vp, stride, n, d, Pp, alpha, A, D);
+  for (; d + 32 * PC <= D; d += 32 * PC) values_pass_dp<RG, PC>(vp, stride, n, d, Pp, alpha, A, D, pf);
+  for (; d < D; d += 32) values_pass_dp<RG, 1>(vp, stride, n, d, Pp, alpha, A, D, pf);
 }
 
 inline void values_block_dp(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
-                            const uint32_t* Pp, const float* alpha, float* A) {
+                            const uint32_t* Pp, const float* alpha, float* A, Prefetch& pf) {
+  const int64_t p4 = D / 64 + D % 64 / 32, p1 = D / 128 + D % 128 / 32;  // passes per head group
+  pf.pace((n_rep / 4 * p4 + n_rep % 4 / 2 * p1 + n_rep % 2 * p1) * ((n + 1) / 2));
   int64_t r = 0;
-  for (; r + 4 <= n_rep; r += 4) values_heads_dp<4, 2>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D);
-  for (; r + 2 <= n_rep; r += 2) values_heads_dp<2, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D);
-  for (; r < n_rep; ++r) values_heads_dp<1, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D);
+  for (; r + 4 <= n_rep; r += 4) values_heads_dp<4, 2>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D, pf);
+  for (; r + 2 <= n_rep; r += 2) values_heads_dp<2, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D, pf);
+  for (; r < n_rep; ++r) values_heads_dp<1, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D, pf);
 }
 
 // The unpack order of a 32-dim chunk back to d order: lane j of lo holds d = 8 (j / 4) + j % 4,
@@ -478,20 +511,6 @@ inline void values_block_amx(const char* vp, int64_t stride, int64_t n_rep, int6
 }
 #endif
 
-// n runs of `bytes` bytes, `stride` apart, from p: a unit's K or V rows. Into L2 by default: the
-// unit is read a few units later, and prefetcht0 (into L1, 32 KiB on some cores) stalls the
-// pipeline once the L1 miss buffers are full, which costs more than the L2 hit it would save.
-inline void prefetch_rows(const char* p, int64_t stride, int64_t n, int64_t bytes) {
-#ifndef GHMPI_NO_PREFETCH
-#ifndef GHMPI_PREFETCH_LOCALITY
-#define GHMPI_PREFETCH_LOCALITY 2  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
-#endif
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t o = 0; o < bytes; o += 64)
-      __builtin_prefetch(p + i * stride + o, 0, GHMPI_PREFETCH_LOCALITY);
-#endif
-}
-
 // A[r] *= alpha[r] for n_rep heads of D (the paths that do not fold it into their p @ V)
 inline void rescale(float* A, const float* alpha, int64_t n_rep, int64_t D) {
   for (int64_t r = 0; r < n_rep; ++r)
@@ -594,7 +613,7 @@ void run_item(const Problem& P, const Item& it, float* partials) {
       const int64_t ua = g + GHMPI_PREFETCH_UNITS, ta = t + ua / ng * TB;
       const int64_t offa = (ta * pos_stride + ua % ng * D) * es;
       const int64_t na = std::min<int64_t>(TB, it.t1 - ta);  // <= 0 past the item's end
-      prefetch_rows(kbase + offa, row, na, unit_bytes);
+      Prefetch pk{kbase + offa, row, na, unit_bytes}, pv{vbase + offa, row, na, unit_bytes};
       // scores S[r][i] = scale * q_(h+r) . k_(t+i)
 #if GHMPI_AMX
       if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
@@ -605,12 +624,12 @@ void run_item(const Problem& P, const Item& it, float* partials) {
 #if GHMPI_BF16DP
       if constexpr (DP) {
         scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale,
-                        reinterpret_cast<uint16_t*>(sc.kf.data()), S);
+                        reinterpret_cast<uint16_t*>(sc.kf.data()), S, pk);
       } else
 #endif
 #if GHMPI_AVX512
       if constexpr (VEC) {
-        scores_block<KV>(q + h * D, kbase + off, row, n, n_rep, D, P.scale, sc.kf.data(), S);
+        scores_block<KV>(q + h * D, kbase + off, row, n, n_rep, D, P.scale, sc.kf.data(), S, pk);
       } else
 #endif
       {
@@ -644,7 +663,7 @@ void run_item(const Problem& P, const Item& it, float* partials) {
           M[h + r] = mx;
         }
       }
-      prefetch_rows(vbase + offa, row, na, unit_bytes);
+      pk.rest();
       // acc_(h+r) = alpha_r acc_(h+r) + sum_i p[r][i] * v_(t+i)
       float* Ah = A + h * D;
 #if GHMPI_AMX
@@ -655,12 +674,12 @@ void run_item(const Problem& P, const Item& it, float* partials) {
 #endif
 #if GHMPI_BF16DP
       if constexpr (DP) {
-        values_block_dp(vbase + off, row, n, n_rep, D, sc.pp.data(), alpha, Ah);
+        values_block_dp(vbase + off, row, n, n_rep, D, sc.pp.data(), alpha, Ah, pv);
       } else
 #endif
 #if GHMPI_AVX512
       if constexpr (VEC) {
-        values_block<KV>(vbase + off, row, n, n_rep, D, S, alpha, Ah);
+        values_block<KV>(vbase + off, row, n, n_rep, D, S, alpha, Ah, pv);
       } else
 #endif
       {
@@ -676,6 +695,7 @@ void run_item(const Problem& P, const Item& it, float* partials) {
           }
         }
       }
+      pv.rest();
     }
   }
 #if GHMPI_AVX512
