@@ -185,31 +185,56 @@ inline __m512 hsum16(const __m512* v) {
 
 // Scores of one kv head's n_rep query heads against n <= 16 positions:
 // S[r * TB + i] = scale * q_r . k_i, k_i at kp + i * stride bytes. q (n_rep, D) fp32.
-// K is converted to fp32 once into kf (16 x D), then each head's 16 dots share one hsum16.
+// K is read in place (fp32, a full block) or converted to fp32 once into kf (16 x D, zero past n).
+// fp32 K: query heads go in pairs, as in scores_block_dp (2 heads x 8 positions per hsum16, each K
+// load from the cache feeding two FMAs); a last odd head, and converted K (in L1 already, where
+// pairs measured slower on Zen 4), take 16 positions per hsum16.
 template <int KV>
 inline void scores_block(const float* q, const char* kp, int64_t stride, int n, int64_t n_rep,
                          int64_t D, float scale, float* kf, float* S, Prefetch& pf) {
-  pf.pace(n_rep * (D / 16));
-  const float* kr[TB];
-  for (int i = 0; i < n; ++i) {
-    if constexpr (KV == KV_F32) {
-      kr[i] = reinterpret_cast<const float*>(kp + i * stride);
-    } else {
+  const float* k = reinterpret_cast<const float*>(kp);
+  int64_t ks = stride / 4;  // floats between rows
+  if (KV != KV_F32 || n < TB) {
+    for (int i = 0; i < n; ++i)
       for (int64_t d = 0; d < D; d += 16)
         _mm512_storeu_ps(kf + i * D + d, load16<KV>(kp + i * stride + d * elsize<KV>()));
-      kr[i] = kf + i * D;
+    std::fill(kf + n * D, kf + TB * D, 0.0f);
+    k = kf;
+    ks = D;
+  }
+  pf.pace(n_rep * (D / 16));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const int64_t paired = KV == KV_F32 ? n_rep / 2 * 2 : 0;
+  int64_t r = 0;
+  for (; r < paired; r += 2) {
+    const float* q0 = q + r * D;
+    const float* q1 = q0 + D;
+    for (int i0 = 0; i0 < TB; i0 += 8) {
+      const float* k0 = k + i0 * ks;
+      __m512 acc[16];  // acc[j]: head r, position i0 + j; acc[8 + j]: head r + 1
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        pf.step();
+        const __m512 a = _mm512_loadu_ps(q0 + d), b = _mm512_loadu_ps(q1 + d);
+        for (int j = 0; j < 8; ++j) {
+          const __m512 kv = _mm512_loadu_ps(k0 + j * ks + d);
+          acc[j] = _mm512_fmadd_ps(a, kv, acc[j]);
+          acc[8 + j] = _mm512_fmadd_ps(b, kv, acc[8 + j]);
+        }
+      }
+      const __m512 s = _mm512_mul_ps(hsum16(acc), vscale);
+      _mm256_storeu_ps(S + r * TB + i0, _mm512_castps512_ps256(s));
+      _mm256_storeu_ps(S + (r + 1) * TB + i0, _mm512_extractf32x8_ps(s, 1));
     }
   }
-  for (int i = n; i < TB; ++i) kr[i] = kr[0];  // a full block always: no branches, lanes unused
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < n_rep; ++r) {
+  for (; r < n_rep; ++r) {
     const float* qr = q + r * D;
     __m512 acc[TB];
     for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
       pf.step();
       const __m512 qv = _mm512_loadu_ps(qr + d);
-      for (int i = 0; i < TB; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[i] + d), acc[i]);
+      for (int i = 0; i < TB; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + i * ks + d), acc[i]);
     }
     _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
   }
@@ -307,7 +332,7 @@ inline void softmax_block(float* S, int n, int64_t n_rep, float* M, float* Lv, f
 inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, int n,
                             int64_t n_rep, int64_t D, float scale, uint16_t* kb, float* S,
                             Prefetch& pf) {
-  pf.pace((n_rep / 2 * 2 + n_rep % 2) * (D / 32));
+  pf.pace(n_rep * (D / 32));
   if (n < TB) {
     for (int i = 0; i < TB; ++i) {
       if (i < n) std::memcpy(kb + i * D, kp + i * stride, D * 2);
