@@ -1,11 +1,14 @@
 // Decode attention for tier 2: one new query token per row over that row's cached context.
 //
 // Memory bound: every step reads each row's whole K and V. So the kernel is built to stream:
-// - a work item is (row, context chunk, kv-head group); it walks its positions in order, and for
-//   each position reads the K (then V) rows of all its kv heads, which in the KVCache layout
-//   (n_slots, max_len, n_kv_heads, D) are one contiguous run of bytes;
-// - every K/V byte is read once for all n_rep query heads of its group (GQA);
-// - the next block of positions is prefetched while the current one is computed;
+// - a work item is (row, context chunk, kv-head group); it walks its positions in blocks of 16,
+//   and within a block its kv heads one by one: a unit (block, kv head) reads 16 K rows of D
+//   (scores, softmax), then the 16 V rows (p @ V), a few KiB that stay in L1 in between;
+// - every K/V byte is read once for all n_rep query heads of its kv head (GQA);
+// - K and V of the unit GHMPI_PREFETCH_UNITS ahead are prefetched into L2, a few lines per
+//   iteration of the arithmetic (struct Prefetch): the unit order is strided in memory (one kv
+//   head's rows are pos_stride apart), which the hardware prefetchers do not follow, and a
+//   burst of prefetches would stall the core once its miss buffers are full;
 // - rows are split along the context (flash-decoding) when there are too few rows for the
 //   threads, and a final pass combines the chunks' partial softmax sums; the kv heads are split
 //   too when even that leaves threads idle;
@@ -19,8 +22,8 @@
 // dims that are a multiple of 16; plain C++ elsewhere (auto-vectorised for the host). With
 // AVX512-BF16 and a bf16 query over a bf16 cache, q.k and p@V use vdpbf16ps (p rounded to bf16 for
 // p@V, as torch's bf16 attention does): half the instructions, no conversions of K or V.
-// Scores of 16 positions are reduced together (hsum16), V accumulators stay in registers over a
-// block. With AMX (AMX-BF16 in the build target and the kernel granting tile use), a full block
+// Scores of 16 positions (or 2 heads x 8 positions) are reduced together (hsum16), V accumulators
+// stay in registers over a block and take the online softmax's rescale as they are loaded. With AMX (AMX-BF16 in the build target and the kernel granting tile use), a full block
 // of 16 positions runs on tiles instead: q.k is one tile product per 32 dims (the K rows load as
 // a tile straight from the cache, the kv group's query heads are the other operand), and p @ V one
 // per 16 dims (the block's V rows interleaved in pairs of positions, all heads' p at once).
