@@ -111,30 +111,24 @@ template <int KV> constexpr int64_t elsize() { return KV == KV_F32 ? 4 : 2; }
 
 // The K or V rows of a unit ahead (n runs of `bytes`, `stride` apart; none where n <= 0), into L2
 // by default: prefetcht0 (into L1, 32 KiB on some cores) costs more than the L2 hit it would save.
-// The compute loops issue them a few lines per step (pace(steps), then step() per iteration of
+// The compute loops issue them a row or a few per step (pace(steps), then step() per iteration of
 // their arithmetic): a whole unit's lines in one burst stalls the pipeline once the core's miss
 // buffers are full, so memory and arithmetic would take turns instead of overlapping.
 struct Prefetch {
-  const char* p;
+  const char* p;  // the next row
   int64_t stride, n, bytes;
-  int64_t i = 0, o = 0;  // the next line: row i, byte o
-  int64_t per = 0;       // lines per step
-  void pace(int64_t steps) {
-    const int64_t left = std::max<int64_t>(0, (n - i) * ((bytes + 63) / 64) - o / 64);
-    per = steps > 0 ? (left + steps - 1) / steps : left;
-  }
+  int64_t per = 0;  // rows per step
+  void pace(int64_t steps) { per = steps > 0 ? (n + steps - 1) / steps : n; }
   void step() {
 #ifndef GHMPI_NO_PREFETCH
 #ifndef GHMPI_PREFETCH_LOCALITY
 #define GHMPI_PREFETCH_LOCALITY 2  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
 #endif
-    for (int64_t k = 0; k < per && i < n; ++k) {
-      __builtin_prefetch(p + i * stride + o, 0, GHMPI_PREFETCH_LOCALITY);
-      if ((o += 64) >= bytes) { o = 0; ++i; }
-    }
+    for (int64_t k = 0; k < per && n > 0; ++k, --n, p += stride)
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, GHMPI_PREFETCH_LOCALITY);
 #endif
   }
-  void rest() { per = INT64_MAX; step(); }  // what the loops left
+  void rest() { per = n; step(); }  // what the loops left
 };
 
 #if GHMPI_AVX512
