@@ -625,7 +625,8 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   // The loop walks units of (block of TB positions, kv head) in that order: a unit's K rows
   // (TB runs of D elements, pos_stride apart) give its heads' scores, the online softmax turns them
   // into weights, then its V rows are accumulated. The K (and V) of the unit GHMPI_PREFETCH_UNITS
-  // ahead are prefetched just before this unit's are read.
+  // ahead are prefetched while this unit's K (and V) are computed on: pk and pv, paced by the
+  // vector loops; rest() issues what a path without pacing (AMX, portable) left.
   const int64_t row = pos_stride * es, unit_bytes = D * es;
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
@@ -874,7 +875,7 @@ double ghmpi_read_sum(const float* x, int64_t n) {
 #if GHMPI_AVX512
       __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
       for (; i + 64 <= hi; i += 64) {
-        __builtin_prefetch(x + i + 1024, 0, 3);  // 4 KiB ahead, as the kernel prefetches
+        __builtin_prefetch(x + i + 1024, 0, 3);  // 4 KiB ahead
         __builtin_prefetch(x + i + 1040, 0, 3);
         __builtin_prefetch(x + i + 1056, 0, 3);
         __builtin_prefetch(x + i + 1072, 0, 3);
