@@ -1,11 +1,14 @@
 // Decode attention for tier 2: one new query token per row over that row's cached context.
 //
 // Memory bound: every step reads each row's whole K and V. So the kernel is built to stream:
-// - a work item is (row, context chunk, kv-head group); it walks its positions in order, and for
-//   each position reads the K (then V) rows of all its kv heads, which in the KVCache layout
-//   (n_slots, max_len, n_kv_heads, D) are one contiguous run of bytes;
-// - every K/V byte is read once for all n_rep query heads of its group (GQA);
-// - the next block of positions is prefetched while the current one is computed;
+// - a work item is (row, context chunk, kv-head group); it walks its positions in blocks of 16,
+//   and within a block its kv heads one by one: a unit (block, kv head) reads 16 K rows of D
+//   (scores, softmax), then the 16 V rows (p @ V), a few KiB that stay in L1 in between;
+// - every K/V byte is read once for all n_rep query heads of its kv head (GQA);
+// - K and V of the unit GHMPI_PREFETCH_UNITS ahead are prefetched into L2, a few lines per
+//   iteration of the arithmetic (struct Prefetch): the unit order is strided in memory (one kv
+//   head's rows are pos_stride apart), which the hardware prefetchers do not follow, and a
+//   burst of prefetches would stall the core once its miss buffers are full;
 // - rows are split along the context (flash-decoding) when there are too few rows for the
 //   threads, and a final pass combines the chunks' partial softmax sums; the kv heads are split
 //   too when even that leaves threads idle;
@@ -19,8 +22,8 @@
 // dims that are a multiple of 16; plain C++ elsewhere (auto-vectorised for the host). With
 // AVX512-BF16 and a bf16 query over a bf16 cache, q.k and p@V use vdpbf16ps (p rounded to bf16 for
 // p@V, as torch's bf16 attention does): half the instructions, no conversions of K or V.
-// Scores of 16 positions are reduced together (hsum16), V accumulators stay in registers over a
-// block. With AMX (AMX-BF16 in the build target and the kernel granting tile use), a full block
+// Scores of 16 positions (or 2 heads x 8 positions) are reduced together (hsum16), V accumulators
+// stay in registers over a block and take the online softmax's rescale as they are loaded. With AMX (AMX-BF16 in the build target and the kernel granting tile use), a full block
 // of 16 positions runs on tiles instead: q.k is one tile product per 32 dims (the K rows load as
 // a tile straight from the cache, the kv group's query heads are the other operand), and p @ V one
 // per 16 dims (the block's V rows interleaved in pairs of positions, all heads' p at once).
@@ -62,8 +65,8 @@ namespace {
 
 enum KvType : int { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 constexpr int TB = 16;  // positions per block: one 16-lane vector of scores per query head
-#ifndef GHMPI_PREFETCH_BLOCKS
-#define GHMPI_PREFETCH_BLOCKS 1  // how many blocks ahead the next K/V are prefetched
+#ifndef GHMPI_PREFETCH_UNITS
+#define GHMPI_PREFETCH_UNITS 3  // how many units (block x kv head) ahead K and V are prefetched
 #endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -105,6 +108,28 @@ inline float load1(const void* base, int64_t i) {
 }
 
 template <int KV> constexpr int64_t elsize() { return KV == KV_F32 ? 4 : 2; }
+
+// The K or V rows of a unit ahead (n runs of `bytes`, `stride` apart; none where n <= 0), into L2
+// by default: prefetcht0 (into L1, 32 KiB on some cores) costs more than the L2 hit it would save.
+// The compute loops issue them a row or a few per step (pace(steps), then step() per iteration of
+// their arithmetic): a whole unit's lines in one burst stalls the pipeline once the core's miss
+// buffers are full, so memory and arithmetic would take turns instead of overlapping.
+struct Prefetch {
+  const char* p;  // the next row
+  int64_t stride, n, bytes;
+  int64_t per = 0;  // rows per step
+  void pace(int64_t steps) { per = steps > 0 ? (n + steps - 1) / steps : n; }
+  void step() {
+#ifndef GHMPI_NO_PREFETCH
+#ifndef GHMPI_PREFETCH_LOCALITY
+#define GHMPI_PREFETCH_LOCALITY 2  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
+#endif
+    for (int64_t k = 0; k < per && n > 0; ++k, --n, p += stride)
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, GHMPI_PREFETCH_LOCALITY);
+#endif
+  }
+  void rest() { per = n; step(); }  // what the loops left
+};
 
 #if GHMPI_AVX512
 // 16 elements of K or V at p, as fp32
@@ -157,43 +182,74 @@ inline __m512 hsum16(const __m512* v) {
 
 // Scores of one kv head's n_rep query heads against n <= 16 positions:
 // S[r * TB + i] = scale * q_r . k_i, k_i at kp + i * stride bytes. q (n_rep, D) fp32.
-// K is converted to fp32 once into kf (16 x D), then each head's 16 dots share one hsum16.
+// K is read in place (fp32, a full block) or converted to fp32 once into kf (16 x D, zero past n).
+// fp32 K: query heads go in pairs, as in scores_block_dp (2 heads x 8 positions per hsum16, each K
+// load from the cache feeding two FMAs); a last odd head, and converted K (in L1 already, where
+// pairs measured slower on Zen 4), take 16 positions per hsum16.
 template <int KV>
 inline void scores_block(const float* q, const char* kp, int64_t stride, int n, int64_t n_rep,
-                         int64_t D, float scale, float* kf, float* S) {
-  const float* kr[TB];
-  for (int i = 0; i < n; ++i) {
-    if constexpr (KV == KV_F32) {
-      kr[i] = reinterpret_cast<const float*>(kp + i * stride);
-    } else {
+                         int64_t D, float scale, float* kf, float* S, Prefetch& pf) {
+  const float* k = reinterpret_cast<const float*>(kp);
+  int64_t ks = stride / 4;  // floats between rows
+  if (KV != KV_F32 || n < TB) {
+    for (int i = 0; i < n; ++i)
       for (int64_t d = 0; d < D; d += 16)
         _mm512_storeu_ps(kf + i * D + d, load16<KV>(kp + i * stride + d * elsize<KV>()));
-      kr[i] = kf + i * D;
+    std::fill(kf + n * D, kf + TB * D, 0.0f);
+    k = kf;
+    ks = D;
+  }
+  pf.pace(n_rep * (D / 16));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const int64_t paired = KV == KV_F32 ? n_rep / 2 * 2 : 0;
+  int64_t r = 0;
+  for (; r < paired; r += 2) {
+    const float* q0 = q + r * D;
+    const float* q1 = q0 + D;
+    for (int i0 = 0; i0 < TB; i0 += 8) {
+      const float* k0 = k + i0 * ks;
+      __m512 acc[16];  // acc[j]: head r, position i0 + j; acc[8 + j]: head r + 1
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        pf.step();
+        const __m512 a = _mm512_loadu_ps(q0 + d), b = _mm512_loadu_ps(q1 + d);
+        for (int j = 0; j < 8; ++j) {
+          const __m512 kv = _mm512_loadu_ps(k0 + j * ks + d);
+          acc[j] = _mm512_fmadd_ps(a, kv, acc[j]);
+          acc[8 + j] = _mm512_fmadd_ps(b, kv, acc[8 + j]);
+        }
+      }
+      const __m512 s = _mm512_mul_ps(hsum16(acc), vscale);
+      _mm256_storeu_ps(S + r * TB + i0, _mm512_castps512_ps256(s));
+      _mm256_storeu_ps(S + (r + 1) * TB + i0, _mm512_extractf32x8_ps(s, 1));
     }
   }
-  for (int i = n; i < TB; ++i) kr[i] = kr[0];  // a full block always: no branches, lanes unused
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < n_rep; ++r) {
+  for (; r < n_rep; ++r) {
     const float* qr = q + r * D;
     __m512 acc[TB];
     for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
+      pf.step();
       const __m512 qv = _mm512_loadu_ps(qr + d);
-      for (int i = 0; i < TB; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[i] + d), acc[i]);
+      for (int i = 0; i < TB; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + i * ks + d), acc[i]);
     }
     _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
   }
 }
 
-// acc_r += sum_i p[r][i] * v_i for one kv head's n_rep query heads, v_i at vp + i * stride bytes:
-// the accumulators of RG heads x PC 16-lane chunks stay in registers over the block's positions.
+// acc_r = alpha_r acc_r + sum_i p[r][i] * v_i for one kv head's n_rep query heads, v_i at
+// vp + i * stride bytes: the accumulators of RG heads x PC 16-lane chunks are loaded once, rescaled
+// to the block's new running max (the online softmax's alpha, folded in here instead of a pass of
+// its own over A) and stay in registers over the block's positions.
 template <int KV, int RG, int PC>
 inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const float* S,
-                        float* A, int64_t D) {
+                        const float* alpha, float* A, int64_t D, Prefetch& pf) {
   __m512 acc[RG][PC];
   for (int r = 0; r < RG; ++r)
-    for (int c = 0; c < PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+    for (int c = 0; c < PC; ++c)
+      acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(A + r * D + d + c * 16), _mm512_set1_ps(alpha[r]));
   for (int i = 0; i < n; ++i) {
+    pf.step();
     __m512 x[PC];
     for (int c = 0; c < PC; ++c) x[c] = load16<KV>(vp + i * stride + (d + c * 16) * elsize<KV>());
     for (int r = 0; r < RG; ++r) {
@@ -205,24 +261,59 @@ inline void values_pass(const char* vp, int64_t stride, int n, int64_t d, const 
     for (int c = 0; c < PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
 }
 
+template <int KV, int RG, int PC>
+inline void values_heads(const char* vp, int64_t stride, int n, int64_t D, const float* S,
+                         const float* alpha, float* A, Prefetch& pf) {
+  int64_t d = 0;
+  for (; d + 16 * PC <= D; d += 16 * PC) values_pass<KV, RG, PC>(vp, stride, n, d, S, alpha, A, D, pf);
+  for (; d < D; d += 16) values_pass<KV, RG, 1>(vp, stride, n, d, S, alpha, A, D, pf);
+}
+
 template <int KV>
 inline void values_block(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
-                         const float* S, float* A) {
+                         const float* S, const float* alpha, float* A, Prefetch& pf) {
+  const int64_t p4 = D / 64 + D % 64 / 16, p2 = D / 128 + D % 128 / 16;  // passes per head group
+  pf.pace((n_rep / 4 * p4 + n_rep % 4 / 2 * p2 + n_rep % 2 * p2) * n);
   int64_t r = 0;
-  for (; r + 4 <= n_rep; r += 4) {
-    int64_t d = 0;
-    for (; d + 64 <= D; d += 64) values_pass<KV, 4, 4>(vp, stride, n, d, S + r * TB, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 4, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+  for (; r + 4 <= n_rep; r += 4) values_heads<KV, 4, 4>(vp, stride, n, D, S + r * TB, alpha + r, A + r * D, pf);
+  for (; r + 2 <= n_rep; r += 2) values_heads<KV, 2, 8>(vp, stride, n, D, S + r * TB, alpha + r, A + r * D, pf);
+  for (; r < n_rep; ++r) values_heads<KV, 1, 8>(vp, stride, n, D, S + r * TB, alpha + r, A + r * D, pf);
+}
+
+// Online softmax of one kv head's n_rep query heads over a block of n <= 16 positions, one vector
+// per head. S (n_rep, TB): the scores in, the weights p = e^(s - m) out (zero past n); M: the
+// heads' running maxima, raised to the block's; alpha[r] = e^(m_old - m_new), the factor the
+// head's accumulators and sums are rescaled by (0 for its first block); Lv: the running sums, 16
+// lanes per head (Lv = alpha Lv + p, lanes added once at the end, no reduction per block). DP:
+// p is rounded to bf16 (p @ V runs on it, as torch's bf16 attention; the sums add what is used),
+// and its bf16 pairs go to Pp, 8 uint32 per head.
+template <bool DP>
+inline void softmax_block(float* S, int n, int64_t n_rep, float* M, float* Lv, float* alpha,
+                          uint32_t* Pp) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  for (int64_t r0 = 0; r0 < n_rep; r0 += 16) {  // the new maxima and alphas, 16 heads a vector
+    const int nr = static_cast<int>(std::min<int64_t>(16, n_rep - r0));
+    const __mmask16 hm = static_cast<__mmask16>((1u << nr) - 1);
+    alignas(64) float mx[16];
+    for (int r = 0; r < nr; ++r)
+      mx[r] = std::max(M[r0 + r], _mm512_mask_reduce_max_ps(mask, _mm512_loadu_ps(S + (r0 + r) * TB)));
+    const __m512 mo = _mm512_maskz_loadu_ps(hm, M + r0), mn = _mm512_load_ps(mx);
+    const __mmask16 seen = _mm512_mask_cmp_ps_mask(hm, mo, _mm512_set1_ps(NEG_INF), _CMP_NEQ_OQ);
+    _mm512_mask_storeu_ps(alpha + r0, hm, _mm512_maskz_mov_ps(seen, exp512(_mm512_sub_ps(mo, mn))));
+    _mm512_mask_storeu_ps(M + r0, hm, mn);
   }
-  for (; r + 2 <= n_rep; r += 2) {
-    int64_t d = 0;
-    for (; d + 128 <= D; d += 128) values_pass<KV, 2, 8>(vp, stride, n, d, S + r * TB, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 2, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
-  }
-  for (; r < n_rep; ++r) {
-    int64_t d = 0;
-    for (; d + 128 <= D; d += 128) values_pass<KV, 1, 8>(vp, stride, n, d, S + r * TB, A + r * D, D);
-    for (; d < D; d += 16) values_pass<KV, 1, 1>(vp, stride, n, d, S + r * TB, A + r * D, D);
+  for (int64_t r = 0; r < n_rep; ++r) {
+    float* sr = S + r * TB;
+    __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr), _mm512_set1_ps(M[r]))));
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      const __m256bh pb = _mm512_cvtneps_pbh(p);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pp + r * 8), (__m256i)pb);
+      p = _mm512_cvtpbh_ps(pb);
+    }
+#endif
+    _mm512_storeu_ps(sr, p);
+    _mm512_storeu_ps(Lv + r * 16, _mm512_fmadd_ps(_mm512_loadu_ps(Lv + r * 16), _mm512_set1_ps(alpha[r]), p));
   }
 }
 #endif
@@ -231,20 +322,54 @@ inline void values_block(const char* vp, int64_t stride, int n, int64_t n_rep, i
 // bf16 mode (a bf16 query over a bf16 cache, as torch computes it): q . k with vdpbf16ps straight
 // from the cache, and p @ V with p rounded to bf16, two positions per instruction.
 
-// Scores as scores_block, q (n_rep, D) bf16, K rows bf16 read in place; D % 32 == 0.
+// Scores as scores_block, q (n_rep, D) bf16, K rows bf16 read in place; D % 32 == 0. Query heads
+// go in pairs: 16 accumulators = 2 heads x 8 positions, so each K load feeds two vdpbf16ps and one
+// hsum16 gives [head r: 8 positions | head r+1: the same 8]; a last odd head (and MHA) takes 16
+// positions per hsum16. A partial block is first copied into kb (TB x D bf16), zero past n.
 inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, int n,
-                            int64_t n_rep, int64_t D, float scale, float* S) {
-  const uint16_t* kr[TB];
-  for (int i = 0; i < TB; ++i) kr[i] = reinterpret_cast<const uint16_t*>(kp + (i < n ? i : 0) * stride);
+                            int64_t n_rep, int64_t D, float scale, uint16_t* kb, float* S,
+                            Prefetch& pf) {
+  pf.pace(n_rep * (D / 32));
+  if (n < TB) {
+    for (int i = 0; i < TB; ++i) {
+      if (i < n) std::memcpy(kb + i * D, kp + i * stride, D * 2);
+      else std::memset(kb + i * D, 0, D * 2);
+    }
+    kp = reinterpret_cast<const char*>(kb);
+    stride = D * 2;
+  }
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < n_rep; ++r) {
+  int64_t r = 0;
+  for (; r + 2 <= n_rep; r += 2) {
+    const uint16_t* q0 = q + r * D;
+    const uint16_t* q1 = q0 + D;
+    for (int i0 = 0; i0 < TB; i0 += 8) {
+      const char* k0 = kp + i0 * stride;
+      __m512 acc[16];  // acc[j]: head r, position i0 + j; acc[8 + j]: head r + 1
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        pf.step();
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(q0 + d), b = (__m512bh)_mm512_loadu_si512(q1 + d);
+        for (int j = 0; j < 8; ++j) {
+          const __m512bh k = (__m512bh)_mm512_loadu_si512(k0 + j * stride + d * 2);
+          acc[j] = _mm512_dpbf16_ps(acc[j], a, k);
+          acc[8 + j] = _mm512_dpbf16_ps(acc[8 + j], b, k);
+        }
+      }
+      const __m512 s = _mm512_mul_ps(hsum16(acc), vscale);
+      _mm256_storeu_ps(S + r * TB + i0, _mm512_castps512_ps256(s));
+      _mm256_storeu_ps(S + (r + 1) * TB + i0, _mm512_extractf32x8_ps(s, 1));
+    }
+  }
+  for (; r < n_rep; ++r) {
     const uint16_t* qr = q + r * D;
     __m512 acc[TB];
     for (int i = 0; i < TB; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 32) {
+      pf.step();
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
       for (int i = 0; i < TB; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kr[i] + d));
+        acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(kp + i * stride + d * 2));
     }
     _mm512_storeu_ps(S + r * TB, _mm512_mul_ps(hsum16(acc), vscale));
   }
@@ -253,14 +378,17 @@ inline void scores_block_dp(const uint16_t* q, const char* kp, int64_t stride, i
 // acc += sum_i p_i v_i over pairs of positions: rows i and i+1 interleaved (unpacklo/hi) make
 // 16 (v_i[d], v_i+1[d]) pairs per register, times the broadcast pair (p_i, p_i+1). The
 // accumulators of a 32-dim chunk are [lo | hi] in unpack order; unpermute() restores d order.
-// Pp: per head, 8 uint32 = the block's 16 p values as bf16 pairs.
+// Pp: per head, 8 uint32 = the block's 16 p values as bf16 pairs. alpha: the rescale, as in
+// values_pass (a lane-wise product: the unpack order does not matter to it).
 template <int RG, int PC>
 inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, const uint32_t* Pp,
-                           float* A, int64_t D) {
+                           const float* alpha, float* A, int64_t D, Prefetch& pf) {
   __m512 acc[RG][2 * PC];
   for (int r = 0; r < RG; ++r)
-    for (int c = 0; c < 2 * PC; ++c) acc[r][c] = _mm512_loadu_ps(A + r * D + d + c * 16);
+    for (int c = 0; c < 2 * PC; ++c)
+      acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(A + r * D + d + c * 16), _mm512_set1_ps(alpha[r]));
   for (int i = 0; i < n; i += 2) {
+    pf.step();
     __m512i lo[PC], hi[PC];
     for (int c = 0; c < PC; ++c) {
       const __m512i a = _mm512_loadu_si512(vp + i * stride + (d + c * 32) * 2);
@@ -281,15 +409,24 @@ inline void values_pass_dp(const char* vp, int64_t stride, int n, int64_t d, con
     for (int c = 0; c < 2 * PC; ++c) _mm512_storeu_ps(A + r * D + d + c * 16, acc[r][c]);
 }
 
+// Passes of 16 accumulators where D allows (8 for one head): enough independent vdpbf16ps
+// chains to cover its latency (a single head's 32 dims would be 2 chains, latency bound).
+template <int RG, int PC>
+inline void values_heads_dp(const char* vp, int64_t stride, int n, int64_t D, const uint32_t* Pp,
+                            const float* alpha, float* A, Prefetch& pf) {
+  int64_t d = 0;
+  for (; d + 32 * PC <= D; d += 32 * PC) values_pass_dp<RG, PC>(vp, stride, n, d, Pp, alpha, A, D, pf);
+  for (; d < D; d += 32) values_pass_dp<RG, 1>(vp, stride, n, d, Pp, alpha, A, D, pf);
+}
+
 inline void values_block_dp(const char* vp, int64_t stride, int n, int64_t n_rep, int64_t D,
-                            const uint32_t* Pp, float* A) {
+                            const uint32_t* Pp, const float* alpha, float* A, Prefetch& pf) {
+  const int64_t p4 = D / 64 + D % 64 / 32, p1 = D / 128 + D % 128 / 32;  // passes per head group
+  pf.pace((n_rep / 4 * p4 + n_rep % 4 / 2 * p1 + n_rep % 2 * p1) * ((n + 1) / 2));
   int64_t r = 0;
-  for (; r + 4 <= n_rep; r += 4)
-    for (int64_t d = 0; d < D; d += 64) values_pass_dp<4, 2>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
-  for (; r + 2 <= n_rep; r += 2)
-    for (int64_t d = 0; d < D; d += 32) values_pass_dp<2, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
-  for (; r < n_rep; ++r)
-    for (int64_t d = 0; d < D; d += 32) values_pass_dp<1, 1>(vp, stride, n, d, Pp + r * 8, A + r * D, D);
+  for (; r + 4 <= n_rep; r += 4) values_heads_dp<4, 2>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D, pf);
+  for (; r + 2 <= n_rep; r += 2) values_heads_dp<2, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D, pf);
+  for (; r < n_rep; ++r) values_heads_dp<1, 4>(vp, stride, n, D, Pp + r * 8, alpha + r, A + r * D, pf);
 }
 
 // The unpack order of a 32-dim chunk back to d order: lane j of lo holds d = 8 (j / 4) + j % 4,
@@ -396,13 +533,11 @@ inline void values_block_amx(const char* vp, int64_t stride, int64_t n_rep, int6
 }
 #endif
 
-inline void prefetch_range(const char* p, int64_t bytes) {
-#ifndef GHMPI_NO_PREFETCH
-#ifndef GHMPI_PREFETCH_LOCALITY
-#define GHMPI_PREFETCH_LOCALITY 3  // 3: into L1 (prefetcht0), 2: L2 (prefetcht1)
-#endif
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, GHMPI_PREFETCH_LOCALITY);
-#endif
+// A[r] *= alpha[r] for n_rep heads of D (the paths that do not fold it into their p @ V)
+inline void rescale(float* A, const float* alpha, int64_t n_rep, int64_t D) {
+  for (int64_t r = 0; r < n_rep; ++r)
+    if (alpha[r] != 1.0f)
+      for (int64_t d = 0; d < D; ++d) A[r * D + d] *= alpha[r];
 }
 
 struct Problem {
@@ -426,6 +561,8 @@ struct Item {
 // one item. Reused across calls.
 struct Scratch {
   std::vector<float> s, m, l, acc, kf;
+  std::vector<float> lv;     // vector paths: running sums, 16 lanes per head, added at the end
+  std::vector<float> alpha;  // one unit's rescale factors, per head
   std::vector<uint16_t> qb;  // bf16 mode: the item's query heads in bf16
   std::vector<uint32_t> pp;  // bf16 mode: a block's p as bf16 pairs, 8 per head
   std::vector<uint16_t> qt;  // AMX: the item's kv groups' query tiles
@@ -438,7 +575,7 @@ struct Scratch {
     if (static_cast<int64_t>(qb.size()) < nh * D) qb.resize(nh * D);
     if (static_cast<int64_t>(pp.size()) < nh * 8) pp.resize(nh * 8);
     if (static_cast<int64_t>(m.size()) < nh) {
-      s.resize(nh * TB); m.resize(nh); l.resize(nh);
+      s.resize(nh * TB); m.resize(nh); l.resize(nh); lv.resize(nh * 16); alpha.resize(nh);
     }
     if (static_cast<int64_t>(acc.size()) < nh * D) acc.resize(nh * D);
     if (static_cast<int64_t>(kf.size()) < TB * D) kf.resize(TB * D);
@@ -456,8 +593,11 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   float* M = sc.m.data();
   float* L = sc.l.data();
   float* A = sc.acc.data();
+  float* Lv = sc.lv.data();
+  float* alpha = sc.alpha.data();
   std::fill(M, M + nh, NEG_INF);
   std::fill(L, L + nh, 0.0f);
+  std::fill(Lv, Lv + nh * 16, 0.0f);
   std::fill(A, A + nh * D, 0.0f);
   const int64_t h0 = it.g0 * n_rep;
   const float* q = P.q + (it.b * P.H + h0) * D;  // (nh, D): the item's query heads
@@ -466,7 +606,6 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   const int64_t slot = P.slots[it.b];
   const char* kbase = static_cast<const char*>(P.k) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
   const char* vbase = static_cast<const char*>(P.v) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
-  const int64_t run_bytes = ng * D * es;  // one position's K (or V) bytes of this item's heads
 #if GHMPI_BF16DP
   if constexpr (DP) {  // exact: q was bf16 before the caller widened it
     for (int64_t x = 0; x < nh * D; x += 16)
@@ -483,133 +622,110 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   }
 #endif
 
+  // The loop walks units of (block of TB positions, kv head) in that order: a unit's K rows
+  // (TB runs of D elements, pos_stride apart) give its heads' scores, the online softmax turns them
+  // into weights, then its V rows are accumulated. The K (and V) of the unit GHMPI_PREFETCH_UNITS
+  // ahead are prefetched while this unit's K (and V) are computed on: pk and pv, paced by the
+  // vector loops; rest() issues what a path without pacing (AMX, portable) left.
+  const int64_t row = pos_stride * es, unit_bytes = D * es;
   for (int64_t t = it.t0; t < it.t1; t += TB) {
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
-    {  // prefetch a block ahead while this one is computed
-      const int64_t tn = t + GHMPI_PREFETCH_BLOCKS * TB, nn = std::min<int64_t>(TB, it.t1 - tn);
-      for (int64_t i = 0; i < nn; ++i) {
-        prefetch_range(kbase + (tn + i) * pos_stride * es, run_bytes);
-        prefetch_range(vbase + (tn + i) * pos_stride * es, run_bytes);
-      }
-    }
-    // scores S[h][i] = scale * q_h . k_{t+i}
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t h = g * n_rep;  // the unit's first query head in the item
+      const int64_t off = (t * pos_stride + g * D) * es;
+      const int64_t ua = g + GHMPI_PREFETCH_UNITS, ta = t + ua / ng * TB;
+      const int64_t offa = (ta * pos_stride + ua % ng * D) * es;
+      const int64_t na = std::min<int64_t>(TB, it.t1 - ta);  // <= 0 past the item's end
+      Prefetch pk{kbase + offa, row, na, unit_bytes}, pv{vbase + offa, row, na, unit_bytes};
+      // scores S[r][i] = scale * q_(h+r) . k_(t+i)
 #if GHMPI_AMX
-    if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
-      for (int64_t g = 0; g < ng; ++g)
-        scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + (t * pos_stride + g * D) * es,
-                         pos_stride * es, n_rep, D, P.scale, sc.ct.data(), S + g * n_rep * TB);
-    } else
+      if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
+        scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + off, row, n_rep, D, P.scale,
+                         sc.ct.data(), S);
+      } else
 #endif
 #if GHMPI_BF16DP
-    if constexpr (DP) {
-      for (int64_t g = 0; g < ng; ++g)
-        scores_block_dp(sc.qb.data() + g * n_rep * D, kbase + (t * pos_stride + g * D) * es,
-                        pos_stride * es, n, n_rep, D, P.scale, S + g * n_rep * TB);
-    } else
+      if constexpr (DP) {
+        scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale,
+                        reinterpret_cast<uint16_t*>(sc.kf.data()), S, pk);
+      } else
 #endif
-#if GHMPI_AVX512
-    if constexpr (VEC) {
-      for (int64_t g = 0; g < ng; ++g)
-        scores_block<KV>(q + g * n_rep * D, kbase + (t * pos_stride + g * D) * es, pos_stride * es,
-                         n, n_rep, D, P.scale, sc.kf.data(), S + g * n_rep * TB);
-    } else
-#endif
-    {
-      for (int i = 0; i < n; ++i) {
-        const char* kp = kbase + (t + i) * pos_stride * es;
-        for (int64_t g = 0; g < ng; ++g) {
-          const void* kg = kp + g * D * es;
-          float* kf = sc.kf.data();
-          for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kg, d);
-          for (int64_t r = 0; r < n_rep; ++r) {
-            const float* qh = q + (g * n_rep + r) * D;
-            float s = 0.0f;
-            for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
-            S[(g * n_rep + r) * TB + i] = s * P.scale;
-          }
-        }
-      }
-    }
-    // online softmax: S becomes the block's weights p, accumulators rescaled to the new max
-    for (int64_t h = 0; h < nh; ++h) {
-      float* sh = S + h * TB;
-      float mx = M[h];
-#if GHMPI_AVX512
-      if constexpr (VEC)
-        mx = std::max(mx, _mm512_mask_reduce_max_ps(static_cast<__mmask16>((1u << n) - 1),
-                                                     _mm512_loadu_ps(sh)));
-      else
-#endif
-        for (int i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
-      const float alpha = M[h] == NEG_INF ? 0.0f : std::exp(M[h] - mx);
-      float sum = 0.0f;
 #if GHMPI_AVX512
       if constexpr (VEC) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-        __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh), _mm512_set1_ps(mx)));
-        p = _mm512_maskz_mov_ps(mask, p);
-#if GHMPI_BF16DP
-        if constexpr (DP) {  // p @ V runs on bf16 p, as torch's bf16 attention: sum what is used
-          const __m256bh pb = _mm512_cvtneps_pbh(p);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(sc.pp.data() + h * 8), (__m256i)pb);
-          p = _mm512_cvtpbh_ps(pb);
-        }
-#endif
-        _mm512_storeu_ps(sh, p);
-        sum = _mm512_reduce_add_ps(p);
+        scores_block<KV>(q + h * D, kbase + off, row, n, n_rep, D, P.scale, sc.kf.data(), S, pk);
       } else
 #endif
       {
-        for (int i = 0; i < n; ++i) { sh[i] = std::exp(sh[i] - mx); sum += sh[i]; }
+        for (int i = 0; i < n; ++i) {
+          const char* kp = kbase + off + i * row;
+          float* kf = sc.kf.data();
+          for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kp, d);
+          for (int64_t r = 0; r < n_rep; ++r) {
+            const float* qh = q + (h + r) * D;
+            float s = 0.0f;
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
+            S[r * TB + i] = s * P.scale;
+          }
+        }
       }
-      L[h] = L[h] * alpha + sum;
-      M[h] = mx;
-      if (alpha != 1.0f) {
-        float* ah = A + h * D;
-        for (int64_t d = 0; d < D; ++d) ah[d] *= alpha;
+      // online softmax: S becomes the block's weights p; alpha rescales the accumulators
+#if GHMPI_AVX512
+      if constexpr (VEC) {
+        softmax_block<DP>(S, n, n_rep, M + h, Lv + h * 16, alpha, sc.pp.data());
+      } else
+#endif
+      {
+        for (int64_t r = 0; r < n_rep; ++r) {
+          float* sr = S + r * TB;
+          float mx = M[h + r];
+          for (int i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
+          alpha[r] = M[h + r] == NEG_INF ? 0.0f : std::exp(M[h + r] - mx);
+          float sum = 0.0f;
+          for (int i = 0; i < n; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
+          L[h + r] = L[h + r] * alpha[r] + sum;
+          M[h + r] = mx;
+        }
       }
-    }
-    // acc_h += sum_i p[h][i] * v_{t+i}
+      pk.rest();
+      // acc_(h+r) = alpha_r acc_(h+r) + sum_i p[r][i] * v_(t+i)
+      float* Ah = A + h * D;
 #if GHMPI_AMX
-    if (amx && n == TB) {
-      for (int64_t g = 0; g < ng; ++g)
-        values_block_amx(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n_rep, D,
-                         sc.pp.data() + g * n_rep * 8, A + g * n_rep * D, sc.vt.data(),
-                         sc.ct.data());
-    } else
+      if (amx && n == TB) {
+        rescale(Ah, alpha, n_rep, D);
+        values_block_amx(vbase + off, row, n_rep, D, sc.pp.data(), Ah, sc.vt.data(), sc.ct.data());
+      } else
 #endif
 #if GHMPI_BF16DP
-    if constexpr (DP) {
-      for (int64_t g = 0; g < ng; ++g)
-        values_block_dp(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
-                        sc.pp.data() + g * n_rep * 8, A + g * n_rep * D);
-    } else
+      if constexpr (DP) {
+        values_block_dp(vbase + off, row, n, n_rep, D, sc.pp.data(), alpha, Ah, pv);
+      } else
 #endif
 #if GHMPI_AVX512
-    if constexpr (VEC) {
-      for (int64_t g = 0; g < ng; ++g)
-        values_block<KV>(vbase + (t * pos_stride + g * D) * es, pos_stride * es, n, n_rep, D,
-                         S + g * n_rep * TB, A + g * n_rep * D);
-    } else
+      if constexpr (VEC) {
+        values_block<KV>(vbase + off, row, n, n_rep, D, S, alpha, Ah, pv);
+      } else
 #endif
-    {
-      for (int i = 0; i < n; ++i) {
-        const char* vp = vbase + (t + i) * pos_stride * es;
-        for (int64_t g = 0; g < ng; ++g) {
-          const void* vg = vp + g * D * es;
-          float* vf = sc.kf.data();
-          for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vg, d);
+      {
+        rescale(Ah, alpha, n_rep, D);
+        float* vf = sc.kf.data();
+        for (int i = 0; i < n; ++i) {
+          const char* vp = vbase + off + i * row;
+          for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vp, d);
           for (int64_t r = 0; r < n_rep; ++r) {
-            const int64_t h = g * n_rep + r;
-            const float p = S[h * TB + i];
-            float* ah = A + h * D;
+            const float p = S[r * TB + i];
+            float* ah = Ah + r * D;
             for (int64_t d = 0; d < D; ++d) ah[d] += p * vf[d];
           }
         }
       }
+      pv.rest();
     }
   }
-
+#if GHMPI_AVX512
+  if constexpr (VEC) {  // the running sums' lanes added up
+    for (int64_t x = 0; x < nh; ++x) L[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(Lv + x * 16));
+  }
+#endif
 #if GHMPI_BF16DP
   if constexpr (DP) {
     for (int64_t h = 0; h < nh; ++h) unpermute(A + h * D, D);
@@ -759,7 +875,7 @@ double ghmpi_read_sum(const float* x, int64_t n) {
 #if GHMPI_AVX512
       __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
       for (; i + 64 <= hi; i += 64) {
-        __builtin_prefetch(x + i + 1024, 0, 3);  // 4 KiB ahead, as the kernel prefetches
+        __builtin_prefetch(x + i + 1024, 0, 3);  // 4 KiB ahead
         __builtin_prefetch(x + i + 1040, 0, 3);
         __builtin_prefetch(x + i + 1056, 0, 3);
         __builtin_prefetch(x + i + 1072, 0, 3);
