@@ -40,7 +40,7 @@ timeout 120 "$PY" -m ghmpi bench attention --json -o "$OUT/attention_1thread.jso
   --contexts 2048 --batches 16 --dtypes bfloat16 --splits none --no-torch --max-gb 2 2>/dev/null | \
   "$PY" -c "import json,sys; r=json.load(sys.stdin); print('1 thread: dram', round(r['dram_read_GBps'],1), [(x['heads'], round(x['native_kv_read_GBps'],1)) for x in r['rows']])"
 # 4. prefetch A/B: kernel variants (each its own cache entry), all threads, GQA and MHA bf16
-for v in "" "-DGHMPI_PREFETCH_BLOCKS=2" "-DGHMPI_PREFETCH_LOCALITY=2" "-DGHMPI_NO_PREFETCH"; do
+for v in "" "-DGHMPI_PREFETCH_UNITS=2" "-DGHMPI_PREFETCH_UNITS=6" "-DGHMPI_PREFETCH_LOCALITY=3" "-DGHMPI_NO_PREFETCH"; do
   GHMPI_KERNEL_CFLAGS="$v" timeout 90 "$PY" -m ghmpi bench attention --json --contexts 2048 \
     --batches 64 --dtypes bfloat16 --splits none --no-torch --max-gb 4 --seconds 0.2 2>/dev/null | \
     "$PY" -c "import json,sys; r=json.load(sys.stdin); print('variant [$v]: dram', round(r['dram_read_GBps'],1), [(x['heads'], round(x['native_kv_read_GBps'],1), round(x['native_ratio'],3)) for x in r['rows'] if x['context'] == '2048'])"
