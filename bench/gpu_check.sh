@@ -12,14 +12,19 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMPI_MCA_mp
 nvidia-smi -L 2>/dev/null | head -2
 "$PY" -c "import torch, mpi4py; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'mpi4py', mpi4py.__version__)"
 "$MPIRUN" --version | head -1
-# a trailing -cN: topology.prefill_tokens=N (prompts longer than N are prefilled in chunks)
+# a trailing -cN: topology.prefill_tokens=N (prompts longer than N are prefilled in chunks);
+# -gN: hybrid, one GPU micro-batch of N slots (graph steps on a low-priority stream) beside the
+# tier-2-served ones
 runs=(cpu-n1-float32 cpu-n9-float32 cuda-n1-float32 cuda-n9-float32 cuda-n1-bfloat16 cuda-n9-bfloat16
-      cuda-n1-float32-c16 cuda-n3-float32-c16)
+      cuda-n1-float32-c16 cuda-n3-float32-c16 cuda-n9-float32-g24)
 for name in "${runs[@]}"; do
   IFS=- read -r dev n dtype chunk <<<"$name"
   n=${n#n}
   extra=()
-  [ -n "$chunk" ] && extra=(--set topology.prefill_tokens="${chunk#c}")
+  case $chunk in
+    c*) extra=(--set topology.prefill_tokens="${chunk#c}") ;;
+    g*) extra=(--set topology.gpu_micro_batches=1 --set topology.gpu_micro_batch_size="${chunk#g}") ;;
+  esac
   start=$(date +%s.%N)
   "$MPIRUN" $MPIFLAGS -n "$n" "$PY" -m ghmpi --set topology.device="$dev" --set model.dtype="$dtype" "${extra[@]}" \
     --set io.output="$OUT/$name.h5" >"$OUT/$name.log" 2>&1
@@ -39,7 +44,7 @@ def load(name):
     return [t[a:b].tolist() for a, b in zip(o[:-1], o[1:])], r.tolist()
 ref = load("cpu-n1-float32")
 for name in ["cpu-n9-float32", "cuda-n1-float32", "cuda-n9-float32", "cuda-n1-bfloat16", "cuda-n9-bfloat16",
-             "cuda-n1-float32-c16", "cuda-n3-float32-c16"]:
+             "cuda-n1-float32-c16", "cuda-n3-float32-c16", "cuda-n9-float32-g24"]:
     got = load(name)
     same = sum(a == b for a, b in zip(got[0], ref[0]))
     print(f"{name}: {same}/{len(ref[0])} completions equal to cpu-n1-float32")
@@ -53,7 +58,7 @@ with PromptFile("data/prompts.h5") as pf, torch.no_grad():
                            pad_token_id=eos if isinstance(eos, int) else eos[0])
         hf.append(g[0, ids.shape[1]:].tolist())
 for name in ["cpu-n1-float32", "cuda-n1-float32", "cuda-n9-float32", "cuda-n1-float32-c16",
-             "cuda-n3-float32-c16"]:
+             "cuda-n3-float32-c16", "cuda-n9-float32-g24"]:
     got = load(name)[0]
     print(f"{name}: {sum(a == b for a, b in zip(got, hf))}/{len(hf)} completions equal to transformers generate")
 PYEOF

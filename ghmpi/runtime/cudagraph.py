@@ -48,6 +48,7 @@ class DecodeGraphs:
                                      torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self._keep: list[PassPlan] = []
+        self._copied: dict[int, torch.cuda.Event] = {}  # per bucket: its inputs' last copy
 
     @staticmethod
     def eligible(plan: PassPlan) -> bool:
@@ -97,6 +98,9 @@ class DecodeGraphs:
         if B not in self.graphs:
             self.graphs[B] = self._capture(B)
         graph, inputs, host, logits = self.graphs[B]
+        copied = self._copied.get(B)
+        if copied is not None:  # the last replay's inputs have left the pinned buffer
+            copied.synchronize()
         h = host.numpy()
         h[0, :n] = [int(r.tokens[-1]) for r in rows]
         h[1, :n] = [r.start for r in rows]
@@ -107,6 +111,8 @@ class DecodeGraphs:
         h[3, n:] = 1
         h[0, n:] = 0
         inputs.copy_(host, non_blocking=True)
+        self._copied[B] = torch.cuda.Event()
+        self._copied[B].record()
         graph.replay()
         return logits[:n]
 

@@ -14,6 +14,7 @@ slice 0, closing the ring.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -134,6 +135,14 @@ class Tier1:
             if self.first:
                 print(f"ghmpi: tier 1: {len(self.layer_graphs.graphs)} layer graphs captured in "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
+        # GPU micro-batches' graph steps in flight: (pass, its logits, the step's end event)
+        self.inflight: list[tuple[Pass, torch.Tensor, torch.cuda.Event]] = []
+        # Hybrid: those steps run on a low-priority stream and everything else (the segments and
+        # copies of tier-2-served passes) on a high-priority one, so a tier-2 micro-batch's layer
+        # runs between a GPU step's kernels instead of after the whole step.
+        self.streams = ((torch.cuda.Stream(self.device, priority=-1),
+                         torch.cuda.Stream(self.device, priority=0))
+                        if self.graphs is not None and layout.n_tier2 else None)
         self.owner = np.array(layout.owners(j), dtype=np.int64)
         self.group = layout.tier2_group(j)
         self.ready: list[Pass] = []
@@ -314,8 +323,31 @@ class Tier1:
     def run(self) -> int:
         """Serve until done (slice 0 decides) and return the job's exit status. Messages move
         while this rank waits on its GPU (`tp.ProgressThread`)."""
-        with tp.ProgressThread(None if self.layout.world_size > 1 else 0):
+        with tp.ProgressThread(None if self.layout.world_size > 1 else 0), \
+                torch.cuda.stream(self.streams[0]) if self.streams else contextlib.nullcontext():
             return self._loop()
+
+    def _launch_graph(self, p: Pass) -> None:
+        """A GPU micro-batch's decode step: one graph replay, not waited for; it is sampled once
+        its end event has passed (`_loop`), so the host serves tier-2 micro-batches meanwhile."""
+        for _ in self.layers:
+            self.faults.step()
+        with torch.cuda.stream(self.streams[1]) if self.streams else contextlib.nullcontext():
+            logits = self.graphs.run(p.rows, self.local_index)
+            if self.layout.n_micro_batches > 1:  # the bucket's buffer serves its next replay
+                logits = logits.clone()
+            done = torch.cuda.Event()
+            done.record()
+        self.inflight.append((p, logits, done))
+
+    def _sample_finished_steps(self) -> bool:
+        """Sample the GPU steps that have finished; whether there were any."""
+        finished = [g for g in self.inflight if g[2].query()]
+        for g in finished:
+            self.inflight.remove(g)
+            torch.cuda.current_stream().wait_event(g[2])
+            self._sample(g[0], g[1])
+        return bool(finished)
 
     def _loop(self) -> int:
         if self.first:
@@ -335,6 +367,8 @@ class Tier1:
                 else:
                     still.append(p)
             self.waiting = still
+            if self.inflight and self._sample_finished_steps():
+                busy = True
             if self.layout.world_size > 1:
                 status = self._poll_messages()
             if self.ready:
@@ -342,9 +376,7 @@ class Tier1:
                 # furthest along: it frees its slots (and the ring) soonest.
                 p = self._next_ready()
                 if self.graphs is not None and DecodeGraphs.eligible(p.plan):
-                    for _ in self.layers:
-                        self.faults.step()
-                    self._sample(p, self.graphs.run(p.rows, self.local_index))
+                    self._launch_graph(p)
                 else:
                     self._start_layer(p)
                 if p.waits:
@@ -359,8 +391,11 @@ class Tier1:
                     break
             if busy:
                 backoff.reset()
+            elif self.inflight and not self.waiting and not self.ready:
+                self.inflight[0][2].synchronize()  # nothing but a GPU step to wait for
+                busy = True
             else:  # idle; while replies are due, look again soon (a late look stalls the ring)
-                backoff.idle(REPLY_POLL_S if self.waiting else None)
+                backoff.idle(REPLY_POLL_S if self.waiting or self.inflight else None)
             # an iteration that did work is busy time (its GPU work is synchronised on the way:
             # replies, shipping, sampling); one that found nothing to do is idle time
             if busy:
