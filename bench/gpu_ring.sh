@@ -80,4 +80,21 @@ f)  # the issue's job with single-copy transfers (CMA), traced: what waiting on 
   cut -c1-300 "$OUT/cma.txt" | grep -E "tokens/s|failed"
   $PY bench/trace_summary.py /tmp/tr-cma > "$OUT/trace-cma.txt" 2>&1; cat "$OUT/trace-cma.txt"
   ;;
+g)  # the reworked tier-2 kernel on this CPU: every path against torch, then KV read vs DRAM; float32
+    # exactness on CUDA (incl. the hybrid's low-priority graph steps)
+  T=120 step kcheck $PY bench/cpu_kernel_check.py; cat "$OUT/kcheck.txt"
+  T=200 step attention $PY -m ghmpi bench attention --contexts 512,8192 --batches 1,64,256 \
+    --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 --no-torch -o "$OUT/attention.json"
+  grep -E "native_kv_read_GBps=|dram_read" "$OUT/attention.txt" | sed 's/ghmpi bench: //' | cut -c1-160
+  s=$(date +%s); mkdir -p /tmp/ghmpi-check
+  OUT=/tmp/ghmpi-check timeout 230 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=" "$OUT/gpu_check.txt"
+  ;;
+h)  # the issue's job (256 x 512 -> 128): -n 9 against both tiers' capacities, the single tier, and
+    # the hybrid (one GPU micro-batch of 192 beside the tier-2-served ones)
+  T=560 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    --single --hybrid 1 --hybrid-share 0.75 -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: (delay|single|hybrid)" "$OUT/pipeline.txt" | cut -c1-400
+  grep -E "capacity|bound|tier2_|target" "$OUT/pipeline.txt"; grep -A3 "^jobs:" "$OUT/pipeline.txt"
+  ;;
 esac
