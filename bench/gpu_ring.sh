@@ -96,5 +96,30 @@ h)  # the issue's job (256 x 512 -> 128): -n 9 against both tiers' capacities, t
     --single --hybrid 1 --hybrid-share 0.75 -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: (delay|single|hybrid)" "$OUT/pipeline.txt" | cut -c1-400
   grep -E "capacity|bound|tier2_|target" "$OUT/pipeline.txt"; grep -A3 "^jobs:" "$OUT/pipeline.txt"
+  [ -n "${SLICES:-}" ] && { mkdir -p $OUT/slices; OUT=$OUT/slices ONLY_EXACT=1 timeout 200 \
+    bash bench/gpu_two_slices.sh > "$OUT/two_slices.txt" 2>&1; grep -E "exact|equal" "$OUT/two_slices.txt"; }
+  ;;
+k)  # tier-2 kernel A/B on this CPU: the kernel before session 4 (bench/old_kernel/, when present)
+    # and prefetch variants of the current one; GQA and MHA, 64 and 256 rows of 512 tokens
+  ab() { GHMPI_KERNEL_CFLAGS="$2" T=90 step "ab-$1" $PY -m ghmpi bench attention --contexts 512 \
+      --batches 64,256 --dtypes bfloat16 --heads gqa,mha --splits none --seconds 0.2 --max-gb 4 \
+      --no-torch -o "$OUT/ab-$1.json"
+    echo "$1 [$2]: $(grep -E "native_kv_read_GBps=|^ghmpi bench: dram_read_GBps [0-9]" "$OUT/ab-$1.txt" \
+      | sed 's/.*heads=\([0-9/]*\).*batch=\([0-9]*\).*native_kv_read_GBps=\([0-9.]*\).*/\1 b\2: \3/; s/ghmpi bench: //' | tr '\n' ' ')"; }
+  if [ -f bench/old_kernel/decode_attention.cpp ]; then
+    rm -rf /tmp/oldtree; mkdir -p /tmp/oldtree; cp -r ghmpi /tmp/oldtree/
+    cp bench/old_kernel/decode_attention.cpp /tmp/oldtree/ghmpi/kernels/
+    (cd /tmp/oldtree && PYTHONPATH=/tmp/oldtree ab old "")
+  fi
+  ab new ""
+  ab l1 "-DGHMPI_PREFETCH_LOCALITY=3"
+  ab units8 "-DGHMPI_PREFETCH_UNITS=8"
+  ab units1 "-DGHMPI_PREFETCH_UNITS=1"
+  ab nopf "-DGHMPI_NO_PREFETCH"
+  ;;
+i)  # latency tolerance with enough sequences in flight: 1024 prompts x 512 -> 32 at 0 and 10 ms
+  T=500 step ring1024 $PY bench/ring_variants.py --prompts 1024 --new 32 "$W" "p1024-d0;0;0" \
+    "p1024-d10;10;0" ${EXTRA:-}
+  cut -c1-300 "$OUT/ring1024.txt" | grep -E "tokens/s|failed"
   ;;
 esac
