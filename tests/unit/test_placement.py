@@ -124,3 +124,4 @@ def test_tier2_slots_dealt_by_threads_where_the_memory_allows(capsys):
     assert dealt_by_threads(lay, seen, too_big) is lay
     assert "equal slot shares" in capsys.readouterr().out
     assert dealt_by_threads(lay, [(0, 2)] * 9, too_big) is lay  # equal threads: nothing to do
+
