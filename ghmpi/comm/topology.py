@@ -6,6 +6,7 @@ starting processes. World ranks 0..slices-1 are tier 1 (slice j on rank j); the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -152,7 +153,7 @@ class Layout:
         if remote < 0:
             return LOCAL
         group = self.tier2_group(j)
-        turns = deal([self.tier2_weight(r) for r in group])
+        turns = deal(tuple(self.tier2_weight(r) for r in group))
         return group[turns[remote % len(turns)]]
 
     def tier2_weight(self, rank: int) -> int:
@@ -171,10 +172,11 @@ class Layout:
         return [s for s in range(self.n_slots) if self.is_local(s)]
 
 
-def deal(weights: list[int]) -> list[int]:
+@functools.cache
+def deal(weights: tuple[int, ...]) -> tuple[int, ...]:
     """One round of dealing to len(weights) takers, taker i served weights[i] times, spread out
     (smooth weighted round robin: each turn goes to the taker furthest behind its share). Equal
-    weights deal 0, 1, 2, ... in order."""
+    weights deal 0, 1, 2, ... in order. Cached: `Layout.owner` asks it for every slot."""
     g = math.gcd(*weights)
     w = [x // g for x in weights]
     total, credit, out = sum(w), [0] * len(w), []
@@ -184,7 +186,7 @@ def deal(weights: list[int]) -> list[int]:
         i = max(range(len(w)), key=lambda k: credit[k])  # the first of the most behind
         credit[i] -= total
         out.append(i)
-    return out
+    return tuple(out)
 
 
 def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: int,

@@ -185,9 +185,10 @@ class Tier1:
         """Send each tier-2 owner one message with its decode rows' q/k/v, the prompts' K/V and
         its prompt chunks' q/k/v. All messages' payloads leave the device together, straight
         into their send buffers, synchronised once (which also retires the last layer's copy out
-        of this micro-batch's reply buffer, so its receives can be posted again). The owners' replies land one after
-        the other in that buffer: rows of the spans in `p.replied`, in order. What is the same
-        every layer (headers, keys, reply offsets) is worked out once per pass (`_route`)."""
+        of this micro-batch's reply buffer, so its receives can be posted again). The owners'
+        replies land one after the other in that buffer: rows of the spans in `p.replied`, in
+        order. What is the same every layer (headers, keys, reply offsets) is worked out once per
+        pass (`_route`)."""
         if not p.plan.remote:
             return
         r = p.route or self._route(p)

@@ -59,12 +59,12 @@ def test_slots_spread_round_robin_over_group():
 
 
 def test_deal_serves_each_taker_by_weight_spread_out():
-    assert deal([1, 1, 1]) == [0, 1, 2]
-    assert deal([2, 2]) == [0, 1]  # only the proportions count
-    turns = deal([2, 2, 2, 2, 2, 2, 1, 1])
+    assert deal((1, 1, 1)) == (0, 1, 2)
+    assert deal((2, 2)) == (0, 1)  # only the proportions count
+    turns = deal((2, 2, 2, 2, 2, 2, 1, 1))
     assert [turns.count(i) for i in range(8)] == [2] * 6 + [1] * 2
-    assert turns[:8] == list(range(8))  # every taker once before anyone twice
-    assert deal([3, 1]) == [0, 0, 1, 0]
+    assert turns[:8] == tuple(range(8))  # every taker once before anyone twice
+    assert deal((3, 1)) == (0, 0, 1, 0)
 
 
 def test_weighted_slots_follow_threads_in_every_micro_batch():
