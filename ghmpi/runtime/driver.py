@@ -7,6 +7,7 @@ is over (or stopped). It never touches tensors or MPI.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -17,12 +18,89 @@ from ghmpi.runtime.passplan import order_rows
 from ghmpi.runtime.scheduler import Draws, Row, Scheduler
 
 
+class TailGuard:
+    """Hybrid layouts: when a micro-batch served by tier 2 stops taking new prompts.
+
+    A sequence moves at its micro-batch's pace, and a micro-batch that waits on tier 2 every
+    layer is several times slower than one held wholly on the GPU. A prompt given to it late
+    in the job finishes after the GPU micro-batches would have finished everything left on
+    their own, so it makes the job later. Each micro-batch's passes are timed (a running mean
+    of the seconds per pass and of the tokens each samples). A tier-2-served micro-batch takes
+    new prompts only while a sequence's expected life there (max_new_tokens passes) is within
+    the time the GPU micro-batches alone would need for what is left: the samples not yet
+    admitted (max_new_tokens each) and the tokens their own sequences still have to make, at
+    their measured tokens per second. Until both paces are measured it takes prompts only while
+    more samples wait than the GPU micro-batches hold twice over. A micro-batch that finds
+    nothing to admit and has no sequence left stays idle for the rest of the job.
+    """
+
+    EMA = 0.2  # weight of the newest pass in the running means
+
+    def __init__(self, scheduler: Scheduler, gpu: list[bool], samples: int,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.s, self.gpu, self.samples, self.clock = scheduler, gpu, samples, clock
+        self.gpu_slots = [slot for m, g in enumerate(gpu) if g for slot in scheduler.slots_of[m]]
+        self.started: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}  # micro-batch -> running mean of seconds per pass
+        self.draws: dict[int, float] = {}  # micro-batch -> running mean of tokens per pass
+        self.tokens = [0, 0]  # tokens sampled by GPU micro-batches, by tier-2-served ones
+        self.closed_with: int | None = None  # samples left when tier 2 first took no prompt
+
+    def planned(self, mb: int) -> None:
+        self.started[mb] = self.clock()
+
+    def committed(self, mb: int, draws: int) -> None:
+        dt = self.clock() - self.started.pop(mb)
+        a = self.EMA if mb in self.seconds else 1.0
+        self.seconds[mb] = (1 - a) * self.seconds.get(mb, 0.0) + a * dt
+        self.draws[mb] = (1 - a) * self.draws.get(mb, 0.0) + a * draws
+        self.tokens[not self.gpu[mb]] += draws
+
+    def gpu_alone_s(self) -> float | None:
+        """Seconds the GPU micro-batches alone would need for what is left (None: unmeasured)."""
+        gpu = [m for m, g in enumerate(self.gpu) if g]
+        if not all(m in self.seconds for m in gpu):
+            return None
+        rate = sum(self.draws[m] / max(self.seconds[m], 1e-9) for m in gpu)
+        s = self.s
+        tokens = (self.samples - s.admitted_samples) * s.max_new_tokens + sum(
+            seq.max_new - len(seq.generated)
+            for seq in (s.active.get(slot) for slot in self.gpu_slots) if seq is not None)
+        return tokens / max(rate, 1e-9)
+
+    def admits(self, mb: int) -> bool:
+        if self.gpu[mb]:
+            return True
+        left = self.samples - self.s.admitted_samples
+        alone = self.gpu_alone_s()
+        if alone is None or mb not in self.seconds:
+            ok = left > 2 * len(self.gpu_slots)
+        else:
+            ok = self.s.max_new_tokens * self.seconds[mb] <= alone
+        if not ok and self.closed_with is None and left > 0:
+            self.closed_with = left
+        return ok
+
+    def line(self) -> str:
+        gpu, t2 = self.tokens
+        closed = ("" if self.closed_with is None else
+                  f"; tier 2 took no more prompts with {self.closed_with} samples left, the GPU "
+                  f"micro-batches alone finishing them sooner")
+        return (f"hybrid: {gpu} tokens sampled by GPU micro-batches, {t2} by tier-2-served "
+                f"ones{closed}")
+
+
 class Driver:
     def __init__(self, scheduler: Scheduler, owner: np.ndarray,
                  on_finished: Callable[[list], None],
                  should_drain: Callable[[], bool] = lambda: False,
-                 tick: Callable[[int], None] = lambda generated: None):
+                 tick: Callable[[int], None] = lambda generated: None,
+                 guard: TailGuard | None = None):
+        """`guard`: hybrid layouts' TailGuard (it gates the scheduler's admissions)."""
         self.scheduler = scheduler
+        self.guard = guard
+        if guard is not None:
+            scheduler.admits = guard.admits
         self.owner = owner  # slot -> world rank of its KV (LOCAL on tier 1), for order_rows
         self.on_finished, self.should_drain, self._tick = on_finished, should_drain, tick
         self.home: set[int] = set()  # micro-batches out on the ring
@@ -36,6 +114,8 @@ class Driver:
         if rows:
             self.plans[mb] = rows
             self.home.add(mb)
+            if self.guard is not None:
+                self.guard.planned(mb)
         for r in rows:
             if r.prefill and r.start == 0 and not r.final:  # a long prompt's first chunk
                 self.chunked[int(self.owner[r.slot] != LOCAL)] += 1
@@ -46,6 +126,8 @@ class Driver:
         rows = self.plans.pop(mb)
         self.home.discard(mb)
         self.generated += len(draws.tokens)
+        if self.guard is not None:
+            self.guard.committed(mb, len(draws.tokens))
         finished = self.scheduler.commit(rows, draws)
         if finished:
             self.on_finished(finished)

@@ -359,7 +359,7 @@ def _profiled(fn: Callable, rank: int) -> Callable:
 def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: torch.device,
               store: CompletionStore | None, lock: OutputLock | None, started: float) -> int:
     from ghmpi.model.llama import Transformer  # loading weights: tier 1 only
-    from ghmpi.runtime.driver import Driver
+    from ghmpi.runtime.driver import Driver, TailGuard
     from ghmpi.runtime.tier1 import Tier1
     from ghmpi.runtime.tier2 import Tier2
     from ghmpi.runtime.wire import WireFormat
@@ -430,9 +430,12 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                 on_finished(done)
         progress.tick(generated)
 
+    gpu = [layout.is_gpu_micro_batch(m) for m in range(layout.n_micro_batches)]
+    guard = (TailGuard(scheduler, gpu, plan.n_rows - plan.n_done)
+             if any(gpu) and not all(gpu) else None)
     driver = Driver(scheduler, np.array(layout.owners(0), dtype=np.int64), on_finished,
                     should_drain=lambda: signals.received() is not None or store.error is not None,
-                    tick=tick)
+                    tick=tick, guard=guard)
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults,
                   driver)
     gen_started = time.time()
@@ -444,6 +447,8 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     tiers = _tier_figures(layout, _gather_clocks(world, tier1.clock))
     if tiers:
         print(f"ghmpi: {tiers['line']}", flush=True)
+    if guard is not None:
+        print(f"ghmpi: {guard.line()}", flush=True)
     progress.sampled = driver.generated
     progress.chunked = tuple(driver.chunked)
     prompts.close()

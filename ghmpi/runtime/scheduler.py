@@ -17,7 +17,7 @@ A sequence with stop strings is checked off the hot path (ghmpi/runtime/stopstri
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -166,6 +166,9 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.draining = False  # set on SIGTERM/SIGUSR1: admit nothing more
         self.admitted = 0  # prompts whose every sample has been admitted
+        self.admitted_samples = 0  # samples admitted (one slot each)
+        # whether micro-batch mb takes new prompts now (the driver's TailGuard in hybrid layouts)
+        self.admits: Callable[[int], bool] = lambda mb: True
         self._params_of: dict[int, Params] = {}  # slot -> its sequence's own sampling settings
         self._hits: set[int] = set()  # rows the stop-string watcher found done, not yet freed
 
@@ -202,6 +205,8 @@ class Scheduler:
                                 self._params_of.get(slot, self.params)))
             else:
                 free.append(slot)
+        if free and not self.admits(mb):
+            free = []
         while free and budget > 0:
             nxt = self._next_prompt()
             if nxt is None:
@@ -226,6 +231,7 @@ class Scheduler:
                 else:
                     self._params_of.pop(slot, None)
             self.admitted += 1 if not rest else 0
+            self.admitted_samples += len(take)
             if chunked:  # its first chunk now, the rest in the next passes
                 seq = self.active[slots[0]]
                 seq.pending = L

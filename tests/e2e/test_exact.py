@@ -57,6 +57,9 @@ def test_gpu_micro_batches_beside_tier2_with_reply_delay_are_exact(tmp_path, pro
     assert r.returncode == 0, r.stderr
     assert "1 GPU micro-batches x 3 slots + 2 micro-batches x 3 slots" in r.stdout
     assert "ghmpi: tier 1 busy" in r.stdout and "tier 2 busy" in r.stdout
+    gpu, t2 = map(int, re.search(r"hybrid: (\d+) tokens sampled by GPU micro-batches, (\d+) by "
+                                 r"tier-2-served", r.stdout).groups())
+    assert gpu > 0 and t2 > 0  # both kinds of micro-batch served prompts
     assert read_output(out) == reference
 
 
