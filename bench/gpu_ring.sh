@@ -122,4 +122,15 @@ i)  # latency tolerance with enough sequences in flight: 1024 prompts x 512 -> 3
     "p1024-d10;10;0" ${EXTRA:-}
   cut -c1-300 "$OUT/ring1024.txt" | grep -E "tokens/s|failed"
   ;;
+l)  # the hybrid with the tail guard (session 5): the issue's job (256 x 512 -> 128), single tier
+    # vs one GPU micro-batch of 192 beside tier-2-served ones; then a job larger than the GPU's
+    # KV budget (kv_memory_gb=2: 128 sequences of 128 tokens; 8192 prompts x 64 -> 64)
+  T=280 step hyb-issue $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 \
+    --delays none --single --hybrid 1 --hybrid-share 0.75 -o "$OUT/hyb-issue.json"
+  T=300 step hyb-starved $PY -m ghmpi bench pipeline --workdir "$W" --prompts ${P:-8192} \
+    --prompt-len 64 --new 64 --delays none --single --hybrid 1 --set topology.kv_memory_gb=2 \
+    -o "$OUT/hyb-starved.json"
+  for f in hyb-issue hyb-starved; do echo "-- $f"; grep -E "ghmpi bench: (single|hybrid)" "$OUT/$f.txt" | cut -c1-700
+    grep -E "capacity|target|over_single|_tokens:|tier2_slots" "$OUT/$f.txt"; done
+  ;;
 esac

@@ -123,7 +123,7 @@ def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, d
     job["process_wall_s"] = wall
     job["ranks"] = ranks
     job["summary"] = [l for l in proc.stdout.splitlines()
-                      if l.startswith(("ghmpi: done", "ghmpi: tier", "ghmpi: placement"))
+                      if l.startswith(("ghmpi: done", "ghmpi: tier", "ghmpi: placement", "ghmpi: hybrid"))
                       or " micro-batches x " in l]
     return job
 

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=list(DT))
-    p.add_argument("--delays", default="0", help="reply delays in ms (comma list), e.g. 0,2,5,10,20")
+    p.add_argument("--delays", default="0", help="reply delays in ms (comma list), e.g. 0,2,5,10,20; "
+                   "none: no two-tier job")
     p.add_argument("--single", action="store_true", help="also run the single tier (-n 1)")
     p.add_argument("--hybrid", type=int, default=0, help="also run K GPU micro-batches beside tier 2")
     p.add_argument("--hybrid-share", type=float, default=0.0,
@@ -60,6 +61,15 @@ def _layout(summary: list[str]) -> tuple[int, int]:
         if m:
             return int(m.group(1)), int(m.group(2))
     raise RuntimeError(f"no layout line in {summary}")
+
+
+def _hybrid_split(summary: list[str]) -> tuple[int, int]:
+    """(tokens sampled by GPU micro-batches, by tier-2-served ones), from the hybrid's line."""
+    for line in summary:
+        m = re.search(r"hybrid: (\d+) tokens sampled by GPU micro-batches, (\d+) by", line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return 0, 0
 
 
 def tier1_capacity(shape: str, layers: int | None, dtype: torch.dtype, mb_size: int) -> float:
@@ -123,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
                     "prompt_len": L, "new": new,
                     "device": torch.cuda.get_device_name() if gpu else "cpu"}
     jobs = []
-    for d in [float(x) for x in args.delays.split(",")]:
+    for d in [] if args.delays == "none" else [float(x) for x in args.delays.split(",")]:
         out = work / f"pipe-{shape}-n{ranks}-d{d:g}.h5"
         job = run_ghmpi(model_dir, prompts, out, ranks, new, args.dtype,
                         [*args.overrides, f"runtime.reply_delay_ms={d}"])
@@ -131,29 +141,14 @@ def run(args: argparse.Namespace) -> dict:
         jobs.append(job)
         log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s; "
             + " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l))
-    mbs, size = _layout(jobs[0]["summary"])
-    context = L + new // 2
-    threads, slots = job_tier2_split(ranks, gpu, len(os.sched_getaffinity(0)), mbs, size,
-                                     hf_config(shape, args.layers)["num_hidden_layers"])
-    cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, threads, slots, context)
-    cap1 = tier1_capacity(shape, args.layers, DT[args.dtype], size)
-    bound = min(cap1, cap2)
-    base = jobs[0]["generate_tokens_per_s"]
-    result.update(micro_batches=mbs, micro_batch_size=size, tier2_threads=threads,
-                  tier2_slots=slots,
-                  mean_context=context, tier1_capacity_tps=cap1, tier2_capacity_tps=cap2,
-                  tier2_kv_GBps=gbps, bound_tps=bound)
-    result["jobs"] = [dict(delay_ms=j["delay_ms"], tokens_per_s=j["generate_tokens_per_s"],
-                           of_bound=j["generate_tokens_per_s"] / bound,
-                           of_zero_delay=j["generate_tokens_per_s"] / base,
-                           tier1_busy=j.get("tier1_busy_fraction", 0.0),
-                           tier2_busy=j.get("tier2_busy_fraction", 0.0)) for j in jobs]
-    result["job_summaries"] = [j["summary"] for j in jobs]
     if args.single:
         single = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-n1.h5", 1, new, args.dtype,
                            args.overrides)
         result["single_tier_tps"] = single["generate_tokens_per_s"]
-        log(f"single tier: {single['generate_tokens_per_s']:.0f} tokens/s")
+        result["single_summary"] = single["summary"]
+        log(f"single tier: {single['generate_tokens_per_s']:.0f} tokens/s; "
+            + " | ".join(l for l in single["summary"] if "micro-batches x" in l))
+    hyb = None
     if args.hybrid:
         extra = [f"topology.gpu_micro_batches={args.hybrid}"]
         if args.hybrid_share:
@@ -164,6 +159,30 @@ def run(args: argparse.Namespace) -> dict:
         result["hybrid_tps"] = hyb["generate_tokens_per_s"]
         log(f"hybrid: {hyb['generate_tokens_per_s']:.0f} tokens/s; " + " | ".join(hyb["summary"]))
         result["hybrid_summary"] = hyb["summary"]
-        if args.single:
-            result["hybrid_target_tps"] = result["single_tier_tps"] + 0.9 * cap2
+        result["hybrid_gpu_tokens"], result["hybrid_tier2_tokens"] = _hybrid_split(hyb["summary"])
+    if not jobs and hyb is None:
+        return result
+    # the capacities of the tier-2-served micro-batches: the ring's, else the hybrid's
+    mbs, size = _layout((jobs[0] if jobs else hyb)["summary"])
+    context = L + new // 2
+    threads, slots = job_tier2_split(ranks, gpu, len(os.sched_getaffinity(0)), mbs, size,
+                                     hf_config(shape, args.layers)["num_hidden_layers"])
+    cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, threads, slots, context)
+    cap1 = tier1_capacity(shape, args.layers, DT[args.dtype], size)
+    bound = min(cap1, cap2)
+    result.update(micro_batches=mbs, micro_batch_size=size, tier2_threads=threads,
+                  tier2_slots=slots,
+                  mean_context=context, tier1_capacity_tps=cap1, tier2_capacity_tps=cap2,
+                  tier2_kv_GBps=gbps, bound_tps=bound)
+    if jobs:
+        base = jobs[0]["generate_tokens_per_s"]
+        result["jobs"] = [dict(delay_ms=j["delay_ms"], tokens_per_s=j["generate_tokens_per_s"],
+                               of_bound=j["generate_tokens_per_s"] / bound,
+                               of_zero_delay=j["generate_tokens_per_s"] / base,
+                               tier1_busy=j.get("tier1_busy_fraction", 0.0),
+                               tier2_busy=j.get("tier2_busy_fraction", 0.0)) for j in jobs]
+        result["job_summaries"] = [j["summary"] for j in jobs]
+    if hyb is not None and args.single:
+        result["hybrid_target_tps"] = result["single_tier_tps"] + 0.9 * cap2
+        result["hybrid_over_single"] = result["hybrid_tps"] / result["single_tier_tps"]
     return result
