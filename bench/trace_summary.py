@@ -5,7 +5,8 @@ Usage: python bench/trace_summary.py DIR [TIER1_RANKS]   (TIER1_RANKS: 1 unless 
 Splits the job at the last layer that carried prompt tokens and prints, for the prefill phase
 before it and the decode phase after it: tier 1's time per layer visit (`ship` -> `shipped`:
 staging and sending), the round trip (`shipped` -> `replied`) and the turnaround (`replied` ->
-that micro-batch's next `ship`); each tier-2 rank's receive time and bytes (`got`), serve time
+that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
+the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve time
 (`recv` -> `served`) and busy fraction (receiving and serving)."""
 
 from __future__ import annotations
@@ -41,6 +42,28 @@ def tier1(events: list) -> None:
     print(f"  tier 1: turnaround replied->next ship {ms(turn)}")
 
 
+def passes(events: list) -> None:
+    """Per micro-batch: the time between its passes' samples (its pace); for GPU micro-batches
+    (graph steps, `launch`) also launch -> sample (the step, including any wait to be looked
+    at) and sample -> next launch (the host's gap, the GPU idle for that micro-batch)."""
+    last, launched, step, gap, period = {}, {}, {}, {}, {}
+    for t, ev, mb, layer, rows, tok in events:
+        if ev == "launch":
+            if mb in last:
+                gap.setdefault(mb, []).append(t - last[mb])
+            launched[mb] = t
+        elif ev == "sample":
+            if mb in launched:
+                step.setdefault(mb, []).append(t - launched.pop(mb))
+            if mb in last:
+                period.setdefault(mb, []).append(t - last[mb])
+            last[mb] = t
+    for mb in sorted(period):
+        extra = (f"; launch->sample {ms(step[mb])}; sample->launch {ms(gap.get(mb, []))}"
+                 if mb in step else "")
+        print(f"  micro-batch {mb}: pass every {ms(period[mb])}{extra}")
+
+
 def tier2(rank: int, events: list, span: float) -> None:
     serve, recv, nbytes, busy, got = [], [], [], 0.0, None
     for t, ev, mb, layer, rows, tok in events:
@@ -69,6 +92,7 @@ def main() -> None:
     for name, lo, hi in (("prefill", t0, cut), ("decode", cut, end)):
         print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced)")
         tier1([e for e in ranks[0] if lo <= e[0] < hi])
+        passes([e for e in ranks[0] if lo <= e[0] < hi])
         for r in sorted(k for k in ranks if k >= n_t1):
             tier2(r, [e for e in ranks[r] if lo <= e[0] < hi], hi - lo)
 

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "GPU's budget)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra --set KEY=VALUE for every job (repeatable)")
+    p.add_argument("--hybrid-set", dest="hybrid_overrides", action="append", default=[],
+                   help="extra --set KEY=VALUE for the hybrid job only, after --set (repeatable)")
 
 
 def _layout(summary: list[str]) -> tuple[int, int]:
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
             extra.append(f"topology.gpu_micro_batch_size="
                          f"{max(1, int(args.hybrid_share * N) // args.hybrid)}")
         hyb = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-hybrid.h5", ranks, new,
-                        args.dtype, [*args.overrides, *extra])
+                        args.dtype, [*args.overrides, *extra, *args.hybrid_overrides])
         result["hybrid_tps"] = hyb["generate_tokens_per_s"]
         log(f"hybrid: {hyb['generate_tokens_per_s']:.0f} tokens/s; " + " | ".join(hyb["summary"]))
         result["hybrid_summary"] = hyb["summary"]

@@ -340,14 +340,20 @@ class Tier1:
             done = torch.cuda.Event()
             done.record()
         self.inflight.append((p, logits, done))
+        trace.mark("launch", p.mb, rows=p.plan.n_rows)
 
     def _sample_finished_steps(self) -> bool:
-        """Sample the GPU steps that have finished; whether there were any."""
+        """Sample the GPU steps that have finished and launch those micro-batches' next steps at
+        once (the GPU idles on them until then); whether there were any. The loop looks between
+        every piece of tier-2-served work, so a GPU step waits at most one such piece."""
         finished = [g for g in self.inflight if g[2].query()]
         for g in finished:
             self.inflight.remove(g)
             torch.cuda.current_stream().wait_event(g[2])
             self._sample(g[0], g[1])
+        for p in [p for p in self.ready if DecodeGraphs.eligible(p.plan)] if finished else ():
+            self.ready.remove(p)
+            self._launch_graph(p)
         return bool(finished)
 
     def _loop(self) -> int:
@@ -365,6 +371,8 @@ class Tier1:
                     trace.mark("replied", p.mb, p.layer, p.plan.n_rows, p.plan.n)
                     self._finish_layer(p)
                     busy = True
+                    if self.inflight:
+                        self._sample_finished_steps()
                 else:
                     still.append(p)
             self.waiting = still
@@ -382,6 +390,8 @@ class Tier1:
                     self._start_layer(p)
                 if p.waits:
                     self.waiting.append(p)
+                if self.inflight:
+                    self._sample_finished_steps()
                 busy = True
             self.outbox.poll()
             if self.first:
