@@ -134,20 +134,20 @@ l)  # the hybrid with the tail guard (session 5): the issue's job (256 x 512 -> 
     grep -E "capacity|target|over_single|_tokens:|tier2_slots" "$OUT/$f.txt"; done
   ;;
 m)  # the hybrid in a job larger than the GPU's share (the GPU holds 128 sequences, tier 2 two
-    # micro-batches of 512; 8192 prompts x 64 -> 64): single tier, the hybrid traced, and the
-    # hybrid with bench/ab/tier1_before.py (when present) in the same call
+    # micro-batches of 512; 8192 prompts x 64 -> 64): single tier, the hybrid traced; PROF=1: the
+    # single tier traced and the hybrid under cProfile instead
   args="--workdir $W --prompts ${P:-8192} --prompt-len 64 --new 64 --delays none --hybrid 1
     --hybrid-share $(python3 -c "print(128/${P:-8192})") --set topology.micro_batch_size=128
     --hybrid-set topology.micro_batch_size=512 --hybrid-set topology.micro_batches=2"
-  GHMPI_TRACE=/tmp/tr-hyb T=300 step hyb $PY -m ghmpi bench pipeline $args --single -o "$OUT/hyb.json"
-  if [ -f bench/ab/tier1_before.py ]; then
-    rm -rf /tmp/oldtree; mkdir -p /tmp/oldtree; cp -r ghmpi /tmp/oldtree/
-    cp bench/ab/tier1_before.py /tmp/oldtree/ghmpi/runtime/tier1.py
-    (cd /tmp/oldtree && PYTHONPATH=/tmp/oldtree T=200 step hyb-before $PY -m ghmpi bench pipeline $args \
-      -o "$OUT/hyb-before.json")
+  [ -z "${PROF:-}" ] && GHMPI_TRACE=/tmp/tr-hyb T=300 step hyb $PY -m ghmpi bench pipeline $args --single -o "$OUT/hyb.json"
+  if [ -n "${PROF:-}" ]; then  # the single tier traced (its GPU steps' host gap) and
+    GHMPI_TRACE=/tmp/tr-hyb T=150 step single $PY -m ghmpi bench job --np 1 --no-hf --workdir $W \
+      --prompts ${P:-8192} --prompt-len 64 --new 64 --set topology.micro_batch_size=128  # the hybrid alone under cProfile (rank 0: where tier 1's host time goes)
+    GHMPI_PROFILE=/tmp/prof-hyb T=200 step hyb-prof $PY -m ghmpi bench pipeline $args -o "$OUT/hyb-prof.json"
+    $PY -c "import pstats; p=pstats.Stats('/tmp/prof-hyb/rank0.prof'); p.sort_stats('tottime').print_stats(35); p.sort_stats('cumulative').print_stats(45)" > "$OUT/hyb-prof-rank0.txt" 2>&1
   fi
   $PY bench/trace_summary.py /tmp/tr-hyb > "$OUT/trace-hyb.txt" 2>&1; cat "$OUT/trace-hyb.txt" | cut -c1-250
-  for f in hyb hyb-before; do echo "-- $f"; grep -E "ghmpi bench: (single|hybrid)" "$OUT/$f.txt" | cut -c1-900
+  for f in hyb hyb-prof; do echo "-- $f"; grep -E "ghmpi bench: (single|hybrid)" "$OUT/$f.txt" | cut -c1-900
     grep -E "capacity|target|over_single|_tokens:|tier2_slots" "$OUT/$f.txt"; done
   ;;
 esac
