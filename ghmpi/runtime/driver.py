@@ -29,7 +29,9 @@ class TailGuard:
     new prompts only while a sequence's expected life there (max_new_tokens passes) is within
     the time the GPU micro-batches alone would need for what is left: the samples not yet
     admitted (max_new_tokens each) and the tokens their own sequences still have to make, at
-    their measured tokens per second. Until both paces are measured it takes prompts only while
+    their measured tokens per second (prefill passes included). A sequence's life on tier 2 is
+    counted in decode passes (those without prompt tokens, when there have been any): the
+    passes that refill a micro-batch with prompts are slower and come once per life. Until both paces are measured it takes prompts only while
     more samples wait than the GPU micro-batches hold twice over. A micro-batch that finds
     nothing to admit and has no sequence left stays idle for the rest of the job.
     """
@@ -42,6 +44,7 @@ class TailGuard:
         self.gpu_slots = [slot for m, g in enumerate(gpu) if g for slot in scheduler.slots_of[m]]
         self.started: dict[int, float] = {}
         self.seconds: dict[int, float] = {}  # micro-batch -> running mean of seconds per pass
+        self.decode_seconds: dict[int, float] = {}  # the same over passes without prompt tokens
         self.draws: dict[int, float] = {}  # micro-batch -> running mean of tokens per pass
         self.tokens = [0, 0]  # tokens sampled by GPU micro-batches, by tier-2-served ones
         self.closed_with: int | None = None  # samples left when tier 2 first took no prompt
@@ -49,12 +52,16 @@ class TailGuard:
     def planned(self, mb: int) -> None:
         self.started[mb] = self.clock()
 
-    def committed(self, mb: int, draws: int) -> None:
+    def committed(self, mb: int, draws: int, prefill: bool) -> None:
         dt = self.clock() - self.started.pop(mb)
-        a = self.EMA if mb in self.seconds else 1.0
-        self.seconds[mb] = (1 - a) * self.seconds.get(mb, 0.0) + a * dt
-        self.draws[mb] = (1 - a) * self.draws.get(mb, 0.0) + a * draws
+        self._mean(self.seconds, mb, dt)
+        self._mean(self.draws, mb, draws)
+        if not prefill:
+            self._mean(self.decode_seconds, mb, dt)
         self.tokens[not self.gpu[mb]] += draws
+
+    def _mean(self, means: dict[int, float], mb: int, x: float) -> None:
+        means[mb] = x if mb not in means else (1 - self.EMA) * means[mb] + self.EMA * x
 
     def gpu_alone_s(self) -> float | None:
         """Seconds the GPU micro-batches alone would need for what is left (None: unmeasured)."""
@@ -76,7 +83,8 @@ class TailGuard:
         if alone is None or mb not in self.seconds:
             ok = left > 2 * len(self.gpu_slots)
         else:
-            ok = self.s.max_new_tokens * self.seconds[mb] <= alone
+            pace = self.decode_seconds.get(mb, self.seconds[mb])
+            ok = self.s.max_new_tokens * pace <= alone
         if not ok and self.closed_with is None and left > 0:
             self.closed_with = left
         return ok
@@ -127,7 +135,7 @@ class Driver:
         self.home.discard(mb)
         self.generated += len(draws.tokens)
         if self.guard is not None:
-            self.guard.committed(mb, len(draws.tokens))
+            self.guard.committed(mb, len(draws.tokens), any(r.prefill for r in rows))
         finished = self.scheduler.commit(rows, draws)
         if finished:
             self.on_finished(finished)

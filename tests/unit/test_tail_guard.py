@@ -79,3 +79,13 @@ def test_without_gpu_micro_batches_every_micro_batch_admits():
     s = Scheduler(reqs, [range(2), range(2, 4)], 5, [], [], True, 1000, 1000)
     Driver(s, np.zeros(4, dtype=np.int64), lambda f: None)
     assert s.admits(0) and s.admits(1)
+
+
+def test_a_sequence_life_on_tier_2_is_counted_in_decode_passes():
+    s, d, guard, clock, finished = make(40, max_new=10)
+    assert step(d, clock, 0, 0.01)  # GPU: 400 tokens/s
+    assert step(d, clock, 1, 2.0)  # tier 2's prefill pass is slow (2 s)
+    assert step(d, clock, 1, 0.05)  # its decode passes are not: a life of 10 x 0.05 s
+    # 34 samples left x 10 tokens + the GPU's own 36 to come at 400 tokens/s: ~0.94 s >= 0.5 s
+    assert guard.admits(1)
+    assert guard.seconds[1] > 1.0 and abs(guard.decode_seconds[1] - 0.05) < 1e-9
