@@ -16,7 +16,7 @@ nvidia-smi -L 2>/dev/null | head -2
 # -gN: hybrid, one GPU micro-batch of N slots (graph steps on a low-priority stream) beside the
 # tier-2-served ones
 runs=(cpu-n1-float32 cpu-n9-float32 cuda-n1-float32 cuda-n9-float32 cuda-n1-bfloat16 cuda-n9-bfloat16
-      cuda-n1-float32-c16 cuda-n3-float32-c16 cuda-n9-float32-g24)
+      cuda-n1-float32-c16 cuda-n3-float32-c16 cuda-n9-float32-g8)
 for name in "${runs[@]}"; do
   IFS=- read -r dev n dtype chunk <<<"$name"
   n=${n#n}
@@ -31,6 +31,7 @@ for name in "${runs[@]}"; do
   rc=$?
   end=$(date +%s.%N)
   echo "$name rc=$rc launch-to-exit=$(python3 -c "print(round($end - $start, 1))")s :: $(grep -h 'ghmpi: done' "$OUT/$name.log" | sed 's/ghmpi: done: //')"
+  grep -h 'ghmpi: hybrid' "$OUT/$name.log"
   [ $rc = 0 ] || tail -5 "$OUT/$name.log"
 done
 "$PY" - "$OUT" <<'PYEOF'
@@ -44,7 +45,7 @@ def load(name):
     return [t[a:b].tolist() for a, b in zip(o[:-1], o[1:])], r.tolist()
 ref = load("cpu-n1-float32")
 for name in ["cpu-n9-float32", "cuda-n1-float32", "cuda-n9-float32", "cuda-n1-bfloat16", "cuda-n9-bfloat16",
-             "cuda-n1-float32-c16", "cuda-n3-float32-c16", "cuda-n9-float32-g24"]:
+             "cuda-n1-float32-c16", "cuda-n3-float32-c16", "cuda-n9-float32-g8"]:
     got = load(name)
     same = sum(a == b for a, b in zip(got[0], ref[0]))
     print(f"{name}: {same}/{len(ref[0])} completions equal to cpu-n1-float32")
@@ -58,7 +59,7 @@ with PromptFile("data/prompts.h5") as pf, torch.no_grad():
                            pad_token_id=eos if isinstance(eos, int) else eos[0])
         hf.append(g[0, ids.shape[1]:].tolist())
 for name in ["cpu-n1-float32", "cuda-n1-float32", "cuda-n9-float32", "cuda-n1-float32-c16",
-             "cuda-n3-float32-c16", "cuda-n9-float32-g24"]:
+             "cuda-n3-float32-c16", "cuda-n9-float32-g8"]:
     got = load(name)[0]
     print(f"{name}: {sum(a == b for a, b in zip(got, hf))}/{len(hf)} completions equal to transformers generate")
 PYEOF

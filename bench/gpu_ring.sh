@@ -150,4 +150,15 @@ m)  # the hybrid in a job larger than the GPU's share (the GPU holds 128 sequenc
   for f in hyb hyb-prof; do echo "-- $f"; grep -E "ghmpi bench: (single|hybrid)" "$OUT/$f.txt" | cut -c1-900
     grep -E "capacity|target|over_single|_tokens:|tier2_slots" "$OUT/$f.txt"; done
   ;;
+n)  # session 5's final call: float32 exactness on CUDA (the hybrid's eager sampling included), the
+    # issue's job with the hybrid sized automatically (the GPU holds what it can), then part m
+  s=$(date +%s); mkdir -p /tmp/ghmpi-check
+  OUT=/tmp/ghmpi-check timeout 230 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=|hybrid" "$OUT/gpu_check.txt" | cut -c1-200
+  T=150 step hyb-auto $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 \
+    --delays none --single --hybrid 1 -o "$OUT/hyb-auto.json"
+  grep -E "ghmpi bench: (single|hybrid)" "$OUT/hyb-auto.txt" | cut -c1-300
+  grep -E "over_single|_tokens:" "$OUT/hyb-auto.txt"
+  T=210 P=${P:-6144} bash bench/gpu_ring.sh m
+  ;;
 esac
