@@ -139,7 +139,7 @@ m)  # the hybrid in a job larger than the GPU's share (the GPU holds 128 sequenc
   args="--workdir $W --prompts ${P:-8192} --prompt-len 64 --new 64 --delays none --hybrid 1
     --hybrid-share $(python3 -c "print(128/${P:-8192})") --set topology.micro_batch_size=128
     --hybrid-set topology.micro_batch_size=512 --hybrid-set topology.micro_batches=2"
-  [ -z "${PROF:-}" ] && GHMPI_TRACE=/tmp/tr-hyb T=300 step hyb $PY -m ghmpi bench pipeline $args --single -o "$OUT/hyb.json"
+  [ -z "${PROF:-}" ] && GHMPI_TRACE=/tmp/tr-hyb T=${T:-300} step hyb $PY -m ghmpi bench pipeline $args --single -o "$OUT/hyb.json"
   if [ -n "${PROF:-}" ]; then  # the single tier traced (its GPU steps' host gap) and
     GHMPI_TRACE=/tmp/tr-hyb T=150 step single $PY -m ghmpi bench job --np 1 --no-hf --workdir $W \
       --prompts ${P:-8192} --prompt-len 64 --new 64 --set topology.micro_batch_size=128  # the hybrid alone under cProfile (rank 0: where tier 1's host time goes)
