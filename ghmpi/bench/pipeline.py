@@ -98,8 +98,11 @@ def tier2_capacity(shape: str, layers: int | None, dtype: str, threads: list[int
                    rows: list[int], context: int) -> tuple[float, float]:
     """(tokens/s, aggregate KV GB/s) of one process per tier-2 rank, rank i with threads[i]
     threads attending rows[i] rows of `context` tokens each, all at once (the native kernel, as
-    the tier-2 ranks run it); the slowest process sets the pace, as it does a micro-batch's."""
+    the tier-2 ranks run it); the slowest process sets the pace, as it does a micro-batch's.
+    Ranks dealt no slot (a hybrid whose GPU holds nearly everything) idle in the job, and here."""
     from ghmpi.bench.attention import run_split
+
+    threads, rows = map(list, zip(*[(t, r) for t, r in zip(threads, rows) if r]))
 
     cfg = hf_config(shape, layers)
     D = cfg["hidden_size"] // cfg["num_attention_heads"]

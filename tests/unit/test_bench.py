@@ -59,3 +59,12 @@ def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_tier2_capacity_leaves_out_ranks_dealt_no_slot() -> None:
+    """A hybrid whose GPU holds nearly every prompt deals some tier-2 ranks no slot: they idle in
+    the job, and the capacity is the others'."""
+    from ghmpi.bench.pipeline import tier2_capacity
+
+    tps, gbps = tier2_capacity("tiny", None, "bfloat16", [1, 1], [2, 0], 20)
+    assert tps > 0 and gbps > 0
