@@ -161,4 +161,25 @@ n)  # session 5's final call: float32 exactness on CUDA (the hybrid's eager samp
   grep -E "over_single|_tokens:" "$OUT/hyb-auto.txt"
   T=210 P=${P:-6144} bash bench/gpu_ring.sh m
   ;;
+o)  # (session 5; the change it measured was not kept) graph decode steps planned on the host only: float32 exactness on CUDA, then the single tier
+    # with bench/ab/tier1_before.py (when present) and with this tree, and the hybrid, in one call
+  s=$(date +%s); mkdir -p /tmp/ghmpi-check
+  OUT=/tmp/ghmpi-check timeout 170 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=|hybrid" "$OUT/gpu_check.txt" | cut -c1-160
+  P=${P:-4096}
+  one="--workdir $W --prompts $P --prompt-len 64 --new 64 --set topology.micro_batch_size=128"
+  if [ -f bench/ab/tier1_before.py ]; then
+    rm -rf /tmp/oldtree; mkdir -p /tmp/oldtree; cp -r ghmpi jobs data /tmp/oldtree/
+    cp bench/ab/tier1_before.py /tmp/oldtree/ghmpi/runtime/tier1.py
+    (cd /tmp/oldtree && PYTHONPATH=/tmp/oldtree GHMPI_TRACE=/tmp/tr-old T=100 step single-before $PY -m ghmpi \
+      bench job --np 1 --no-hf $one -o "$OUT/single-before.json")
+    $PY bench/trace_summary.py /tmp/tr-old > "$OUT/trace-single-before.txt" 2>&1
+  fi
+  GHMPI_TRACE=/tmp/tr-new T=180 step hyb-new $PY -m ghmpi bench pipeline $one --delays none --single \
+    --hybrid 1 --hybrid-share $(python3 -c "print(128/$P)") --hybrid-set topology.micro_batch_size=512 \
+    --hybrid-set topology.micro_batches=2 -o "$OUT/hyb-new.json"
+  $PY bench/trace_summary.py /tmp/tr-new > "$OUT/trace-hyb-new.txt" 2>&1
+  grep -h "micro-batch 0" "$OUT"/trace-*.txt | cut -c1-220
+  grep -hE "generate_tokens_per_s|single_tier_tps|hybrid_tps|over_single|_tokens:" "$OUT/single-before.txt" "$OUT/hyb-new.txt"
+  ;;
 esac
