@@ -6,8 +6,8 @@ Splits the job at the last layer that carried prompt tokens and prints, for the 
 before it and the decode phase after it: tier 1's time per layer visit (`ship` -> `shipped`:
 staging and sending), the round trip (`shipped` -> `replied`) and the turnaround (`replied` ->
 that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
-the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve time
-(`recv` -> `served`) and busy fraction (receiving and serving)."""
+the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
+time (`recv` -> `served`) and busy fraction (receiving and serving)."""
 
 from __future__ import annotations
 

@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=list(DT))
-    p.add_argument("--delays", default="0", help="reply delays in ms (comma list), e.g. 0,2,5,10,20; "
-                   "none: no two-tier job")
+    p.add_argument("--delays", default="0",
+                   help="reply delays in ms (comma list), e.g. 0,2,5,10,20; none: no two-tier job")
     p.add_argument("--single", action="store_true", help="also run the single tier (-n 1)")
     p.add_argument("--hybrid", type=int, default=0, help="also run K GPU micro-batches beside tier 2")
     p.add_argument("--hybrid-share", type=float, default=0.0,

@@ -31,9 +31,10 @@ class TailGuard:
     admitted (max_new_tokens each) and the tokens their own sequences still have to make, at
     their measured tokens per second (prefill passes included). A sequence's life on tier 2 is
     counted in decode passes (those without prompt tokens, when there have been any): the
-    passes that refill a micro-batch with prompts are slower and come once per life. Until both paces are measured it takes prompts only while
-    more samples wait than the GPU micro-batches hold twice over. A micro-batch that finds
-    nothing to admit and has no sequence left stays idle for the rest of the job.
+    passes that refill a micro-batch with prompts are slower and come once per life. Until both
+    paces are measured it takes prompts only while more samples wait than the GPU micro-batches
+    hold twice over. A micro-batch that finds nothing to admit and has no sequence left stays
+    idle for the rest of the job.
     """
 
     EMA = 0.2  # weight of the newest pass in the running means
@@ -41,7 +42,8 @@ class TailGuard:
     def __init__(self, scheduler: Scheduler, gpu: list[bool], samples: int,
                  clock: Callable[[], float] = time.perf_counter):
         self.s, self.gpu, self.samples, self.clock = scheduler, gpu, samples, clock
-        self.gpu_slots = [slot for m, g in enumerate(gpu) if g for slot in scheduler.slots_of[m]]
+        self.gpu_mbs = [m for m, g in enumerate(gpu) if g]
+        self.gpu_slots = [slot for m in self.gpu_mbs for slot in scheduler.slots_of[m]]
         self.started: dict[int, float] = {}
         self.seconds: dict[int, float] = {}  # micro-batch -> running mean of seconds per pass
         self.decode_seconds: dict[int, float] = {}  # the same over passes without prompt tokens
@@ -63,14 +65,18 @@ class TailGuard:
     def _mean(self, means: dict[int, float], mb: int, x: float) -> None:
         means[mb] = x if mb not in means else (1 - self.EMA) * means[mb] + self.EMA * x
 
+    @property
+    def left(self) -> int:
+        """Samples not admitted yet."""
+        return self.samples - self.s.admitted_samples
+
     def gpu_alone_s(self) -> float | None:
         """Seconds the GPU micro-batches alone would need for what is left (None: unmeasured)."""
-        gpu = [m for m, g in enumerate(self.gpu) if g]
-        if not all(m in self.seconds for m in gpu):
+        if not all(m in self.seconds for m in self.gpu_mbs):
             return None
-        rate = sum(self.draws[m] / max(self.seconds[m], 1e-9) for m in gpu)
+        rate = sum(self.draws[m] / max(self.seconds[m], 1e-9) for m in self.gpu_mbs)
         s = self.s
-        tokens = (self.samples - s.admitted_samples) * s.max_new_tokens + sum(
+        tokens = self.left * s.max_new_tokens + sum(
             seq.max_new - len(seq.generated)
             for seq in (s.active.get(slot) for slot in self.gpu_slots) if seq is not None)
         return tokens / max(rate, 1e-9)
@@ -78,7 +84,7 @@ class TailGuard:
     def admits(self, mb: int) -> bool:
         if self.gpu[mb]:
             return True
-        left = self.samples - self.s.admitted_samples
+        left = self.left
         alone = self.gpu_alone_s()
         if alone is None or mb not in self.seconds:
             ok = left > 2 * len(self.gpu_slots)

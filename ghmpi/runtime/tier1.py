@@ -351,9 +351,10 @@ class Tier1:
             self.inflight.remove(g)
             torch.cuda.current_stream().wait_event(g[2])
             self._sample(g[0], g[1])
-        for p in [p for p in self.ready if DecodeGraphs.eligible(p.plan)] if finished else ():
-            self.ready.remove(p)
-            self._launch_graph(p)
+        if finished:
+            for p in [p for p in self.ready if DecodeGraphs.eligible(p.plan)]:
+                self.ready.remove(p)
+                self._launch_graph(p)
         return bool(finished)
 
     def _loop(self) -> int:

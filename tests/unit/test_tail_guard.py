@@ -66,7 +66,7 @@ def test_tier_2_takes_prompts_while_the_gpu_alone_would_need_longer():
         if guard.admits(1) is False:
             break
         step(d, clock, 1, 0.1)
-    left = guard.samples - s.admitted_samples
+    left = guard.left
     assert not guard.admits(1) and left * 10 / 400 < 1.0 + 0.1  # what is left fits the GPU
     while step(d, clock, 0, 0.01) | step(d, clock, 1, 0.1):
         pass
