@@ -28,6 +28,7 @@ from ghmpi.bench import log
 # torch and the kernels are imported where used: `python -m ghmpi --help` imports this module to
 # list its options and must stay light.
 HEADS = {"gqa": (32, 8), "mha": (32, 32)}  # (n_heads, n_kv_heads), D = --head-dim
+LAYOUTS = ("head", "position")  # KV cache layouts: tier 2's (head-major), and position-major
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory cap for the KV buffers (GB); cases that need more are skipped")
     p.add_argument("--seconds", type=float, default=0.3, help="time per case and path (at least 3 reps)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch fallback (it is slow)")
+    p.add_argument("--layouts", default="head",
+                   help="KV cache layouts (comma list): head (tier 2's, head-major), position "
+                        "(position-major, as on the GPU); the first is the one reported as kv_read_GBps")
 
 
 def _ints(s: str) -> list[int]:
@@ -104,21 +108,28 @@ def _time(fn: Callable[[int], Any], n_regions: int, seconds: float) -> float:
 
 
 class KVBuffers:
-    """Flat K and V buffers, viewed as (n_slots, T, n_kv, D) caches for each case."""
+    """Flat K and V buffers, viewed as (n_slots, T, n_kv, D) caches for each case: in tier 2's
+    head-major layout (`layout="head"`, KVCache's) or position-major (`"position"`, contiguous)."""
 
-    def __init__(self, nbytes: int, dtype: str) -> None:
+    def __init__(self, nbytes: int, dtype: str, layout: str = "head") -> None:
         import torch
 
+        if layout not in LAYOUTS:
+            raise ValueError(f"bench attention: layout must be one of {LAYOUTS}, got {layout!r}")
         dtype = getattr(torch, dtype)
         n = nbytes // 2 // torch.empty((), dtype=dtype).element_size()
         self.k = torch.empty(n, dtype=dtype).uniform_(-1, 1)
         self.v = torch.empty(n, dtype=dtype).uniform_(-1, 1)
+        self.layout = layout
 
     def view(self, T: int, n_kv: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from ghmpi.model.kvcache import head_major
+
         n_slots = self.k.numel() // (T * n_kv * D)
-        shape = (n_slots, T, n_kv, D)
+        if self.layout == "head":
+            return (head_major(self.k, n_slots, T, n_kv, D), head_major(self.v, n_slots, T, n_kv, D))
         used = n_slots * T * n_kv * D
-        return self.k[:used].view(shape), self.v[:used].view(shape)
+        return self.k[:used].view(n_slots, T, n_kv, D), self.v[:used].view(n_slots, T, n_kv, D)
 
 
 def run_case(buf: KVBuffers, n_heads: int, n_kv: int, D: int, lengths: list[int],
@@ -172,7 +183,7 @@ def _split_worker(rank: int, threads: int, cpus: list[int] | None, path: str, sp
         torch.set_num_threads(threads)
         if path == "torch":
             kernels.force("torch")
-        buf = KVBuffers(spec["nbytes"], spec["dtype"])
+        buf = KVBuffers(spec["nbytes"], spec["dtype"], spec["layout"])
         n_heads, n_kv = HEADS[spec["heads"]]
         D, B, T = spec["head_dim"], spec["batch"], spec["context"]
         kc, vc = buf.view(T, n_kv, D)
@@ -263,9 +274,10 @@ def run(args: argparse.Namespace) -> dict:
     dram_before = dram_read_GBps(dram_bytes)
     log(f"dram_read_GBps {dram_before:.1f}; {kernels.describe()}")
 
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     rows = []
-    for dt in dtypes:
-        buf = KVBuffers(kv_bytes, dt)
+    for layout, dt in itertools.product(layouts, dtypes):
+        buf = KVBuffers(kv_bytes, dt, layout)
         for h in heads:
             n_heads, n_kv = HEADS[h]
             cases = [(B, [T] * B, str(T)) for T in contexts for B in batches]
@@ -281,8 +293,8 @@ def run(args: argparse.Namespace) -> dict:
                 if r is None:
                     log(f"skip {h} {dt} batch {B} context {label}: over --max-gb {args.max_gb}")
                     continue
-                row = {"heads": f"{n_heads}/{n_kv}", "dtype": dt, "batch": B, "context": label,
-                       "kv_MB": round(r["kv_MB"], 1)}
+                row = {"layout": layout, "heads": f"{n_heads}/{n_kv}", "dtype": dt, "batch": B,
+                       "context": label, "kv_MB": round(r["kv_MB"], 1)}
                 for path in paths:
                     row[f"{path}_kv_read_GBps"] = r[path]
                 row["from_dram"] = bool(r["cold"])
@@ -298,8 +310,9 @@ def run(args: argparse.Namespace) -> dict:
         if P > split_batch:
             continue
         spec = {"nbytes": min(kv_bytes, 4 << 30) // P, "dtype": dtypes[0], "heads": heads[0], "head_dim": D,
-                "batch": split_batch // P, "context": split_ctx, "reps": 10 if not args.tiny else 3}
-        row = {"ranks": P, "threads": T, "dtype": spec["dtype"], "heads": spec["heads"],
+                "batch": split_batch // P, "context": split_ctx, "reps": 10 if not args.tiny else 3,
+                "layout": layouts[0]}
+        row = {"layout": layouts[0], "ranks": P, "threads": T, "dtype": spec["dtype"], "heads": spec["heads"],
                "batch_per_rank": spec["batch"], "context": split_ctx}
         for path in paths:
             gbps = run_split([T] * P, path, spec, cores)
@@ -327,12 +340,19 @@ def run(args: argparse.Namespace) -> dict:
         "llc_MB": llc / 1e6,
         "head_dim": D,
     }
-    for path in paths:
-        ratios = [r[f"{path}_ratio"] for r in rows if r["from_dram"]] or [r[f"{path}_ratio"] for r in rows]
-        if ratios:
-            result[f"{path}_ratio_median"] = statistics.median(ratios)
-            result[f"{path}_ratio_min"] = min(ratios)
-    result["kv_read_GBps"] = statistics.median(r[f"{paths[0]}_kv_read_GBps"] for r in rows) if rows else 0.0
+    for layout in layouts:  # the summary is the first layout's (tier 2's by default)
+        mine = [r for r in rows if r["layout"] == layout]
+        for path in paths:
+            ratios = ([r[f"{path}_ratio"] for r in mine if r["from_dram"]]
+                      or [r[f"{path}_ratio"] for r in mine])
+            if ratios:
+                tail = "" if layout == layouts[0] else f"_{layout}"
+                result[f"{path}_ratio_median{tail}"] = statistics.median(ratios)
+                result[f"{path}_ratio_min{tail}"] = min(ratios)
+    rows_first = [r for r in rows if r["layout"] == layouts[0]]
+    result["kv_read_GBps"] = (statistics.median(r[f"{paths[0]}_kv_read_GBps"] for r in rows_first)
+                              if rows_first else 0.0)
+    result["layout"] = layouts[0]
     result["rows"] = rows
     result["splits"] = splits
     return result

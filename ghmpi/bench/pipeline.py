@@ -110,7 +110,7 @@ def tier2_capacity(shape: str, layers: int | None, dtype: str, threads: list[int
     itemsize = 2 if dtype != "float32" else 4
     per_call = 2 * max(rows) * context * cfg["num_key_value_heads"] * D * itemsize
     spec = dict(nbytes=max(4 * per_call, 2**26), dtype=dtype, heads=heads, head_dim=D,
-                context=context, reps=20)
+                context=context, reps=20, layout="head")  # tier 2's KVCache layout
     cores = sorted(os.sched_getaffinity(0))
     gbps = run_split(threads, "native", spec, cores, rows)
     token_bytes = context * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * D * itemsize

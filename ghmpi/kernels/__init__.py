@@ -48,7 +48,7 @@ def _load() -> ctypes.CDLL | None:
         f = lib.ghmpi_decode_attention
         f.restype = ctypes.c_int64
         f.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
-                      + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+                      + [ctypes.c_int64] * 9 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
         lib.ghmpi_read_sum.restype = ctypes.c_double
         lib.ghmpi_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         lib.ghmpi_kernel_isa.restype = ctypes.c_char_p
@@ -101,8 +101,9 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token per row over its slot's cached context, on the CPU.
 
-    q (B, n_heads, D) float32/bf16/fp16; k_cache, v_cache (n_slots, max_len, n_kv_heads, D), the
-    KVCache layout, in float32/bf16/fp16; slots, lengths (B,) int64: row b attends over positions
+    q (B, n_heads, D) float32/bf16/fp16; k_cache, v_cache (n_slots, max_len, n_kv_heads, D) in
+    float32/bf16/fp16, with the same strides and D contiguous (tier 2's KVCache is a head-major
+    view, `kvcache.head_major`; a contiguous cache works too); slots, lengths (B,) int64: row b attends over positions
     [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses kv head h // n_rep.
     -> (B, n_heads * D) in q.dtype. Accumulates in float32. `out`: optional float32
     (B, n_heads * D) contiguous buffer the native kernel writes (returned when q is float32).
@@ -116,7 +117,8 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          f"lengths {tuple(lengths.shape)} do not fit")
     lib = _load() if _state.forced != "torch" else None
     if (lib is None or k_cache.dtype not in _KV_TYPES or v_cache.dtype != k_cache.dtype
-            or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+            or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1
+            or min(k_cache.stride()) < 0):
         return _decode_attention_torch(q, k_cache, v_cache, slots, lengths)
     q32 = q.to(torch.float32).contiguous()  # (B, H, D)
     slots = slots.to(torch.int64).contiguous()
@@ -125,8 +127,8 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         out = torch.empty(B, H * D, dtype=torch.float32)
     rc = lib.ghmpi_decode_attention(
         q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _KV_TYPES[k_cache.dtype],
-        slots.data_ptr(), lengths.data_ptr(), B, H, n_kv, D, n_slots, max_len, out.data_ptr(), 0,
-        int(q.dtype == torch.bfloat16))
+        slots.data_ptr(), lengths.data_ptr(), B, H, n_kv, D, n_slots, max_len,
+        *k_cache.stride()[:3], out.data_ptr(), 0, int(q.dtype == torch.bfloat16))
     if rc != 0:
         b = -rc - 1
         raise IndexError(f"decode_attention_cpu: row {b}: slot {int(slots[b])}, length "

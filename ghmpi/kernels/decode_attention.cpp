@@ -542,11 +542,12 @@ inline void rescale(float* A, const float* alpha, int64_t n_rep, int64_t D) {
 
 struct Problem {
   const float* q;       // (B, H, D) fp32, unscaled
-  const void* k;        // (n_slots, max_len, n_kv, D)
+  const void* k;        // n_slots x max_len x n_kv x D at the strides below
   const void* v;
   const int64_t* slots;    // (B,)
   const int64_t* lengths;  // (B,)
   int64_t H, n_kv, D, max_len, n_rep;
+  int64_t slot_stride, pos_stride, head_stride;  // elements; D is contiguous
   float scale;
   float* out;  // (B, H*D) fp32
   bool amx;    // tile products for q.k in bf16 mode (built for AMX and granted by the kernel)
@@ -602,10 +603,10 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   const int64_t h0 = it.g0 * n_rep;
   const float* q = P.q + (it.b * P.H + h0) * D;  // (nh, D): the item's query heads
   const int64_t es = elsize<KV>();
-  const int64_t pos_stride = P.n_kv * D;  // elements between consecutive positions
-  const int64_t slot = P.slots[it.b];
-  const char* kbase = static_cast<const char*>(P.k) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
-  const char* vbase = static_cast<const char*>(P.v) + ((slot * P.max_len) * pos_stride + it.g0 * D) * es;
+  const int64_t pos_stride = P.pos_stride, head_stride = P.head_stride;
+  const int64_t first = P.slots[it.b] * P.slot_stride + it.g0 * head_stride;
+  const char* kbase = static_cast<const char*>(P.k) + first * es;
+  const char* vbase = static_cast<const char*>(P.v) + first * es;
 #if GHMPI_BF16DP
   if constexpr (DP) {  // exact: q was bf16 before the caller widened it
     for (int64_t x = 0; x < nh * D; x += 16)
@@ -622,20 +623,34 @@ void run_item(const Problem& P, const Item& it, float* partials) {
   }
 #endif
 
-  // The loop walks units of (block of TB positions, kv head) in that order: a unit's K rows
-  // (TB runs of D elements, pos_stride apart) give its heads' scores, the online softmax turns them
-  // into weights, then its V rows are accumulated. The K (and V) of the unit GHMPI_PREFETCH_UNITS
-  // ahead are prefetched while this unit's K (and V) are computed on: pk and pv, paced by the
-  // vector loops; rest() issues what a path without pacing (AMX, portable) left.
+  // The loop walks units of (block of TB positions, kv head): a unit's K rows (TB runs of D
+  // elements, pos_stride apart) give its heads' scores, the online softmax turns them into
+  // weights, then its V rows are accumulated. Units go in memory order: in the head-major layout
+  // (tier 2's KVCache) a kv head's blocks one after another, so each head's K and V are two
+  // sequential streams that the hardware prefetchers follow; in the position-major layout, a
+  // block's kv heads one after another. The K (and V) of the unit GHMPI_PREFETCH_UNITS ahead are
+  // prefetched while this unit's K (and V) are computed on: pk and pv, paced by the vector loops;
+  // rest() issues what a path without pacing (AMX, portable) left.
   const int64_t row = pos_stride * es, unit_bytes = D * es;
-  for (int64_t t = it.t0; t < it.t1; t += TB) {
+  const int64_t nb = (it.t1 - it.t0 + TB - 1) / TB, nu = nb * ng;
+  const bool head_major = head_stride > pos_stride;
+  auto unit = [&](int64_t u, int64_t& t, int64_t& g) {
+    if (head_major) { g = u / nb; t = it.t0 + u % nb * TB; }
+    else { g = u % ng; t = it.t0 + u / ng * TB; }
+  };
+  for (int64_t u = 0; u < nu; ++u) {
+    int64_t t, g, ta, ga;
+    unit(u, t, g);
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
-    for (int64_t g = 0; g < ng; ++g) {
+    {
       const int64_t h = g * n_rep;  // the unit's first query head in the item
-      const int64_t off = (t * pos_stride + g * D) * es;
-      const int64_t ua = g + GHMPI_PREFETCH_UNITS, ta = t + ua / ng * TB;
-      const int64_t offa = (ta * pos_stride + ua % ng * D) * es;
-      const int64_t na = std::min<int64_t>(TB, it.t1 - ta);  // <= 0 past the item's end
+      const int64_t off = (t * pos_stride + g * head_stride) * es;
+      int64_t na = 0, offa = 0;  // the unit ahead: none past the item's end
+      if (u + GHMPI_PREFETCH_UNITS < nu) {
+        unit(u + GHMPI_PREFETCH_UNITS, ta, ga);
+        na = std::min<int64_t>(TB, it.t1 - ta);
+        offa = (ta * pos_stride + ga * head_stride) * es;
+      }
       Prefetch pk{kbase + offa, row, na, unit_bytes}, pv{vbase + offa, row, na, unit_bytes};
       // scores S[r][i] = scale * q_(h+r) . k_(t+i)
 #if GHMPI_AMX
@@ -765,13 +780,16 @@ extern "C" {
 
 // Returns 0, or -(1 + b) when row b's slot or length is out of range (nothing is written then),
 // or -1000000000 for an unsupported kv type.
-// q (B, H, D) fp32 contiguous; k, v (n_slots, max_len, n_kv, D) contiguous in kv_type;
+// q (B, H, D) fp32 contiguous; k, v: caches of n_slots x max_len positions x n_kv heads x D in
+// kv_type, element (s, t, h, d) at s * slot_stride + t * pos_stride + h * head_stride + d (both
+// caches alike: tier 2's head-major layout, or a contiguous (n_slots, max_len, n_kv, D));
 // slots, lengths (B,) int64; out (B, H * D) fp32. min_chunk: shortest context piece a row is
 // split into (positions; 0 = default). q_bf16: q holds bf16 values (then a bf16 cache is read with
 // bf16 dot products where the CPU has them, p @ V on bf16 p, as torch computes bf16 attention).
 int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int64_t kv_type,
                                const int64_t* slots, const int64_t* lengths, int64_t B, int64_t H,
                                int64_t n_kv, int64_t D, int64_t n_slots, int64_t max_len,
+                               int64_t slot_stride, int64_t pos_stride, int64_t head_stride,
                                float* out, int64_t min_chunk, int64_t q_bf16) {
   if (kv_type < 0 || kv_type > 2) return -1000000000;
   int64_t total = 0;
@@ -779,8 +797,8 @@ int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int
     if (slots[b] < 0 || slots[b] >= n_slots || lengths[b] < 0 || lengths[b] > max_len) return -(1 + b);
     total += lengths[b];
   }
-  Problem P{q, k, v, slots, lengths, H, n_kv, D, max_len, H / n_kv,
-            1.0f / std::sqrt(static_cast<float>(D)), out, false};
+  Problem P{q, k, v, slots, lengths, H, n_kv, D, max_len, H / n_kv, slot_stride, pos_stride,
+            head_stride, 1.0f / std::sqrt(static_cast<float>(D)), out, false};
 #if GHMPI_AMX
   P.amx = amx_permitted();
 #endif

@@ -1,7 +1,11 @@
 """The key/value cache: one preallocated buffer per layer, written in place.
 
-Allocated once at its largest size with `torch.empty`: on the CPU, the kernel commits a page only
-when it is first written, so a cache sized for the worst case costs memory only as it fills.
+Allocated once at its largest size. On the CPU the buffers are 2 MiB aligned and advised as
+transparent huge pages where Linux allows (`host_buffer`), and either left to be committed by the
+kernel page by page as they are first written (a cache sized for the worst case costs memory only
+as it fills), or committed at once (`commit=True`, tier 2: zeroed when the job starts, while tier 1
+loads its weights, instead of a page fault every few KiB of the prompts' K/V in the timed job; a
+cache that does not fit fails at the start, not midway).
 
 On the CPU, decode runs the native kernel (ghmpi.kernels) where it builds: it reads each row's own
 slot up to its own length, so nothing past a row's length is ever read. The rest of this note is
@@ -15,6 +19,8 @@ devices commit everything at allocation anyway, so there the cache starts zeroed
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -26,12 +32,50 @@ from ghmpi.model.attention import (cached_decode_attention, chunk_prefill_attent
 _ZERO_CHUNK = 64  # positions zeroed at a time ahead of a slot's high-water mark
 
 
+_HUGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 kernels
+_MADV_HUGEPAGE = 14
+
+
+def host_buffer(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """n elements of host memory, uncommitted: -> (a 1-D tensor starting on a 2 MiB boundary,
+    whether Linux took the huge-page advice). Huge pages cut a cache's page faults and TLB misses
+    512-fold where /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    pad = _HUGE // itemsize
+    raw = torch.empty(n + pad, dtype=dtype)
+    start = (-raw.data_ptr() % _HUGE) // itemsize
+    buf = raw[start:start + n]
+    advised = False
+    if sys.platform.startswith("linux") and n * itemsize >= _HUGE:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            length = n * itemsize // _HUGE * _HUGE
+            advised = libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(length),
+                                   _MADV_HUGEPAGE) == 0
+        except (OSError, AttributeError):  # no madvise here: small pages, still correct
+            advised = False
+    return buf, advised
+
+
+def head_major(flat: torch.Tensor, n_slots: int, max_len: int, n_kv_heads: int,
+               head_dim: int) -> torch.Tensor:
+    """The CPU cache's layout: the first n_slots * n_kv_heads * max_len * head_dim elements of
+    `flat` stored as (slot, kv head, position, dim) and viewed as (n_slots, max_len, n_kv_heads,
+    head_dim), the shape every caller indexes. A kv head's context is one run of memory, so tier
+    2's attention reads each head's K and V as two sequential streams, which the CPU's hardware
+    prefetchers follow (in the position-major order a head's rows are n_kv_heads * head_dim apart).
+    """
+    n = n_slots * n_kv_heads * max_len * head_dim
+    return flat[:n].view(n_slots, n_kv_heads, max_len, head_dim).permute(0, 2, 1, 3)
+
+
 class KVCache:
     """KV cache for n_slots sequences x the given global layers, allocated once at its largest
     size with torch.empty (on CPU the pages are committed only when touched), written in place."""
 
     def __init__(self, layers: Sequence[int], n_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu",
+                 commit: bool = False) -> None:
         if n_slots <= 0 or max_len <= 0:
             raise ValueError(f"KVCache needs n_slots > 0 and max_len > 0, got {n_slots}, {max_len}")
         self.layers = tuple(layers)
@@ -42,11 +86,20 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (n_slots, max_len, n_kv_heads, head_dim)
-        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-        self.k = {layer: alloc(shape, dtype=dtype, device=self.device) for layer in self.layers}
-        self.v = {layer: alloc(shape, dtype=dtype, device=self.device) for layer in self.layers}
+        self.huge_pages = False  # the CPU buffers took the huge-page advice
+        if self.device.type == "cpu":
+            def alloc() -> torch.Tensor:
+                buf, self.huge_pages = host_buffer(n_slots * max_len * n_kv_heads * head_dim, dtype)
+                if commit:
+                    buf.zero_()  # every page touched now, by all the rank's threads
+                return head_major(buf, n_slots, max_len, n_kv_heads, head_dim)
+        else:
+            def alloc() -> torch.Tensor:
+                return torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k = {layer: alloc() for layer in self.layers}
+        self.v = {layer: alloc() for layer in self.layers}
         # per layer, per slot: positions [0, mark) hold written or zeroed values (CPU only)
-        initial = 0 if self.device.type == "cpu" else max_len
+        initial = 0 if self.device.type == "cpu" and not commit else max_len
         self._mark = {layer: [initial] * n_slots for layer in self.layers}
         # decided once: the marks are kept (and tails zeroed) by the torch path only
         self._native = self.device.type == "cpu" and kernels.native_available()

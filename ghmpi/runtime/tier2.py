@@ -9,6 +9,7 @@ chunk rows). It never blocks in a send, so it can never deadlock with tier 1.
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import numpy as np
@@ -36,10 +37,18 @@ class Tier2:
         owned = layout.owned_slots(rank)
         self.index = np.full(layout.n_slots, -1, dtype=np.int64)  # slot -> row of our cache
         self.index[owned] = np.arange(len(owned))
+        # The cache is committed now (every page zeroed), while tier 1 loads its weights: a page
+        # fault every few KiB of the prompts' K/V would otherwise stall the job's prefill.
+        # GHMPI_KV_COMMIT=0 leaves the pages to be committed as they are first written.
+        commit = os.environ.get("GHMPI_KV_COMMIT", "1").strip() != "0"
+        t = time.perf_counter()
         self.cache = KVCache(layers, max(len(owned), 1), max_len, args.n_kv_heads, args.head_dim,
-                             kv_dtype, "cpu")
+                             kv_dtype, "cpu", commit=commit)
         if rank == layout.slices:  # the first tier-2 rank says which attention path runs
-            print(f"ghmpi: tier 2: {kernels.describe()}", flush=True)
+            print(f"ghmpi: tier 2: {kernels.describe()}; KV cache {self.cache.nbytes / 2**30:.2f} "
+                  f"GiB a rank, {'committed' if commit else 'allocated'} in "
+                  f"{time.perf_counter() - t:.1f} s{' (huge pages)' if self.cache.huge_pages else ''}",
+                  flush=True)
         self.outbox = tp.Outbox(world)
         self.delay = reply_delay_s  # emulated network hop: replies wait this long
         self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()

@@ -15,7 +15,7 @@ import torch
 
 from ghmpi import kernels
 from ghmpi.kernels import _decode_attention_torch, decode_attention_cpu
-from ghmpi.model.kvcache import KVCache
+from ghmpi.model.kvcache import KVCache, head_major
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -24,13 +24,18 @@ native = pytest.mark.skipif(not kernels.native_available(),
                             reason=f"native kernel not built here: {kernels.describe()}")
 
 
-def _problem(dtype, n_heads, n_kv, D, lengths, n_slots=None, max_len=None, seed=0):
+def _problem(dtype, n_heads, n_kv, D, lengths, n_slots=None, max_len=None, seed=0, layout="head"):
+    """Caches in tier 2's head-major layout (KVCache's: the kernel walks each kv head's context
+    in turn) or position-major (contiguous: the kernel walks a block's kv heads in turn)."""
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     n_slots = n_slots or B + 2
     max_len = max_len or max(lengths) + 5
     k = torch.randn(n_slots, max_len, n_kv, D, generator=g).to(dtype)
     v = torch.randn(n_slots, max_len, n_kv, D, generator=g).to(dtype)
+    if layout == "head":
+        k, v = (head_major(torch.empty(x.numel(), dtype=dtype), *x.shape).copy_(x) for x in (k, v))
+        assert k.stride(2) > k.stride(1)
     slots = torch.randperm(n_slots, generator=g)[:B]
     lengths = torch.tensor(lengths, dtype=torch.int64)
     for b in range(B):  # past each row's length: poison the kernel must never read
@@ -58,9 +63,10 @@ def _reference(q, k, v, slots, lengths):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_heads,n_kv", [(8, 8), (8, 4), (16, 4), (16, 2), (8, 1)])
 @pytest.mark.parametrize("D", [64, 128])
-def test_native_matches_reference_and_torch_path(dtype, n_heads, n_kv, D):
+@pytest.mark.parametrize("layout", ["head", "position"])
+def test_native_matches_reference_and_torch_path(dtype, n_heads, n_kv, D, layout):
     lengths = [1, 7, 16, 17, 300, 129, 64, 33]
-    q, k, v, slots, lengths = _problem(dtype, n_heads, n_kv, D, lengths, seed=D + n_kv)
+    q, k, v, slots, lengths = _problem(dtype, n_heads, n_kv, D, lengths, seed=D + n_kv, layout=layout)
     ref = _reference(q, k, v, slots, lengths)
     o = decode_attention_cpu(q, k, v, slots, lengths)
     assert o.dtype == dtype and o.shape == (len(lengths), n_heads * D)
@@ -76,13 +82,15 @@ def test_native_matches_reference_and_torch_path(dtype, n_heads, n_kv, D):
 @native
 @pytest.mark.parametrize("threads", [1, 2, 5])
 @pytest.mark.parametrize("lengths", [[3000], [100], [1, 2000, 5], [40] * 33])
-def test_context_and_head_splits_combine_exactly(threads, lengths):
+@pytest.mark.parametrize("layout", ["head", "position"])
+def test_context_and_head_splits_combine_exactly(threads, lengths, layout):
     """Few rows with long contexts are split along the context (and over kv heads); the combined
     result equals the unsplit math, and every output element is written."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        q, k, v, slots, lengths = _problem(torch.float32, 16, 4, 64, lengths, seed=threads)
+        q, k, v, slots, lengths = _problem(torch.float32, 16, 4, 64, lengths, seed=threads,
+                                           layout=layout)
         out = torch.full((len(lengths), 16 * 64), float("nan"))
         o = decode_attention_cpu(q, k, v, slots, lengths, out=out)
     finally:

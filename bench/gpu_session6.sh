@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Session 6 on the GPU machine: tier 2's head-major KV layout and its committed cache.
+#   a: the kernel on this CPU: every path against torch in both layouts (cpu_kernel_check), KV
+#      read vs DRAM read for the head-major (tier 2's) and position-major layouts in one run, the
+#      head-major kernel without software prefetch; then `bench pipeline` on the issue's job
+#      (256 prompts x 512 -> 128, 0 ms): -n 9 against both tiers' capacities
+#   b: the committed cache A/B on the same job (GHMPI_KV_COMMIT=0: pages committed as written),
+#      traced; float32 exactness on CUDA (bench/gpu_check.sh); latency at 0 and 10 ms
+# Usage (repo root): OUT=dir bash bench/gpu_session6.sh a|b
+. bench/steps.sh
+case ${1:-a} in
+a)
+  { cat /sys/kernel/mm/transparent_hugepage/enabled; nproc; lscpu | grep -E "Model name|NUMA|L3"; } \
+    > "$OUT/machine.txt" 2>&1; cat "$OUT/machine.txt"
+  T=150 step kcheck $PY bench/cpu_kernel_check.py; grep -cE " ok$" "$OUT/kcheck.txt"; grep -E "OFF|Error|rc=" "$OUT/kcheck.txt" | head
+  T=200 step attention $PY -m ghmpi bench attention --layouts head,position --contexts 512,8192 \
+    --batches 64,256 --dtypes bfloat16 --heads gqa,mha --splits none --seconds 0.2 --max-gb 8 \
+    --no-torch -o "$OUT/attention.json"
+  grep -E "native_kv_read_GBps=|dram_read_GBps [0-9]" "$OUT/attention.txt" | sed 's/ghmpi bench: //' | cut -c1-150
+  GHMPI_KERNEL_CFLAGS=-DGHMPI_NO_PREFETCH T=90 step attention-nopf $PY -m ghmpi bench attention \
+    --layouts head --contexts 512 --batches 64,256 --dtypes bfloat16 --heads gqa,mha --splits none \
+    --seconds 0.2 --max-gb 4 --no-torch -o "$OUT/attention-nopf.json"
+  grep -E "native_kv_read_GBps=|dram_read_GBps [0-9]" "$OUT/attention-nopf.txt" | sed 's/ghmpi bench: //' | cut -c1-150
+  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-300
+  grep -E "capacity|bound|tier2_|tier 2: CPU" "$OUT/pipeline.txt" | cut -c1-300; grep -A3 "^jobs:" "$OUT/pipeline.txt"
+  ;;
+b)
+  T=300 step commit $PY bench/ring_variants.py --new 128 "$W" "commit;0;0;GHMPI_TRACE=/tmp/tr-c" \
+    "nocommit;0;0;GHMPI_KV_COMMIT=0 GHMPI_TRACE=/tmp/tr-n"
+  cut -c1-300 "$OUT/commit.txt" | grep -E "tokens/s|failed"
+  for d in c n; do
+    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"; grep -E "phase|rank 1:" "$OUT/trace-$d.txt"
+  done
+  s=$(date +%s); mkdir -p /tmp/ghmpi-check
+  OUT=/tmp/ghmpi-check timeout 200 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=" "$OUT/gpu_check.txt" | cut -c1-200
+  ;;
+esac
