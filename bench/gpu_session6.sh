@@ -27,6 +27,18 @@ a)
   grep -E "capacity|bound|tier2_|tier 2: CPU" "$OUT/pipeline.txt" | cut -c1-300; grep -A3 "^jobs:" "$OUT/pipeline.txt"
   ;;
 b)
+  # the kernel's tile (AMX) and vector q.k/p@V on this CPU, from DRAM and from the 300 MB L3 (a
+  # 0.2 GB buffer): how far the GQA kernel is from its compute ceiling
+  for v in amx-4:"" vec-4:-DGHMPI_NO_AMX pf6-4:-DGHMPI_PREFETCH_UNITS=6 amx-0.2:"" vec-0.2:-DGHMPI_NO_AMX; do
+    n=${v%%-*}; gb=${v%%:*}; gb=${gb#*-}; f=${v#*:}; f=${f//\"/}
+    {
+      GHMPI_KERNEL_CFLAGS="$f" T=60 step "att-$n-$gb" $PY -m ghmpi bench attention --layouts head \
+        --contexts 512 --batches 16,64,256 --dtypes bfloat16 --heads gqa,mha --splits none --seconds 0.2 \
+        --max-gb $gb --no-torch -o "$OUT/att-$n-$gb.json"
+      echo "$n ${gb}GB: $(grep -E "native_kv_read_GBps=|^ghmpi bench: dram_read_GBps [0-9]" "$OUT/att-$n-$gb.txt" \
+        | sed 's/.*heads=\([0-9/]*\).*batch=\([0-9]*\).*native_kv_read_GBps=\([0-9.]*\).*/\1 b\2: \3/; s/ghmpi bench: //' | tr '\n' ' ')"
+    }
+  done
   T=300 step commit $PY bench/ring_variants.py --new 128 "$W" "commit;0;0;GHMPI_TRACE=/tmp/tr-c" \
     "nocommit;0;0;GHMPI_KV_COMMIT=0 GHMPI_TRACE=/tmp/tr-n"
   cut -c1-300 "$OUT/commit.txt" | grep -E "tokens/s|failed"
