@@ -29,14 +29,15 @@ a)
 b)
   # the kernel's tile (AMX) and vector q.k/p@V on this CPU, from DRAM and from the 300 MB L3 (a
   # 0.2 GB buffer): how far the GQA kernel is from its compute ceiling
-  for v in amx-4:"" vec-4:-DGHMPI_NO_AMX pf6-4:-DGHMPI_PREFETCH_UNITS=6 amx-0.2:"" vec-0.2:-DGHMPI_NO_AMX; do
+  for v in all-4:"" vec-4:-DGHMPI_NO_AMX pf6-4:-DGHMPI_PREFETCH_UNITS=6 amx-0.2:"" vec-0.2:-DGHMPI_NO_AMX; do
     n=${v%%-*}; gb=${v%%:*}; gb=${gb#*-}; f=${v#*:}; f=${f//\"/}
+    LAYOUTS=head; [ $n = all ] && LAYOUTS=head,position
     {
-      GHMPI_KERNEL_CFLAGS="$f" T=60 step "att-$n-$gb" $PY -m ghmpi bench attention --layouts head \
+      GHMPI_KERNEL_CFLAGS="$f" T=60 step "att-$n-$gb" $PY -m ghmpi bench attention --layouts ${LAYOUTS:-head} \
         --contexts 512 --batches 16,64,256 --dtypes bfloat16 --heads gqa,mha --splits none --seconds 0.2 \
         --max-gb $gb --no-torch -o "$OUT/att-$n-$gb.json"
       echo "$n ${gb}GB: $(grep -E "native_kv_read_GBps=|^ghmpi bench: dram_read_GBps [0-9]" "$OUT/att-$n-$gb.txt" \
-        | sed 's/.*heads=\([0-9/]*\).*batch=\([0-9]*\).*native_kv_read_GBps=\([0-9.]*\).*/\1 b\2: \3/; s/ghmpi bench: //' | tr '\n' ' ')"
+        | sed 's/.*layout=\([a-z]\)[a-z]* heads=\([0-9/]*\).*batch=\([0-9]*\).*native_kv_read_GBps=\([0-9.]*\).*/\1 \2 b\3: \4/; s/ghmpi bench: //' | tr '\n' ' ')"
     }
   done
   T=300 step commit $PY bench/ring_variants.py --new 128 "$W" "commit;0;0;GHMPI_TRACE=/tmp/tr-c" \

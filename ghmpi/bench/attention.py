@@ -79,8 +79,9 @@ def dram_read_GBps(nbytes: int, reps: int = 4) -> float:
     import torch
 
     from ghmpi import kernels
+    from ghmpi.model.kvcache import host_buffer
 
-    buf = torch.ones(nbytes // 8, dtype=torch.float64).view(torch.float32)
+    buf = host_buffer(nbytes // 4, torch.float32)[0].fill_(1.0)  # huge pages, as tier 2's cache
     readers = [buf.sum, buf.amax, buf.view(torch.int64).sum]
     if kernels.native_available():
         readers.append(lambda: kernels.read_sum(buf))
@@ -116,10 +117,13 @@ class KVBuffers:
 
         if layout not in LAYOUTS:
             raise ValueError(f"bench attention: layout must be one of {LAYOUTS}, got {layout!r}")
+        from ghmpi.model.kvcache import host_buffer
+
         dtype = getattr(torch, dtype)
         n = nbytes // 2 // torch.empty((), dtype=dtype).element_size()
-        self.k = torch.empty(n, dtype=dtype).uniform_(-1, 1)
-        self.v = torch.empty(n, dtype=dtype).uniform_(-1, 1)
+        # allocated as tier 2's KVCache allocates (2 MiB aligned, huge pages where Linux allows)
+        self.k = host_buffer(n, dtype)[0].uniform_(-1, 1)
+        self.v = host_buffer(n, dtype)[0].uniform_(-1, 1)
         self.layout = layout
 
     def view(self, T: int, n_kv: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:

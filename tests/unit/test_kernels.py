@@ -124,10 +124,28 @@ def test_odd_head_dims_and_rejects_bad_rows():
         decode_attention_cpu(q, k[..., :32], v, slots, lengths)
 
 
-def _decode_steps(dtype):
+@pytest.mark.parametrize("commit", [False, True])
+def test_cpu_cache_is_head_major_aligned_and_committed_when_asked(commit):
+    """Tier 2's cache: stored head-major (each kv head's context one run of memory), indexed
+    (slot, position, kv head, dim), starting on a 2 MiB boundary; committed caches start zeroed."""
+    cache = KVCache([0, 3], 3, 4096, 2, 128, torch.bfloat16, commit=commit)  # 6 MiB a tensor
+    for t in (cache.k[3], cache.v[0]):
+        assert t.shape == (3, 4096, 2, 128)
+        assert t.stride() == (2 * 4096 * 128, 128, 4096 * 128, 1)
+        assert t.data_ptr() % (2 << 20) == 0
+        if commit:
+            assert not t.any()
+    k = torch.randn(5, 2, 128).bfloat16()
+    cache.write(3, 1, 7, k, -k)
+    assert torch.equal(cache.k[3][1, 7:12], k) and torch.equal(cache.v[3][1, 7:12], -k)
+    flat = cache.k[3].permute(0, 2, 1, 3).contiguous()  # (slot, head, position, dim) as stored
+    assert torch.equal(flat[1, 1, 7:12], k[:, 1])
+
+
+def _decode_steps(dtype, commit=False):
     """A few decode steps through KVCache on non-consecutive slots -> list of outputs."""
     g = torch.Generator().manual_seed(1)
-    cache = KVCache([0, 1], 6, 64, 2, 32, dtype)
+    cache = KVCache([0, 1], 6, 64, 2, 32, dtype, commit=commit)
     outs = []
     for slot, n in ((4, 9), (1, 3), (2, 20)):
         for layer in (0, 1):
@@ -144,12 +162,13 @@ def _decode_steps(dtype):
 
 
 @native
-def test_kvcache_decode_native_equals_torch_fallback():
-    cache, native_outs = _decode_steps(torch.float32)
+@pytest.mark.parametrize("commit", [False, True])
+def test_kvcache_decode_native_equals_torch_fallback(commit):
+    cache, native_outs = _decode_steps(torch.float32, commit)
     assert cache._native
     kernels.force("torch")
     try:
-        cache, torch_outs = _decode_steps(torch.float32)
+        cache, torch_outs = _decode_steps(torch.float32, commit)
         assert not cache._native
     finally:
         kernels.force(None)
