@@ -4,8 +4,10 @@
 #      read vs DRAM read for the head-major (tier 2's) and position-major layouts in one run, the
 #      head-major kernel without software prefetch; then `bench pipeline` on the issue's job
 #      (256 prompts x 512 -> 128, 0 ms): -n 9 against both tiers' capacities
-#   b: the committed cache A/B on the same job (GHMPI_KV_COMMIT=0: pages committed as written),
-#      traced; float32 exactness on CUDA (bench/gpu_check.sh); latency at 0 and 10 ms
+#   b: kernel variants (AMX or vector q.k and p@V, prefetch distance) from DRAM and from L3; the
+#      committed cache A/B on the same job (GHMPI_KV_COMMIT=0: pages committed as written),
+#      traced; the job with 3 and 4 micro-batches
+#   c: float32 exactness on CUDA (bench/gpu_check.sh)
 # Usage (repo root): OUT=dir bash bench/gpu_session6.sh a|b
 . bench/steps.sh
 case ${1:-a} in
@@ -40,12 +42,14 @@ b)
         | sed 's/.*layout=\([a-z]\)[a-z]* heads=\([0-9/]*\).*batch=\([0-9]*\).*native_kv_read_GBps=\([0-9.]*\).*/\1 \2 b\3: \4/; s/ghmpi bench: //' | tr '\n' ' ')"
     }
   done
-  T=300 step commit $PY bench/ring_variants.py --new 128 "$W" "commit;0;0;GHMPI_TRACE=/tmp/tr-c" \
-    "nocommit;0;0;GHMPI_KV_COMMIT=0 GHMPI_TRACE=/tmp/tr-n"
+  T=420 step commit $PY bench/ring_variants.py --new 128 "$W" "commit;0;0;GHMPI_TRACE=/tmp/tr-c" \
+    "nocommit;0;0;GHMPI_KV_COMMIT=0 GHMPI_TRACE=/tmp/tr-n" "mbs3;0;3" "mbs4;0;4"
   cut -c1-300 "$OUT/commit.txt" | grep -E "tokens/s|failed"
   for d in c n; do
     $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"; grep -E "phase|rank 1:" "$OUT/trace-$d.txt"
   done
+  ;;
+c)
   s=$(date +%s); mkdir -p /tmp/ghmpi-check
   OUT=/tmp/ghmpi-check timeout 200 bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
   echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=" "$OUT/gpu_check.txt" | cut -c1-200
