@@ -31,7 +31,7 @@ a)
 b)
   # the kernel's tile (AMX) and vector q.k/p@V on this CPU, from DRAM and from the 300 MB L3 (a
   # 0.2 GB buffer): how far the GQA kernel is from its compute ceiling
-  for v in all-4:"" vec-4:-DGHMPI_NO_AMX pf6-4:-DGHMPI_PREFETCH_UNITS=6 amx-0.2:"" vec-0.2:-DGHMPI_NO_AMX; do
+  for v in all-4:"" vec-4:-DGHMPI_NO_AMX pf6-4:-DGHMPI_PREFETCH_UNITS=6 qk-4:-DGHMPI_NO_AMX_PV amx-0.2:"" vec-0.2:-DGHMPI_NO_AMX; do
     n=${v%%-*}; gb=${v%%:*}; gb=${gb#*-}; f=${v#*:}; f=${f//\"/}
     LAYOUTS=head; [ $n = all ] && LAYOUTS=head,position
     {

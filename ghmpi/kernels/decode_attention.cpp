@@ -704,7 +704,7 @@ void run_item(const Problem& P, const Item& it, float* partials) {
       pk.rest();
       // acc_(h+r) = alpha_r acc_(h+r) + sum_i p[r][i] * v_(t+i)
       float* Ah = A + h * D;
-#if GHMPI_AMX
+#if GHMPI_AMX && !defined(GHMPI_NO_AMX_PV)  // GHMPI_NO_AMX_PV: tiles for q.k only
       if (amx && n == TB) {
         rescale(Ah, alpha, n_rep, D);
         values_block_amx(vbase + off, row, n_rep, D, sc.pp.data(), Ah, sc.vt.data(), sc.ct.data());
