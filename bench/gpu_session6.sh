@@ -31,6 +31,8 @@ a)
 b)
   # the kernel's tile (AMX) and vector q.k/p@V on this CPU, from DRAM and from the 300 MB L3 (a
   # 0.2 GB buffer): how far the GQA kernel is from its compute ceiling
+  # (run before the tiles became opt-in: then "" built them and -DGHMPI_NO_AMX left them out;
+  # now the same variants are -DGHMPI_USE_AMX and "")
   for v in all-4:"" vec-4:-DGHMPI_NO_AMX pf6-4:-DGHMPI_PREFETCH_UNITS=6 qk-4:-DGHMPI_NO_AMX_PV amx-0.2:""; do
     n=${v%%-*}; gb=${v%%:*}; gb=${gb#*-}; f=${v#*:}; f=${f//\"/}
     LAYOUTS=head; [ $n = all ] && LAYOUTS=head,position

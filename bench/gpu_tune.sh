@@ -42,10 +42,10 @@ c)  # after a change to the ring: exactness on CUDA, the ring at 0 and 10 ms, a 
   ;;
 e)  # tier-2 attention on this node's CPU: the kernel's paths against torch, then AMX vs vector q.k
   T=120 step kcheck $PY bench/cpu_kernel_check.py; cat "$OUT/kcheck.txt"
-  GHMPI_KERNEL_CFLAGS=-DGHMPI_NO_AMX T=120 step kcheck_noamx $PY bench/cpu_kernel_check.py
-  head -1 "$OUT/kcheck_noamx.txt"; grep -c " ok" "$OUT/kcheck_noamx.txt"
+  GHMPI_KERNEL_CFLAGS=-DGHMPI_USE_AMX T=120 step kcheck_amx $PY bench/cpu_kernel_check.py
+  head -1 "$OUT/kcheck_amx.txt"; grep -c " ok" "$OUT/kcheck_amx.txt"
   for v in amx noamx; do
-    flags=""; [ $v = noamx ] && flags=-DGHMPI_NO_AMX
+    flags=""; [ $v = amx ] && flags=-DGHMPI_USE_AMX  # the tiles are opt-in since session 6
     GHMPI_KERNEL_CFLAGS=$flags T=200 step attention_$v $PY -m ghmpi bench attention --contexts 512,8192 \
       --batches 1,64,256 --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 --no-torch \
       -o "$OUT/attention_$v.json"
@@ -60,7 +60,7 @@ e)  # tier-2 attention on this node's CPU: the kernel's paths against torch, the
   ;;
 f)  # the -n 9 job with the tier-2 kernel's tile path on, off, on (256 prompts x 512 -> 64, 0 ms)
   for v in amx noamx amx; do
-    flags=""; [ $v = noamx ] && flags=-DGHMPI_NO_AMX
+    flags=""; [ $v = amx ] && flags=-DGHMPI_USE_AMX  # the tiles are opt-in since session 6
     GHMPI_KERNEL_CFLAGS=$flags T=200 step ring_$v $PY - "$W" <<'PYEOF'
 import sys
 from pathlib import Path

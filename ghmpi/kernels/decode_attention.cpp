@@ -27,9 +27,12 @@
 // of 16 positions runs on tiles instead: q.k is one tile product per 32 dims (the K rows load as
 // a tile straight from the cache, the kv group's query heads are the other operand), and p @ V one
 // per 16 dims (the block's V rows interleaved in pairs of positions, all heads' p at once).
-// Grouped-query attention does n_rep heads of work per K/V byte, which the vector units could not
-// keep up with at DRAM speed (bench/results/h100-2026-11-23-amx/).
-// GHMPI_PORTABLE forces the plain code (tests build both); GHMPI_NO_AMX keeps the vector q.k.
+// The tiles are opt-in (-DGHMPI_USE_AMX): with the vector code as it is now, vdpbf16ps ran
+// 1.6-1.75x faster than the tiles on the H200 host's Xeon, GQA and MHA alike, interleaved in one
+// call (bench/results/h200-2026-12-03-session6/ab/); each tile product there waits on a tile
+// store and reload, and q.k fills 4 of a tile's 16 columns. (On the H100 host the tiles had beaten
+// the vector code of that time: bench/results/h100-2026-11-23-amx/.)
+// GHMPI_PORTABLE forces the plain code (tests build both); GHMPI_NO_AMX_PV keeps the tiles to q.k.
 
 #include <ATen/Parallel.h>
 
@@ -53,8 +56,8 @@
 #define GHMPI_BF16DP 0
 #endif
 #if GHMPI_BF16DP && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && \
-    !defined(GHMPI_NO_AMX)
-#define GHMPI_AMX 1  // tile products for q.k (bf16 mode)
+    defined(GHMPI_USE_AMX)
+#define GHMPI_AMX 1  // tile products for q.k and p @ V (bf16 mode): opt-in, see the note above
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
