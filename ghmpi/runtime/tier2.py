@@ -45,8 +45,10 @@ class Tier2:
         self.cache = KVCache(layers, max(len(owned), 1), max_len, args.n_kv_heads, args.head_dim,
                              kv_dtype, "cpu", commit=commit)
         if rank == layout.slices:  # the first tier-2 rank says which attention path runs
-            print(f"ghmpi: tier 2: {kernels.describe()}; KV cache {self.cache.nbytes / 2**30:.2f} "
-                  f"GiB a rank, {'committed' if commit else 'allocated'} in "
+            size = self.cache.nbytes
+            size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+            print(f"ghmpi: tier 2: {kernels.describe()}; KV cache {size} a rank, "
+                  f"{'committed' if commit else 'allocated'} in "
                   f"{time.perf_counter() - t:.1f} s{' (huge pages)' if self.cache.huge_pages else ''}",
                   flush=True)
         self.outbox = tp.Outbox(world)
