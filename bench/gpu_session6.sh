@@ -7,7 +7,9 @@
 #   b: kernel variants (AMX or vector q.k and p@V, prefetch distance) from DRAM and from L3; the
 #      committed cache A/B on the same job (GHMPI_KV_COMMIT=0: pages committed as written),
 #      traced; the job with 3 and 4 micro-batches
-#   c: float32 exactness on CUDA (bench/gpu_check.sh)
+#   ab: the vector kernel and the AMX tiles, interleaved, two runs each
+#   c: `bench pipeline` on the issue's job and with 64 new tokens (the vector kernel, the default)
+#   check: float32 exactness on CUDA (bench/gpu_check.sh)
 # Usage (repo root): OUT=dir bash bench/gpu_session6.sh a|b
 . bench/steps.sh
 case ${1:-a} in
@@ -50,9 +52,25 @@ b)
   for d in c n; do
     $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"; grep -E "phase|rank 1:" "$OUT/trace-$d.txt"
   done
-  [ -n "${CHECK:-}" ] && bash bench/gpu_session6.sh c
+  [ -n "${CHECK:-}" ] && bash bench/gpu_session6.sh check
+  ;;
+ab)
+  for i in 1 2; do for v in amx:-DGHMPI_USE_AMX vec:; do n=${v%%:*}; f=${v#*:}
+    GHMPI_KERNEL_CFLAGS="$f" T=50 step "ab-$n-$i" $PY -m ghmpi bench attention --layouts head \
+      --contexts 512,4096 --batches 64,256 --dtypes bfloat16 --heads gqa,mha --splits none \
+      --seconds 0.2 --max-gb 4 --no-torch
+    echo "$n $i: $(grep -E "native_kv_read_GBps=|^ghmpi bench: dram_read_GBps [0-9]" "$OUT/ab-$n-$i.txt" | cut -c1-150 | tr '\n' ' ')"
+  done; done
   ;;
 c)
+  for new in 64 128; do
+    T=230 step pipeline$new $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new $new \
+      --delays 0 -o "$OUT/pipeline$new.json"
+    grep -E "ghmpi bench: delay" "$OUT/pipeline$new.txt" | cut -c1-250
+    grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline$new.txt"; grep -A3 "^jobs:" "$OUT/pipeline$new.txt"
+  done
+  ;;
+check)
   s=$(date +%s); mkdir -p /tmp/ghmpi-check
   OUT=/tmp/ghmpi-check timeout ${T_CHECK:-200} bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
   echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=" "$OUT/gpu_check.txt" | cut -c1-200
