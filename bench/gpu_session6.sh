@@ -6,11 +6,11 @@
 #      (256 prompts x 512 -> 128, 0 ms): -n 9 against both tiers' capacities
 #   b: kernel variants (AMX or vector q.k and p@V, prefetch distance) from DRAM and from L3; the
 #      committed cache A/B on the same job (GHMPI_KV_COMMIT=0: pages committed as written),
-#      traced; the job with 3 and 4 micro-batches
+#      traced; the job with 3 micro-batches
 #   ab: the vector kernel and the AMX tiles, interleaved, two runs each
 #   c: `bench pipeline` on the issue's job and with 64 new tokens (the vector kernel, the default)
 #   check: float32 exactness on CUDA (bench/gpu_check.sh)
-# Usage (repo root): OUT=dir bash bench/gpu_session6.sh a|b
+# Usage (repo root): OUT=dir bash bench/gpu_session6.sh a|b|ab|c|check
 . bench/steps.sh
 case ${1:-a} in
 a)

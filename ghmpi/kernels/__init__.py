@@ -103,8 +103,8 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     q (B, n_heads, D) float32/bf16/fp16; k_cache, v_cache (n_slots, max_len, n_kv_heads, D) in
     float32/bf16/fp16, with the same strides and D contiguous (tier 2's KVCache is a head-major
-    view, `kvcache.head_major`; a contiguous cache works too); slots, lengths (B,) int64: row b attends over positions
-    [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses kv head h // n_rep.
+    view, `kvcache.head_major`; a contiguous cache works too); slots, lengths (B,) int64: row b
+    attends over positions [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses kv head h // n_rep.
     -> (B, n_heads * D) in q.dtype. Accumulates in float32. `out`: optional float32
     (B, n_heads * D) contiguous buffer the native kernel writes (returned when q is float32).
     """
@@ -117,8 +117,7 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          f"lengths {tuple(lengths.shape)} do not fit")
     lib = _load() if _state.forced != "torch" else None
     if (lib is None or k_cache.dtype not in _KV_TYPES or v_cache.dtype != k_cache.dtype
-            or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1
-            or min(k_cache.stride()) < 0):
+            or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1):
         return _decode_attention_torch(q, k_cache, v_cache, slots, lengths)
     q32 = q.to(torch.float32).contiguous()  # (B, H, D)
     slots = slots.to(torch.int64).contiguous()

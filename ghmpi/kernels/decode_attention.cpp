@@ -545,11 +545,11 @@ inline void rescale(float* A, const float* alpha, int64_t n_rep, int64_t D) {
 
 struct Problem {
   const float* q;       // (B, H, D) fp32, unscaled
-  const void* k;        // n_slots x max_len x n_kv x D at the strides below
+  const void* k;        // slots x positions x kv heads x D at the strides below
   const void* v;
   const int64_t* slots;    // (B,)
   const int64_t* lengths;  // (B,)
-  int64_t H, n_kv, D, max_len, n_rep;
+  int64_t H, D, n_rep;
   int64_t slot_stride, pos_stride, head_stride;  // elements; D is contiguous
   float scale;
   float* out;  // (B, H*D) fp32
@@ -642,102 +642,101 @@ void run_item(const Problem& P, const Item& it, float* partials) {
     else { g = u % ng; t = it.t0 + u / ng * TB; }
   };
   for (int64_t u = 0; u < nu; ++u) {
-    int64_t t, g, ta, ga;
+    int64_t t, g;
     unit(u, t, g);
     const int n = static_cast<int>(std::min<int64_t>(TB, it.t1 - t));
-    {
-      const int64_t h = g * n_rep;  // the unit's first query head in the item
-      const int64_t off = (t * pos_stride + g * head_stride) * es;
-      int64_t na = 0, offa = 0;  // the unit ahead: none past the item's end
-      if (u + GHMPI_PREFETCH_UNITS < nu) {
-        unit(u + GHMPI_PREFETCH_UNITS, ta, ga);
-        na = std::min<int64_t>(TB, it.t1 - ta);
-        offa = (ta * pos_stride + ga * head_stride) * es;
-      }
-      Prefetch pk{kbase + offa, row, na, unit_bytes}, pv{vbase + offa, row, na, unit_bytes};
-      // scores S[r][i] = scale * q_(h+r) . k_(t+i)
-#if GHMPI_AMX
-      if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
-        scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + off, row, n_rep, D, P.scale,
-                         sc.ct.data(), S);
-      } else
-#endif
-#if GHMPI_BF16DP
-      if constexpr (DP) {
-        scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale,
-                        reinterpret_cast<uint16_t*>(sc.kf.data()), S, pk);
-      } else
-#endif
-#if GHMPI_AVX512
-      if constexpr (VEC) {
-        scores_block<KV>(q + h * D, kbase + off, row, n, n_rep, D, P.scale, sc.kf.data(), S, pk);
-      } else
-#endif
-      {
-        for (int i = 0; i < n; ++i) {
-          const char* kp = kbase + off + i * row;
-          float* kf = sc.kf.data();
-          for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kp, d);
-          for (int64_t r = 0; r < n_rep; ++r) {
-            const float* qh = q + (h + r) * D;
-            float s = 0.0f;
-            for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
-            S[r * TB + i] = s * P.scale;
-          }
-        }
-      }
-      // online softmax: S becomes the block's weights p; alpha rescales the accumulators
-#if GHMPI_AVX512
-      if constexpr (VEC) {
-        softmax_block<DP>(S, n, n_rep, M + h, Lv + h * 16, alpha, sc.pp.data());
-      } else
-#endif
-      {
-        for (int64_t r = 0; r < n_rep; ++r) {
-          float* sr = S + r * TB;
-          float mx = M[h + r];
-          for (int i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
-          alpha[r] = M[h + r] == NEG_INF ? 0.0f : std::exp(M[h + r] - mx);
-          float sum = 0.0f;
-          for (int i = 0; i < n; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
-          L[h + r] = L[h + r] * alpha[r] + sum;
-          M[h + r] = mx;
-        }
-      }
-      pk.rest();
-      // acc_(h+r) = alpha_r acc_(h+r) + sum_i p[r][i] * v_(t+i)
-      float* Ah = A + h * D;
-#if GHMPI_AMX && !defined(GHMPI_NO_AMX_PV)  // GHMPI_NO_AMX_PV: tiles for q.k only
-      if (amx && n == TB) {
-        rescale(Ah, alpha, n_rep, D);
-        values_block_amx(vbase + off, row, n_rep, D, sc.pp.data(), Ah, sc.vt.data(), sc.ct.data());
-      } else
-#endif
-#if GHMPI_BF16DP
-      if constexpr (DP) {
-        values_block_dp(vbase + off, row, n, n_rep, D, sc.pp.data(), alpha, Ah, pv);
-      } else
-#endif
-#if GHMPI_AVX512
-      if constexpr (VEC) {
-        values_block<KV>(vbase + off, row, n, n_rep, D, S, alpha, Ah, pv);
-      } else
-#endif
-      {
-        rescale(Ah, alpha, n_rep, D);
-        float* vf = sc.kf.data();
-        for (int i = 0; i < n; ++i) {
-          const char* vp = vbase + off + i * row;
-          for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vp, d);
-          for (int64_t r = 0; r < n_rep; ++r) {
-            const float p = S[r * TB + i];
-            float* ah = Ah + r * D;
-            for (int64_t d = 0; d < D; ++d) ah[d] += p * vf[d];
-          }
-        }
-      }
-      pv.rest();
+    const int64_t h = g * n_rep;  // the unit's first query head in the item
+    const int64_t off = (t * pos_stride + g * head_stride) * es;
+    int64_t na = 0, offa = 0;  // the unit ahead: none past the item's end
+    if (u + GHMPI_PREFETCH_UNITS < nu) {
+      int64_t ta, ga;
+      unit(u + GHMPI_PREFETCH_UNITS, ta, ga);
+      na = std::min<int64_t>(TB, it.t1 - ta);
+      offa = (ta * pos_stride + ga * head_stride) * es;
     }
+    Prefetch pk{kbase + offa, row, na, unit_bytes}, pv{vbase + offa, row, na, unit_bytes};
+    // scores S[r][i] = scale * q_(h+r) . k_(t+i)
+#if GHMPI_AMX
+    if (amx && n == TB) {  // a full block: the tile reads exactly its 16 positions
+      scores_block_amx(sc.qt.data() + g * (D / 32) * 512, kbase + off, row, n_rep, D, P.scale,
+                       sc.ct.data(), S);
+    } else
+#endif
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      scores_block_dp(sc.qb.data() + h * D, kbase + off, row, n, n_rep, D, P.scale,
+                      reinterpret_cast<uint16_t*>(sc.kf.data()), S, pk);
+    } else
+#endif
+#if GHMPI_AVX512
+    if constexpr (VEC) {
+      scores_block<KV>(q + h * D, kbase + off, row, n, n_rep, D, P.scale, sc.kf.data(), S, pk);
+    } else
+#endif
+    {
+      for (int i = 0; i < n; ++i) {
+        const char* kp = kbase + off + i * row;
+        float* kf = sc.kf.data();
+        for (int64_t d = 0; d < D; ++d) kf[d] = load1<KV>(kp, d);
+        for (int64_t r = 0; r < n_rep; ++r) {
+          const float* qh = q + (h + r) * D;
+          float s = 0.0f;
+          for (int64_t d = 0; d < D; ++d) s += qh[d] * kf[d];
+          S[r * TB + i] = s * P.scale;
+        }
+      }
+    }
+    // online softmax: S becomes the block's weights p; alpha rescales the accumulators
+#if GHMPI_AVX512
+    if constexpr (VEC) {
+      softmax_block<DP>(S, n, n_rep, M + h, Lv + h * 16, alpha, sc.pp.data());
+    } else
+#endif
+    {
+      for (int64_t r = 0; r < n_rep; ++r) {
+        float* sr = S + r * TB;
+        float mx = M[h + r];
+        for (int i = 0; i < n; ++i) mx = std::max(mx, sr[i]);
+        alpha[r] = M[h + r] == NEG_INF ? 0.0f : std::exp(M[h + r] - mx);
+        float sum = 0.0f;
+        for (int i = 0; i < n; ++i) { sr[i] = std::exp(sr[i] - mx); sum += sr[i]; }
+        L[h + r] = L[h + r] * alpha[r] + sum;
+        M[h + r] = mx;
+      }
+    }
+    pk.rest();
+    // acc_(h+r) = alpha_r acc_(h+r) + sum_i p[r][i] * v_(t+i)
+    float* Ah = A + h * D;
+#if GHMPI_AMX && !defined(GHMPI_NO_AMX_PV)  // GHMPI_NO_AMX_PV: tiles for q.k only
+    if (amx && n == TB) {
+      rescale(Ah, alpha, n_rep, D);
+      values_block_amx(vbase + off, row, n_rep, D, sc.pp.data(), Ah, sc.vt.data(), sc.ct.data());
+    } else
+#endif
+#if GHMPI_BF16DP
+    if constexpr (DP) {
+      values_block_dp(vbase + off, row, n, n_rep, D, sc.pp.data(), alpha, Ah, pv);
+    } else
+#endif
+#if GHMPI_AVX512
+    if constexpr (VEC) {
+      values_block<KV>(vbase + off, row, n, n_rep, D, S, alpha, Ah, pv);
+    } else
+#endif
+    {
+      rescale(Ah, alpha, n_rep, D);
+      float* vf = sc.kf.data();
+      for (int i = 0; i < n; ++i) {
+        const char* vp = vbase + off + i * row;
+        for (int64_t d = 0; d < D; ++d) vf[d] = load1<KV>(vp, d);
+        for (int64_t r = 0; r < n_rep; ++r) {
+          const float p = S[r * TB + i];
+          float* ah = Ah + r * D;
+          for (int64_t d = 0; d < D; ++d) ah[d] += p * vf[d];
+        }
+      }
+    }
+    pv.rest();
   }
 #if GHMPI_AVX512
   if constexpr (VEC) {  // the running sums' lanes added up
@@ -800,8 +799,8 @@ int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int
     if (slots[b] < 0 || slots[b] >= n_slots || lengths[b] < 0 || lengths[b] > max_len) return -(1 + b);
     total += lengths[b];
   }
-  Problem P{q, k, v, slots, lengths, H, n_kv, D, max_len, H / n_kv, slot_stride, pos_stride,
-            head_stride, 1.0f / std::sqrt(static_cast<float>(D)), out, false};
+  Problem P{q, k, v, slots, lengths, H, D, H / n_kv, slot_stride, pos_stride, head_stride,
+            1.0f / std::sqrt(static_cast<float>(D)), out, false};
 #if GHMPI_AMX
   P.amx = amx_permitted();
 #endif

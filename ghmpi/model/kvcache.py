@@ -71,7 +71,8 @@ def head_major(flat: torch.Tensor, n_slots: int, max_len: int, n_kv_heads: int,
 
 class KVCache:
     """KV cache for n_slots sequences x the given global layers, allocated once at its largest
-    size with torch.empty (on CPU the pages are committed only when touched), written in place."""
+    size, written in place. On the CPU: head-major (`head_major`), in `host_buffer` memory whose
+    pages are committed when first touched, or at once with `commit` (zeroed)."""
 
     def __init__(self, layers: Sequence[int], n_slots: int, max_len: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu",
