@@ -1,9 +1,10 @@
 """The -n 9 job (8B shape, 256 prompts x 512 -> 64 unless told) under several settings, one line each.
 
 Usage: python bench/ring_variants.py [--prompts N] [--new N] WORKDIR
-           'NAME;DELAY_MS;MICRO_BATCHES;ENV=VAL ...' ...
-(MICRO_BATCHES 0: automatic; ENV: variables for mpirun, e.g. Open MPI MCA parameters, or
-GHMPI_TRACE=dir)."""
+           'NAME;DELAY_MS;MICRO_BATCHES;KEY=VAL ...' ...
+(MICRO_BATCHES 0: automatic; KEY=VAL: a config key (section.key, e.g.
+topology.prefill_tokens=16384) or a variable for mpirun (e.g. an Open MPI MCA parameter, or
+GHMPI_TRACE=dir))."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def main() -> None:
         sets = [f"runtime.reply_delay_ms={delay}"]
         if int(mbs):
             sets.append(f"topology.micro_batches={mbs}")
+        pairs = [kv.split("=", 1) for kv in " ".join(env).split() if "=" in kv]
+        sets += [f"{k}={v}" for k, v in pairs if "." in k]
         saved = dict(os.environ)
-        os.environ.update(kv.split("=", 1) for kv in " ".join(env).split() if "=" in kv)
+        os.environ.update((k, v) for k, v in pairs if "." not in k)
         try:
             job = run_ghmpi(model_dir, prompts, work / "variant.h5", 9, args.new, "bfloat16", sets)
             print(f"{name}: {job['generate_tokens_per_s']:.0f} tokens/s |",

@@ -2,10 +2,11 @@
 
 Usage: python bench/trace_summary.py DIR [TIER1_RANKS]   (TIER1_RANKS: 1 unless given)
 
-Splits the job at the last layer that carried prompt tokens and prints, for the prefill phase
-before it and the decode phase after it: tier 1's time per layer visit (`ship` -> `shipped`:
-staging and sending), the round trip (`shipped` -> `replied`) and the turnaround (`replied` ->
-that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
+Splits the job at the last layer that carried prompt tokens, and again where a micro-batch's
+decode rows first thin out (the tail: the sequences admitted first finish first), and prints, for
+the prefill phase, the full decode phase and the tail: tier 1's time per layer visit (`ship`
+-> `shipped`: staging and sending), the round trip (`shipped` -> `replied`) and the turnaround
+(`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
 the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
 time (`recv` -> `served`) and busy fraction (receiving and serving)."""
 
@@ -89,7 +90,13 @@ def main() -> None:
     pre = [e[0] for e in ranks[0] if e[1] == "ship" and e[5] > e[4]]
     cut = max(pre) if pre else t0
     end = max(e[0] for ev in ranks.values() for e in ev if ev)
-    for name, lo, hi in (("prefill", t0, cut), ("decode", cut, end)):
+    full: dict[int, int] = {}  # micro-batch -> its decode passes' most rows
+    for e in ranks[0]:
+        if e[1] == "ship" and e[0] >= cut:
+            full[e[2]] = max(full.get(e[2], 0), e[4])
+    thin = [e[0] for e in ranks[0] if e[1] == "ship" and e[0] >= cut and e[4] < full[e[2]]]
+    tail = min(thin) if thin else end
+    for name, lo, hi in (("prefill", t0, cut), ("decode", cut, tail), ("tail", tail, end)):
         print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced)")
         tier1([e for e in ranks[0] if lo <= e[0] < hi])
         passes([e for e in ranks[0] if lo <= e[0] < hi])

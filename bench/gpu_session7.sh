@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Session 7 on the GPU machine: where the ring of the issue's job (256 prompts x 512 -> 128,
+# -n 9) loses against its tiers' capacities.
+#   r: the MPI image's shared-memory settings; `bench pipeline` (the job against both capacities);
+#      then the job traced under variants: as is, with CMA single copy (tier 2 pulls the prompts'
+#      K/V itself), with a 16k-token prefill budget, and both
+#   check: float32 exactness on CUDA (bench/gpu_check.sh)
+# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|check
+. bench/steps.sh
+case ${1:-r} in
+r)
+  { nproc; cat /proc/sys/kernel/yama/ptrace_scope 2>&1; grep -rh "single_copy\|vader\|btl" \
+      /etc/openmpi/openmpi-mca-params.conf /usr/local/etc/openmpi-mca-params.conf \
+      $(dirname "$(command -v mpirun)")/../etc/openmpi-mca-params.conf 2>/dev/null | grep -v "^#";
+    env | grep OMPI_MCA; ompi_info --param btl vader --level 9 2>/dev/null | grep -E "single_copy|eager_limit|max_send" ; } \
+    > "$OUT/machine.txt" 2>&1; cat "$OUT/machine.txt"
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
+  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A3 "^jobs:" "$OUT/pipeline.txt"
+  cma=OMPI_MCA_btl_vader_single_copy_mechanism=cma
+  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
+    "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "pf16k;0;0;topology.prefill_tokens=16384 GHMPI_TRACE=/tmp/tr-p" \
+    "cma-pf16k;0;0;$cma topology.prefill_tokens=16384 GHMPI_TRACE=/tmp/tr-cp"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  for d in b c p cp; do
+    [ -d /tmp/tr-$d ] || continue
+    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
+    grep -E "phase|rank 1:|stage|round" "$OUT/trace-$d.txt"
+  done
+  ;;
+check)
+  s=$(date +%s); mkdir -p /tmp/ghmpi-check
+  OUT=/tmp/ghmpi-check timeout ${T_CHECK:-200} bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
+  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=" "$OUT/gpu_check.txt" | cut -c1-200
+  ;;
+esac
