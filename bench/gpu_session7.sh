@@ -4,8 +4,11 @@
 #   r: the MPI image's shared-memory settings; `bench pipeline` (the job against both capacities);
 #      then the job traced under variants: as is, with CMA single copy (tier 2 pulls the prompts'
 #      K/V itself), with a 16k-token prefill budget, and both
+#   v: the job traced, one after another: as is, with tier 2 pushing each reply out before its next
+#      message (GHMPI_REPLY_PUSH_US=200), with the progress thread at 1 ms, with 256 kB eager
+#      messages, with CMA, and as is again (the spread between the two)
 #   check: float32 exactness on CUDA (bench/gpu_check.sh)
-# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|check
+# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|check
 . bench/steps.sh
 case ${1:-r} in
 r)
@@ -27,6 +30,19 @@ r)
     [ -d /tmp/tr-$d ] || continue
     $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
     grep -E "phase|rank 1:|stage|round" "$OUT/trace-$d.txt"
+  done
+  ;;
+v)
+  cma=OMPI_MCA_btl_vader_single_copy_mechanism=cma
+  eager="OMPI_MCA_btl_vader_eager_limit=262144 OMPI_MCA_btl_vader_max_send_size=262144"
+  T=560 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
+    "push;0;0;GHMPI_REPLY_PUSH_US=200 GHMPI_TRACE=/tmp/tr-u" "prog1ms;0;0;GHMPI_PROGRESS_US=1000 GHMPI_TRACE=/tmp/tr-g" \
+    "eager;0;0;$eager GHMPI_TRACE=/tmp/tr-e" "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "base2;0;0;GHMPI_TRACE=/tmp/tr-b2"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  for d in b u g e c b2; do
+    [ -d /tmp/tr-$d ] || continue
+    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
+    grep -E "phase|ring|rank 1:|round" "$OUT/trace-$d.txt" | cut -c1-260
   done
   ;;
 check)

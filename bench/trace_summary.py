@@ -82,6 +82,56 @@ def tier2(rank: int, events: list, span: float) -> None:
           f"{busy / max(span, 1e-9):.0%}")
 
 
+def steps(t1: list, t2: dict[int, list], lo: float, hi: float) -> None:
+    """Tier 1's layer round trips matched with each tier-2 rank's serving of them (the k-th
+    visit of a (micro-batch, layer) on each side): when the last rank finished after the
+    shipping, how long its reply then took to be in, how far the last rank trailed the median
+    one, which rank was last how often, and each rank's idle gaps (finished one message, the
+    next not yet arrived), for the round trips shipped in [lo, hi)."""
+    trips, shipped, seen = [], {}, {}
+    for t, ev, mb, layer, rows, tok in t1:
+        if ev == "shipped":  # every message is served (and counted there), replied or not
+            k = seen[mb, layer] = seen.get((mb, layer), 0) + 1
+            shipped[mb, layer] = (t, k)
+        elif ev == "replied" and (mb, layer) in shipped:
+            ts, k = shipped.pop((mb, layer))
+            trips.append((mb, layer, k, ts, t))
+    served: dict[int, dict] = {}
+    idle: dict[int, float] = {}
+    for r, events in t2.items():
+        n, done = {}, None
+        served[r] = {}
+        idle[r] = 0.0
+        for t, ev, mb, layer, rows, tok in events:
+            if ev == "got":
+                start = t - rows / 1e6
+                if done is not None and start > done and lo <= done < hi:
+                    idle[r] += start - done
+            elif ev == "served":
+                k = n[mb, layer] = n.get((mb, layer), 0) + 1
+                served[r][mb, layer, k] = t
+                done = t
+    last, reply, trail, who = [], [], [], {}
+    trips = [x for x in trips if lo <= x[3] < hi]
+    for mb, layer, k, ts, tr in trips:
+        ends = {r: s[(mb, layer, k)] for r, s in served.items() if (mb, layer, k) in s}
+        if not ends:
+            continue
+        slowest = max(ends, key=ends.get)
+        last.append(ends[slowest] - ts)
+        reply.append(tr - ends[slowest])
+        trail.append(ends[slowest] - st.median(ends.values()))
+        who[slowest] = who.get(slowest, 0) + 1
+    if not last:
+        return
+    span = hi - lo
+    print(f"  ring: shipped->last rank served {ms(last)}; last served->replied {ms(reply)}; "
+          f"last rank behind the median one {ms(trail)}")
+    print("  ring: last rank (times): " + ", ".join(f"{r}: {who[r]}" for r in sorted(who))
+          + "; idle between messages: "
+          + ", ".join(f"{r}: {idle[r] / max(span, 1e-9):.0%}" for r in sorted(idle)))
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     n_t1 = int(sys.argv[2]) if len(sys.argv) > 2 else 1
@@ -102,6 +152,8 @@ def main() -> None:
         passes([e for e in ranks[0] if lo <= e[0] < hi])
         for r in sorted(k for k in ranks if k >= n_t1):
             tier2(r, [e for e in ranks[r] if lo <= e[0] < hi], hi - lo)
+        if n_t1 == 1:
+            steps(ranks[0], {r: ranks[r] for r in ranks if r >= n_t1}, lo, hi)
 
 
 if __name__ == "__main__":
