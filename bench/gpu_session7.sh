@@ -6,9 +6,11 @@
 #      K/V itself), with a 16k-token prefill budget, and both
 #   v: the job traced, one after another: as is, with tier 2 pushing each reply out before its next
 #      message (GHMPI_REPLY_PUSH_US=200), with the progress thread at 1 ms, with 256 kB eager
-#      messages, with CMA, and as is again (the spread between the two)
+#      messages, with CMA, with 3 micro-batches, and as is again (the spread between the two)
+#   f: `bench pipeline` on the issue's job at 0 and 10 ms reply delay (targets 4 and 6), then
+#      float32 exactness on CUDA (part check)
 #   check: float32 exactness on CUDA (bench/gpu_check.sh)
-# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|check
+# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|f|check
 . bench/steps.sh
 case ${1:-r} in
 r)
@@ -35,15 +37,23 @@ r)
 v)
   cma=OMPI_MCA_btl_vader_single_copy_mechanism=cma
   eager="OMPI_MCA_btl_vader_eager_limit=262144 OMPI_MCA_btl_vader_max_send_size=262144"
-  T=560 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
+  T=590 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
     "push;0;0;GHMPI_REPLY_PUSH_US=200 GHMPI_TRACE=/tmp/tr-u" "prog1ms;0;0;GHMPI_PROGRESS_US=1000 GHMPI_TRACE=/tmp/tr-g" \
-    "eager;0;0;$eager GHMPI_TRACE=/tmp/tr-e" "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "base2;0;0;GHMPI_TRACE=/tmp/tr-b2"
+    "eager;0;0;$eager GHMPI_TRACE=/tmp/tr-e" "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m" \
+    "base2;0;0;GHMPI_TRACE=/tmp/tr-b2"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  for d in b u g e c b2; do
+  for d in b u g e c m b2; do
     [ -d /tmp/tr-$d ] || continue
     $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
     grep -E "phase|ring|rank 1:|round" "$OUT/trace-$d.txt" | cut -c1-260
   done
+  ;;
+f)
+  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
+  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+  bash bench/gpu_session7.sh check
   ;;
 check)
   s=$(date +%s); mkdir -p /tmp/ghmpi-check
