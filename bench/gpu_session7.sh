@@ -9,8 +9,10 @@
 #      messages, with CMA, with 3 micro-batches, and as is again (the spread between the two)
 #   f: `bench pipeline` on the issue's job at 0 and 10 ms reply delay (targets 4 and 6), then
 #      float32 exactness on CUDA (part check)
+#   g: part f's `bench pipeline` (0 and 10 ms), then the job traced as is, with reply pushing,
+#      with CMA and with 3 micro-batches (part v, shortened to fit one call with the pipeline)
 #   check: float32 exactness on CUDA (bench/gpu_check.sh)
-# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|f|check
+# Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|f|g|check
 . bench/steps.sh
 case ${1:-r} in
 r)
@@ -54,6 +56,21 @@ f)
   grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
   grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
   bash bench/gpu_session7.sh check
+  ;;
+g)
+  T=300 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
+  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
+    "push;0;0;GHMPI_REPLY_PUSH_US=200 GHMPI_TRACE=/tmp/tr-u" \
+    "cma;0;0;OMPI_MCA_btl_vader_single_copy_mechanism=cma GHMPI_TRACE=/tmp/tr-c" "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  for d in b u c m; do
+    [ -d /tmp/tr-$d ] || continue
+    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
+    grep -E "phase|ring|rank [178]:" "$OUT/trace-$d.txt" | cut -c1-230
+  done
   ;;
 check)
   s=$(date +%s); mkdir -p /tmp/ghmpi-check

@@ -24,6 +24,15 @@ def ms(xs: list[float]) -> str:
     return f"mean {1e3 * st.mean(xs):.2f} ms, median {1e3 * st.median(xs):.2f}, n {len(xs)}"
 
 
+def gc_pauses(events: list) -> str:
+    """'; gc: N pauses, ...' of the garbage collector's pauses among the events, or ''."""
+    pauses = [(layer, rows / 1e6) for t, ev, mb, layer, rows, tok in events if ev == "gc"]
+    if not pauses:
+        return ""
+    return (f"; gc {len(pauses)} pauses, {1e3 * sum(p for _, p in pauses):.1f} ms, longest "
+            f"{1e3 * max(p for _, p in pauses):.2f} ms, {sum(g == 2 for g, _ in pauses)} full")
+
+
 def tier1(events: list) -> None:
     ship, waiting, last_reply = {}, {}, {}
     own, trip, turn = [], [], []
@@ -40,7 +49,7 @@ def tier1(events: list) -> None:
             last_reply[mb] = t
     print(f"  tier 1: stage+send {ms(own)}")
     print(f"  tier 1: round trip shipped->replied {ms(trip)}")
-    print(f"  tier 1: turnaround replied->next ship {ms(turn)}")
+    print(f"  tier 1: turnaround replied->next ship {ms(turn)}{gc_pauses(events)}")
 
 
 def passes(events: list) -> None:
@@ -77,7 +86,7 @@ def tier2(rank: int, events: list, span: float) -> None:
         elif ev == "served" and got is not None:
             serve.append(t - got)
             busy += t - got
-    mb = f", {st.mean(nbytes) / 1e6:.2f} MB each" if nbytes else ""
+    mb = (f", {st.mean(nbytes) / 1e6:.2f} MB each" if nbytes else "") + gc_pauses(events)
     print(f"  tier 2 rank {rank}: receive {ms(recv)}{mb}; serve {ms(serve)}; busy "
           f"{busy / max(span, 1e-9):.0%}")
 
