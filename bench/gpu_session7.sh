@@ -5,12 +5,14 @@
 #      then the job traced under variants: as is, with CMA single copy (tier 2 pulls the prompts'
 #      K/V itself), with a 16k-token prefill budget, and both
 #   v: the job traced, one after another: as is, with tier 2 pushing each reply out before its next
-#      message (GHMPI_REPLY_PUSH_US=200), with the progress thread at 1 ms, with 256 kB eager
+#      message (GHMPI_REPLY_PUSH_US=200: tried in part g, no gain, removed; now ignored), with the
+#      progress thread at 1 ms, with 256 kB eager
 #      messages, with CMA, with 3 micro-batches, and as is again (the spread between the two)
 #   f: `bench pipeline` on the issue's job at 0 and 10 ms reply delay (targets 4 and 6), then
 #      float32 exactness on CUDA (part check)
 #   g: part f's `bench pipeline` (0 and 10 ms), then the job traced as is, with reply pushing,
-#      with CMA and with 3 micro-batches (part v, shortened to fit one call with the pipeline)
+#      with CMA and with 3 micro-batches (part v, shortened to fit one call with the pipeline;
+#      parts v and f were never granted a machine, so g is what ran)
 #   check: float32 exactness on CUDA (bench/gpu_check.sh)
 # Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|f|g|check
 . bench/steps.sh

@@ -145,7 +145,7 @@ def main() -> None:
     folder = Path(sys.argv[1])
     n_t1 = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
-    t0 = min(e[0] for ev in ranks.values() for e in ev if ev)
+    t0 = min(e[0] for ev in ranks.values() for e in ev if e[1] != "gc")  # gc: from the start
     pre = [e[0] for e in ranks[0] if e[1] == "ship" and e[5] > e[4]]
     cut = max(pre) if pre else t0
     end = max(e[0] for ev in ranks.values() for e in ev if ev)

@@ -98,15 +98,6 @@ class Outbox:
         if self._pending:
             self._pending = [(r, b) for r, b in self._pending if not r.Test()]
 
-    def push(self, seconds: float) -> None:
-        """Turn MPI for up to `seconds` while one-off sends are outstanding: a message above the
-        eager limit moves only while its sender is inside MPI (unless the transport copies it
-        straight out of the sender's memory), so a sender about to compute for a while gets it
-        out first. Bounded: a receiver that is not there yet costs at most that long."""
-        deadline = time.perf_counter() + seconds
-        while self._pending and time.perf_counter() < deadline:
-            self.poll()
-
     def drain(self, timeout: float = 60.0) -> None:
         """Wait until every send has completed (peers keep receiving until they see our STOP)."""
         deadline = time.monotonic() + timeout

@@ -53,8 +53,6 @@ class Tier2:
                   flush=True)
         self.outbox = tp.Outbox(world)
         self.delay = reply_delay_s  # emulated network hop: replies wait this long
-        # how long a reply is pushed out before the next message is served (GHMPI_REPLY_PUSH_US)
-        self.push_s = float(os.environ.get("GHMPI_REPLY_PUSH_US", "0")) / 1e6
         self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
         self.busy = tp.BusyClock()
         self._inbox = np.empty(0, dtype=np.uint8)  # reused: each message is served before the next
@@ -106,7 +104,6 @@ class Tier2:
             self.held.append((time.monotonic() + self.delay, reply, dest, tag))
         else:
             self.outbox.send(reply, dest, tag)
-            self.outbox.push(self.push_s)
 
     def _release_held(self) -> None:
         """Send the held replies whose delay has passed (in order: one delay for all)."""
