@@ -16,6 +16,12 @@
 #   check: float32 exactness on CUDA (bench/gpu_check.sh)
 # Usage (repo root): OUT=dir bash bench/gpu_session7.sh r|v|f|g|check
 . bench/steps.sh
+# traces PATTERN LETTER...: summarise /tmp/tr-LETTER into $OUT/trace-LETTER.txt, print the lines
+traces() { pat=$1; shift; for d in "$@"; do
+  [ -d /tmp/tr-$d ] || continue
+  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
+  grep -E "$pat" "$OUT/trace-$d.txt" | cut -c1-260
+done; }
 case ${1:-r} in
 r)
   { nproc; cat /proc/sys/kernel/yama/ptrace_scope 2>&1; grep -rh "single_copy\|vader\|btl" \
@@ -32,11 +38,7 @@ r)
     "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "pf16k;0;0;topology.prefill_tokens=16384 GHMPI_TRACE=/tmp/tr-p" \
     "cma-pf16k;0;0;$cma topology.prefill_tokens=16384 GHMPI_TRACE=/tmp/tr-cp"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  for d in b c p cp; do
-    [ -d /tmp/tr-$d ] || continue
-    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
-    grep -E "phase|rank 1:|stage|round" "$OUT/trace-$d.txt"
-  done
+  traces "phase|rank 1:|stage|round" b c p cp
   ;;
 v)
   cma=OMPI_MCA_btl_vader_single_copy_mechanism=cma
@@ -46,11 +48,7 @@ v)
     "eager;0;0;$eager GHMPI_TRACE=/tmp/tr-e" "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m" \
     "base2;0;0;GHMPI_TRACE=/tmp/tr-b2"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  for d in b u g e c m b2; do
-    [ -d /tmp/tr-$d ] || continue
-    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
-    grep -E "phase|ring|rank 1:|round" "$OUT/trace-$d.txt" | cut -c1-260
-  done
+  traces "phase|ring|rank 1:|round" b u g e c m b2
   ;;
 f)
   T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
@@ -68,15 +66,9 @@ g)
     "push;0;0;GHMPI_REPLY_PUSH_US=200 GHMPI_TRACE=/tmp/tr-u" \
     "cma;0;0;OMPI_MCA_btl_vader_single_copy_mechanism=cma GHMPI_TRACE=/tmp/tr-c" "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  for d in b u c m; do
-    [ -d /tmp/tr-$d ] || continue
-    $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
-    grep -E "phase|ring|rank [178]:" "$OUT/trace-$d.txt" | cut -c1-230
-  done
+  traces "phase|ring|rank [178]:" b u c m
   ;;
 check)
-  s=$(date +%s); mkdir -p /tmp/ghmpi-check
-  OUT=/tmp/ghmpi-check timeout ${T_CHECK:-200} bash bench/gpu_check.sh > "$OUT/gpu_check.txt" 2>&1
-  echo "== gpu_check rc=$? $(( $(date +%s) - s ))s"; grep -E "completions equal|rc=" "$OUT/gpu_check.txt" | cut -c1-200
+  bash bench/gpu_session6.sh check
   ;;
 esac
