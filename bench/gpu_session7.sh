@@ -6,8 +6,8 @@
 #      K/V itself), with a 16k-token prefill budget, and both
 #   v: the job traced, one after another: as is, with tier 2 pushing each reply out before its next
 #      message (GHMPI_REPLY_PUSH_US=200: tried in part g, no gain, removed; now ignored), with the
-#      progress thread at 1 ms, with 256 kB eager
-#      messages, with CMA, with 3 micro-batches, and as is again (the spread between the two)
+#      progress thread at 1 ms, with 256 kB eager messages, with CMA, with 3 micro-batches, and as
+#      is again (the spread between the two)
 #   f: `bench pipeline` on the issue's job at 0 and 10 ms reply delay (targets 4 and 6), then
 #      float32 exactness on CUDA (part check)
 #   g: part f's `bench pipeline` (0 and 10 ms), then the job traced as is, with reply pushing,
@@ -22,6 +22,13 @@ traces() { pat=$1; shift; for d in "$@"; do
   $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1; echo "-- $d"
   grep -E "$pat" "$OUT/trace-$d.txt" | cut -c1-260
 done; }
+# pipeline DELAYS: `bench pipeline` on the issue's job at those reply delays (ms, comma list)
+pipeline() {
+  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays "$1" \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
+  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+}
 case ${1:-r} in
 r)
   { nproc; cat /proc/sys/kernel/yama/ptrace_scope 2>&1; grep -rh "single_copy\|vader\|btl" \
@@ -29,10 +36,7 @@ r)
       $(dirname "$(command -v mpirun)")/../etc/openmpi-mca-params.conf 2>/dev/null | grep -v "^#";
     env | grep OMPI_MCA; ompi_info --param btl vader --level 9 2>/dev/null | grep -E "single_copy|eager_limit|max_send" ; } \
     > "$OUT/machine.txt" 2>&1; cat "$OUT/machine.txt"
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
-  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A3 "^jobs:" "$OUT/pipeline.txt"
+  pipeline 0
   cma=OMPI_MCA_btl_vader_single_copy_mechanism=cma
   T=330 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
     "cma;0;0;$cma GHMPI_TRACE=/tmp/tr-c" "pf16k;0;0;topology.prefill_tokens=16384 GHMPI_TRACE=/tmp/tr-p" \
@@ -51,17 +55,11 @@ v)
   traces "phase|ring|rank 1:|round" b u g e c m b2
   ;;
 f)
-  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
-    -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
-  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+  pipeline 0,10
   bash bench/gpu_session7.sh check
   ;;
 g)
-  T=300 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
-    -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay" "$OUT/pipeline.txt" | cut -c1-250
-  grep -E "capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt"; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+  pipeline 0,10
   T=330 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
     "push;0;0;GHMPI_REPLY_PUSH_US=200 GHMPI_TRACE=/tmp/tr-u" \
     "cma;0;0;OMPI_MCA_btl_vader_single_copy_mechanism=cma GHMPI_TRACE=/tmp/tr-c" "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m"

@@ -25,7 +25,7 @@ def ms(xs: list[float]) -> str:
 
 
 def gc_pauses(events: list) -> str:
-    """'; gc: N pauses, ...' of the garbage collector's pauses among the events, or ''."""
+    """'; gc N pauses, ...': the garbage collector's pauses among the events, or ''."""
     pauses = [(layer, rows / 1e6) for t, ev, mb, layer, rows, tok in events if ev == "gc"]
     if not pauses:
         return ""
@@ -145,10 +145,11 @@ def main() -> None:
     folder = Path(sys.argv[1])
     n_t1 = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
-    t0 = min(e[0] for ev in ranks.values() for e in ev if e[1] != "gc")  # gc: from the start
+    # the ring's span: gc pauses are recorded from start-up to exit, beyond it
+    ring = [e[0] for ev in ranks.values() for e in ev if e[1] != "gc"]
+    t0, end = min(ring), max(ring)
     pre = [e[0] for e in ranks[0] if e[1] == "ship" and e[5] > e[4]]
     cut = max(pre) if pre else t0
-    end = max(e[0] for ev in ranks.values() for e in ev if ev)
     full: dict[int, int] = {}  # micro-batch -> its decode passes' most rows
     for e in ranks[0]:
         if e[1] == "ship" and e[0] >= cut:

@@ -104,9 +104,10 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     q (B, n_heads, D) float32/bf16/fp16; k_cache, v_cache (n_slots, max_len, n_kv_heads, D) in
     float32/bf16/fp16, with the same strides and D contiguous (tier 2's KVCache is a head-major
     view, `kvcache.head_major`; a contiguous cache works too); slots, lengths (B,) int64: row b
-    attends over positions [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses kv head h // n_rep.
-    -> (B, n_heads * D) in q.dtype. Accumulates in float32. `out`: optional float32
-    (B, n_heads * D) contiguous buffer the native kernel writes (returned when q is float32).
+    attends over positions [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses
+    kv head h // n_rep. -> (B, n_heads * D) in q.dtype. Accumulates in float32. `out`: optional
+    float32 (B, n_heads * D) contiguous buffer the native kernel writes (returned when q is
+    float32).
     """
     B, H, D = q.shape
     n_slots, max_len, n_kv, Dk = k_cache.shape
