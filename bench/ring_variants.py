@@ -1,6 +1,6 @@
 """The -n 9 job (8B shape, 256 prompts x 512 -> 64 unless told) under several settings, one line each.
 
-Usage: python bench/ring_variants.py [--prompts N] [--new N] WORKDIR
+Usage: python bench/ring_variants.py [--prompts N] [--new N] [--ranks N] WORKDIR
            'NAME;DELAY_MS;MICRO_BATCHES;KEY=VAL ...' ...
 (MICRO_BATCHES 0: automatic; KEY=VAL: a config key (section.key, e.g.
 topology.prefill_tokens=16384) or a variable for mpirun (e.g. an Open MPI MCA parameter, or
@@ -19,6 +19,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--ranks", type=int, default=9, help="mpirun -n (1: the single tier)")
     ap.add_argument("workdir")
     ap.add_argument("variants", nargs="+")
     args = ap.parse_args()
@@ -34,7 +35,7 @@ def main() -> None:
         saved = dict(os.environ)
         os.environ.update((k, v) for k, v in pairs if "." not in k)
         try:
-            job = run_ghmpi(model_dir, prompts, work / "variant.h5", 9, args.new, "bfloat16", sets)
+            job = run_ghmpi(model_dir, prompts, work / "variant.h5", args.ranks, args.new, "bfloat16", sets)
             print(f"{name}: {job['generate_tokens_per_s']:.0f} tokens/s |",
                   " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l),
                   flush=True)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 8 on the GPU machine: the job (256 prompts x 512 -> 128, -n 9) again, with the
+# raw traces brought back so the ring's timeline can be read event by event off the machine.
+#   a: `bench pipeline` (the job against both capacities); the job traced as is and with idle ranks
+#      spinning instead of sleeping (GHMPI_IDLE_SLEEP_US=0), raw traces tarred into $OUT; untraced:
+#      a 16k-token prefill budget, CMA without the progress thread; the single tier (-n 1) with the
+#      default and a 16k-token prefill budget
+# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a
+. bench/steps.sh
+traces() { for d in "$@"; do
+  [ -d /tmp/tr-$d ] || continue
+  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
+  echo "-- $d"; grep -E "phase|ring|rank [178]:" "$OUT/trace-$d.txt" | cut -c1-220
+done; }
+case ${1:-a} in
+a)
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity|bound_tps|tier2_kv" "$OUT/pipeline.txt" | cut -c1-250
+  T=300 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
+    "spin;0;0;GHMPI_IDLE_SLEEP_US=0 GHMPI_TRACE=/tmp/tr-s" "pf16k;0;0;topology.prefill_tokens=16384" \
+    "cma-noprog;0;0;OMPI_MCA_btl_vader_single_copy_mechanism=cma GHMPI_PROGRESS_US=0"
+  T=100 step single $PY bench/ring_variants.py --ranks 1 --new 128 "$W" "single;0;0;" \
+    "single-pf16k;0;0;topology.prefill_tokens=16384"
+  cut -c1-300 "$OUT/variants.txt" "$OUT/single.txt" | grep -E "tokens/s|failed"
+  traces b s
+  tar czf "$OUT/traces.tgz" -C /tmp tr-b tr-s 2>/dev/null; ls -la "$OUT"
+  ;;
+esac
