@@ -111,19 +111,55 @@ class Outbox:
             backoff.idle()
 
 
-def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG,
-             buffer: Callable[[int], np.ndarray] = _host_bytes
+def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG
              ) -> tuple[np.ndarray, int, int] | None:
-    """Receive one waiting message of any size, or None if nothing is there yet.
-
-    `buffer(nbytes)` gives the memory to receive into (a new array by default; a reused one where
-    the caller is done with each message before the next). Returns (buffer, source, tag)."""
+    """Receive one waiting message of any size into a new buffer, or None if nothing is there
+    yet. Returns (buffer, source, tag)."""
     status = MPI.Status()
     if not comm.Iprobe(source=source, tag=tag, status=status):
         return None
-    buf = buffer(status.Get_count(MPI.BYTE))
+    buf = _host_bytes(status.Get_count(MPI.BYTE))
     comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
     return buf, status.Get_source(), status.Get_tag()
+
+
+class Inbox:
+    """Messages of any size in arrival order, each received while the one before is served.
+
+    `get` hands out the next message and at once starts receiving the one after it, if its
+    envelope is in (a matched probe, then a nonblocking receive into the other of two buffers):
+    its bytes move while the caller works on this one (by the transport's own copy, or by the
+    progress thread), so a message that waited in the queue is there when the caller comes back.
+    A buffer handed out stays valid until the next call but one."""
+
+    def __init__(self, comm: MPI.Comm):
+        self.comm = comm
+        self._bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self._turn = 0
+        self._ahead: tuple[np.ndarray, int, int, MPI.Request] | None = None
+
+    def _start(self) -> bool:
+        status = MPI.Status()
+        msg = self.comm.Improbe(status=status)
+        if msg is None:
+            return False
+        n = status.Get_count(MPI.BYTE)
+        self._turn ^= 1  # away from the buffer handed out last, which the caller may still read
+        if self._bufs[self._turn].nbytes < n:
+            self._bufs[self._turn] = np.empty(n + n // 4, dtype=np.uint8)
+        buf = self._bufs[self._turn][:n]
+        self._ahead = (buf, status.Get_source(), status.Get_tag(), msg.Irecv([buf, MPI.BYTE]))
+        return True
+
+    def get(self) -> tuple[np.ndarray, int, int] | None:
+        """(buffer, source, tag) of the next message, or None if none has arrived yet."""
+        if self._ahead is None and not self._start():
+            return None
+        buf, source, tag, req = self._ahead
+        self._ahead = None
+        req.Wait()
+        self._start()
+        return buf, source, tag
 
 
 class Backoff:

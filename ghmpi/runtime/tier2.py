@@ -55,12 +55,7 @@ class Tier2:
         self.delay = reply_delay_s  # emulated network hop: replies wait this long
         self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
         self.busy = tp.BusyClock()
-        self._inbox = np.empty(0, dtype=np.uint8)  # reused: each message is served before the next
-
-    def _receive_into(self, nbytes: int) -> np.ndarray:
-        if self._inbox.nbytes < nbytes:
-            self._inbox = np.empty(nbytes + nbytes // 4, dtype=np.uint8)
-        return self._inbox[:nbytes]
+        self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
 
     def _serve(self, buf: np.ndarray, source: int) -> None:
         self.faults.step()
@@ -125,7 +120,7 @@ class Tier2:
             if self.held:
                 self._release_held()
             t = time.perf_counter()
-            msg = tp.try_recv(self.world, buffer=self._receive_into)
+            msg = self.inbox.get()
             if msg is not None:
                 trace.mark("got", rows=int(1e6 * (time.perf_counter() - t)), tokens=msg[0].nbytes)
             self.outbox.poll()

@@ -7,6 +7,7 @@ payload is raw bytes reinterpreted on arrival.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -74,7 +75,7 @@ class WireFormat:
     def from_bytes(self, buf: np.ndarray, shape: tuple[int, ...], device: torch.device | str
                    ) -> torch.Tensor:
         """View the first prod(shape) elements of `buf` as a tensor of `shape` on `device`."""
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         if n == 0:
             return torch.empty(shape, dtype=self.dtype, device=device)
         t = torch.frombuffer(buf[:n * self.itemsize], dtype=self.dtype).view(shape)
@@ -86,7 +87,7 @@ class WireFormat:
         """Cut a payload into CPU tensors of the given shapes, in order (views, no copy)."""
         out, at = [], 0
         for shape in shapes:
-            n = int(np.prod(shape)) * self.itemsize
+            n = math.prod(shape) * self.itemsize
             out.append(self.from_bytes(buf[at:at + n], shape, "cpu"))
             at += n
         return out
