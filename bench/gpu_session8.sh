@@ -5,7 +5,11 @@
 #      spinning instead of sleeping (GHMPI_IDLE_SLEEP_US=0), raw traces tarred into $OUT; untraced:
 #      a 16k-token prefill budget, CMA without the progress thread; the single tier (-n 1) with the
 #      default and a 16k-token prefill budget
-# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a
+#   b: the job with tier 2 receiving its next message while it serves one (transport.Inbox) against
+#      the code before (`a4b1935`, unpacked into the ignored folder .ab/old and carried), then
+#      `bench pipeline` with CMA single copy at -n 2, 5 and 9: one fat tier-2 rank against several
+#      thin ones, each against its own layout's capacities
+# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -25,5 +29,16 @@ a)
   cut -c1-300 "$OUT/variants.txt" "$OUT/single.txt" | grep -E "tokens/s|failed"
   traces b s
   tar czf "$OUT/traces.tgz" -C /tmp tr-b tr-s 2>/dev/null; ls -la "$OUT"
+  ;;
+b)
+  $PY -m ghmpi bench pipeline --help >/dev/null  # fail fast
+  T=170 step ab $PY bench/ring_variants.py --new 128 "$W" "new;0;0;" "old;0;0;PYTHONPATH=$PWD/.ab/old"
+  cut -c1-300 "$OUT/ab.txt" | grep -E "tokens/s|failed"
+  export OMPI_MCA_btl_vader_single_copy_mechanism=cma
+  for n in 2 5 9; do
+    T=150 step pipe-n$n $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+      --np $n -o "$OUT/pipe-n$n.json"
+    grep -E "ghmpi bench: delay|capacity|bound_tps|tier2_threads" "$OUT/pipe-n$n.txt" | cut -c1-250
+  done
   ;;
 esac

@@ -8,7 +8,8 @@ the prefill phase, the full decode phase and the tail: tier 1's time per layer v
 -> `shipped`: staging and sending), the round trip (`shipped` -> `replied`) and the turnaround
 (`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
 the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
-time (`recv` -> `served`) and busy fraction (receiving and serving)."""
+time (`recv` -> `served`, its spread) and busy fraction (receiving and serving); and the ring's
+round trips against the ranks (see `steps`)."""
 
 from __future__ import annotations
 
@@ -87,16 +88,24 @@ def tier2(rank: int, events: list, span: float) -> None:
             serve.append(t - got)
             busy += t - got
     mb = (f", {st.mean(nbytes) / 1e6:.2f} MB each" if nbytes else "") + gc_pauses(events)
-    print(f"  tier 2 rank {rank}: receive {ms(recv)}{mb}; serve {ms(serve)}; busy "
+    spread = (f" (sd {1e3 * st.pstdev(serve):.2f}, p10-p90 {1e3 * pct(serve, 10):.2f}-"
+              f"{1e3 * pct(serve, 90):.2f})" if serve else "")
+    print(f"  tier 2 rank {rank}: receive {ms(recv)}{mb}; serve {ms(serve)}{spread}; busy "
           f"{busy / max(span, 1e-9):.0%}")
+
+
+def pct(xs: list[float], p: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(len(xs) * p / 100))]
 
 
 def steps(t1: list, t2: dict[int, list], lo: float, hi: float) -> None:
     """Tier 1's layer round trips matched with each tier-2 rank's serving of them (the k-th
     visit of a (micro-batch, layer) on each side): when the last rank finished after the
     shipping, how long its reply then took to be in, how far the last rank trailed the median
-    one, which rank was last how often, and each rank's idle gaps (finished one message, the
-    next not yet arrived), for the round trips shipped in [lo, hi)."""
+    one, how long after the shipping the last rank began its message (about a message's serve
+    time when it was a message behind, a convoy), which rank was last how often, and each
+    rank's idle gaps (finished one message, the next not yet arrived), for the round trips
+    shipped in [lo, hi)."""
     trips, shipped, seen = [], {}, {}
     for t, ev, mb, layer, rows, tok in t1:
         if ev == "shipped":  # every message is served (and counted there), replied or not
@@ -106,21 +115,25 @@ def steps(t1: list, t2: dict[int, list], lo: float, hi: float) -> None:
             ts, k = shipped.pop((mb, layer))
             trips.append((mb, layer, k, ts, t))
     served: dict[int, dict] = {}
+    began: dict[int, dict] = {}  # when the rank began serving it (`recv`)
     idle: dict[int, float] = {}
     for r, events in t2.items():
-        n, done = {}, None
-        served[r] = {}
+        n, m, done = {}, {}, None
+        served[r], began[r] = {}, {}
         idle[r] = 0.0
         for t, ev, mb, layer, rows, tok in events:
             if ev == "got":
                 start = t - rows / 1e6
                 if done is not None and start > done and lo <= done < hi:
                     idle[r] += start - done
+            elif ev == "recv":
+                k = m[mb, layer] = m.get((mb, layer), 0) + 1
+                began[r][mb, layer, k] = t
             elif ev == "served":
                 k = n[mb, layer] = n.get((mb, layer), 0) + 1
                 served[r][mb, layer, k] = t
                 done = t
-    last, reply, trail, who = [], [], [], {}
+    last, reply, trail, late, who = [], [], [], [], {}
     trips = [x for x in trips if lo <= x[3] < hi]
     for mb, layer, k, ts, tr in trips:
         ends = {r: s[(mb, layer, k)] for r, s in served.items() if (mb, layer, k) in s}
@@ -130,12 +143,15 @@ def steps(t1: list, t2: dict[int, list], lo: float, hi: float) -> None:
         last.append(ends[slowest] - ts)
         reply.append(tr - ends[slowest])
         trail.append(ends[slowest] - st.median(ends.values()))
+        if (mb, layer, k) in began[slowest]:  # > a message: it was still serving the one before
+            late.append(began[slowest][mb, layer, k] - ts)
         who[slowest] = who.get(slowest, 0) + 1
     if not last:
         return
     span = hi - lo
     print(f"  ring: shipped->last rank served {ms(last)}; last served->replied {ms(reply)}; "
-          f"last rank behind the median one {ms(trail)}")
+          f"last rank behind the median one {ms(trail)}; the last rank began it after the "
+          f"shipping {ms(late)}")
     print("  ring: last rank (times): " + ", ".join(f"{r}: {who[r]}" for r in sorted(who))
           + "; idle between messages: "
           + ", ".join(f"{r}: {idle[r] / max(span, 1e-9):.0%}" for r in sorted(idle)))
