@@ -48,7 +48,8 @@ def _load() -> ctypes.CDLL | None:
         f = lib.ghmpi_decode_attention
         f.restype = ctypes.c_int64
         f.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
-                      + [ctypes.c_int64] * 9 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+                      + [ctypes.c_int64] * 9 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                      + [ctypes.c_void_p] * 2)
         lib.ghmpi_read_sum.restype = ctypes.c_double
         lib.ghmpi_read_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64]
         lib.ghmpi_kernel_isa.restype = ctypes.c_char_p
@@ -98,7 +99,8 @@ def read_sum(x: torch.Tensor) -> float:
 
 def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          slots: torch.Tensor, lengths: torch.Tensor,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
+                         v_new: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token per row over its slot's cached context, on the CPU.
 
     q (B, n_heads, D) float32/bf16/fp16; k_cache, v_cache (n_slots, max_len, n_kv_heads, D) in
@@ -107,7 +109,9 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     attends over positions [0, lengths[b]) of slot slots[b]. Scale 1/sqrt(D); query head h uses
     kv head h // n_rep. -> (B, n_heads * D) in q.dtype. Accumulates in float32. `out`: optional
     float32 (B, n_heads * D) contiguous buffer the native kernel writes (returned when q is
-    float32).
+    float32). `k_new`, `v_new` (B, n_kv_heads, D): each row's own token, stored at position
+    lengths[b] - 1 of its slot first (a decode step's append; the native kernel copies them in
+    the same call).
     """
     B, H, D = q.shape
     n_slots, max_len, n_kv, Dk = k_cache.shape
@@ -119,21 +123,37 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     lib = _load() if _state.forced != "torch" else None
     if (lib is None or k_cache.dtype not in _KV_TYPES or v_cache.dtype != k_cache.dtype
             or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1):
+        if k_new is not None:
+            k_cache[slots, lengths - 1] = k_new.to(k_cache.dtype)
+            v_cache[slots, lengths - 1] = v_new.to(v_cache.dtype)
         return _decode_attention_torch(q, k_cache, v_cache, slots, lengths)
-    q32 = q.to(torch.float32).contiguous()  # (B, H, D)
-    slots = slots.to(torch.int64).contiguous()
-    lengths = lengths.to(torch.int64).contiguous()
+    q32 = _as(q, torch.float32)  # (B, H, D)
+    slots, lengths = _as(slots, torch.int64), _as(lengths, torch.int64)
+    if k_new is not None:  # (B, n_kv, D) in the cache's dtype, as the kernel copies them
+        k_new, v_new = _as(k_new, k_cache.dtype), _as(v_new, k_cache.dtype)
+        if k_new.shape != (B, n_kv, D) or v_new.shape != (B, n_kv, D):
+            raise ValueError(f"decode_attention_cpu: k_new {tuple(k_new.shape)}, v_new "
+                             f"{tuple(v_new.shape)}: need ({B}, {n_kv}, {D})")
     if out is None or out.dtype != torch.float32 or out.shape != (B, H * D) or not out.is_contiguous():
         out = torch.empty(B, H * D, dtype=torch.float32)
     rc = lib.ghmpi_decode_attention(
         q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _KV_TYPES[k_cache.dtype],
         slots.data_ptr(), lengths.data_ptr(), B, H, n_kv, D, n_slots, max_len,
-        *k_cache.stride()[:3], out.data_ptr(), 0, int(q.dtype == torch.bfloat16))
+        *k_cache.stride()[:3], out.data_ptr(), 0, int(q.dtype == torch.bfloat16),
+        None if k_new is None else k_new.data_ptr(), None if v_new is None else v_new.data_ptr())
     if rc != 0:
         b = -rc - 1
         raise IndexError(f"decode_attention_cpu: row {b}: slot {int(slots[b])}, length "
                          f"{int(lengths[b])} out of range ({n_slots} slots x {max_len} positions)")
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, contiguous (itself when it is already: the call costs a message's worth of
+    microseconds on tier 2 otherwise)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

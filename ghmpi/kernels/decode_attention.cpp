@@ -788,16 +788,31 @@ extern "C" {
 // slots, lengths (B,) int64; out (B, H * D) fp32. min_chunk: shortest context piece a row is
 // split into (positions; 0 = default). q_bf16: q holds bf16 values (then a bf16 cache is read with
 // bf16 dot products where the CPU has them, p @ V on bf16 p, as torch computes bf16 attention).
-int64_t ghmpi_decode_attention(const float* q, const void* k, const void* v, int64_t kv_type,
+// k_new, v_new: null, or (B, n_kv, D) contiguous in kv_type: row b's own token, stored at position
+// lengths[b] - 1 of its slot before any row attends (a decode step's append, without a pass of
+// its own through torch).
+int64_t ghmpi_decode_attention(const float* q, void* k, void* v, int64_t kv_type,
                                const int64_t* slots, const int64_t* lengths, int64_t B, int64_t H,
                                int64_t n_kv, int64_t D, int64_t n_slots, int64_t max_len,
                                int64_t slot_stride, int64_t pos_stride, int64_t head_stride,
-                               float* out, int64_t min_chunk, int64_t q_bf16) {
+                               float* out, int64_t min_chunk, int64_t q_bf16, const void* k_new,
+                               const void* v_new) {
   if (kv_type < 0 || kv_type > 2) return -1000000000;
+  const int64_t lo = k_new != nullptr ? 1 : 0;  // an appended token needs a position
   int64_t total = 0;
   for (int64_t b = 0; b < B; ++b) {
-    if (slots[b] < 0 || slots[b] >= n_slots || lengths[b] < 0 || lengths[b] > max_len) return -(1 + b);
+    if (slots[b] < 0 || slots[b] >= n_slots || lengths[b] < lo || lengths[b] > max_len) return -(1 + b);
     total += lengths[b];
+  }
+  if (k_new != nullptr) {
+    const int64_t es = kv_type == KV_F32 ? 4 : 2, bytes = D * es;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < n_kv; ++h) {
+        const int64_t at = (slots[b] * slot_stride + (lengths[b] - 1) * pos_stride + h * head_stride) * es;
+        const int64_t from = (b * n_kv + h) * bytes;
+        std::memcpy(static_cast<char*>(k) + at, static_cast<const char*>(k_new) + from, bytes);
+        std::memcpy(static_cast<char*>(v) + at, static_cast<const char*>(v_new) + from, bytes);
+      }
   }
   Problem P{q, k, v, slots, lengths, H, D, H / n_kv, slot_stride, pos_stride, head_stride,
             1.0f / std::sqrt(static_cast<float>(D)), out, false};

@@ -174,18 +174,18 @@ class KVCache:
         always reads the cache as it is and accumulates in float32.
         """
         out_device = q.device
+        kc, vc = self.k[layer], self.v[layer]
+        if self._native:  # each row reads its own slot up to its own length: no views, no zeroing
+            o = kernels.decode_attention_cpu(q.cpu(), kc, vc, slots.cpu(), positions.cpu() + 1,
+                                             k_new=k.cpu(), v_new=v.cpu())
+            return o if out_device.type == "cpu" else o.to(out_device)
         slots = slots.to(self.device)
         positions = positions.to(self.device)
         q = q.to(self.device)
-        kc, vc = self.k[layer], self.v[layer]
         if self.device.type != "cpu":
             T = int(positions.max()) + 1 if ctx_len is None else ctx_len
             self.store(layer, slots, positions, k, v)
             return cached_decode_attention(q, kc, vc, slots, positions + 1, T).to(out_device)
-
-        if self._native:  # each row reads its own slot up to its own length: no views, no zeroing
-            self.store(layer, slots, positions, k, v)
-            return kernels.decode_attention_cpu(q, kc, vc, slots, positions + 1).to(out_device)
 
         # CPU, torch fallback: no gather at all. Rows whose slots run consecutively attend on a
         # view of the cache; a gathered copy would cost more than the attention (fresh pages,

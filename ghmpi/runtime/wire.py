@@ -23,6 +23,7 @@ class WireFormat:
         self.dtype = dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.pinned = pinned  # host buffers are page-locked: GPU copies to them are async DMA
+        self._empty = torch.empty(0, dtype=dtype)
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """Host memory for message buffers: page-locked beside a GPU, else plain."""
@@ -34,7 +35,7 @@ class WireFormat:
         """The parts' bytes back to back, as one uint8 tensor on their device: parts that already
         lie back to back in one storage (every owner's decode rows, cut from one packed q/k/v
         tensor) are one view, gathered with nothing else (`coalesce`)."""
-        runs = coalesce([t.to(self.dtype) for t in parts])
+        runs = coalesce([t if t.dtype == self.dtype else t.to(self.dtype) for t in parts])
         if not runs:
             return torch.empty(0, dtype=torch.uint8)
         return (runs[0] if len(runs) == 1 else torch.cat(runs)).view(torch.uint8)
@@ -84,11 +85,13 @@ class WireFormat:
         return t.to(device, non_blocking=self.pinned)
 
     def split(self, buf: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
-        """Cut a payload into CPU tensors of the given shapes, in order (views, no copy)."""
+        """Cut a payload into CPU tensors of the given shapes, in order (views, no copy; the
+        empty ones views of one empty tensor)."""
+        flat = torch.frombuffer(buf, dtype=self.dtype) if buf.nbytes else self._empty
         out, at = [], 0
         for shape in shapes:
-            n = math.prod(shape) * self.itemsize
-            out.append(self.from_bytes(buf[at:at + n], shape, "cpu"))
+            n = math.prod(shape)
+            out.append(flat[at:at + n].view(shape))
             at += n
         return out
 
