@@ -9,7 +9,12 @@
 #      the code before (`a4b1935`, unpacked into the ignored folder .ab/old and carried), then
 #      `bench pipeline` with CMA single copy at -n 2, 5 and 9: one fat tier-2 rank against several
 #      thin ones, each against its own layout's capacities
-# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b
+#   c: a tier-2 rank's cost per message beyond its kernel (bench/tier2_overhead.py, 18 and 3 rows
+#      of 576 positions, 2 threads): the code before this session (.ab/old, `a4b1935`), with the
+#      k/v append in the kernel's call (.ab/head, `e5382e8`), and now (the kernel thread); then
+#      `bench pipeline` at 0 and 10 ms, float32 exactness on CUDA, and the job traced (raw traces
+#      tarred into $OUT)
+# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b|c
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -40,5 +45,23 @@ b)
       --np $n -o "$OUT/pipe-n$n.json"
     grep -E "ghmpi bench: delay|capacity|bound_tps|tier2_threads" "$OUT/pipe-n$n.txt" | cut -c1-250
   done
+  ;;
+c)
+  s0=$(date +%s)
+  for cfg in "18 400" "3 1500"; do set -- $cfg
+    for rep in 1 2; do for v in old head new; do
+      pp=$PWD; [ $v = new ] || pp=$PWD/.ab/$v
+      echo -n "$v: "; PYTHONPATH=$pp timeout 60 mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -n 2 \
+        $PY bench/tier2_overhead.py --rows $1 --messages $2 --threads 2 2>&1 | grep -E "tier2_overhead|rror"
+    done; done
+  done > "$OUT/overhead.txt" 2>&1
+  echo "== overhead $(( $(date +%s) - s0 ))s"; cat "$OUT/overhead.txt"
+  T=240 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity|bound_tps" "$OUT/pipeline.txt" | cut -c1-250; grep -A4 "^jobs:" "$OUT/pipeline.txt"
+  T_CHECK=170 bash bench/gpu_session6.sh check
+  T=90 step traced $PY bench/ring_variants.py --new 128 "$W" "new;0;0;GHMPI_TRACE=/tmp/tr-n"
+  grep tokens/s "$OUT/traced.txt" | cut -c1-200; traces n
+  tar czf "$OUT/traces.tgz" -C /tmp tr-n 2>/dev/null
   ;;
 esac
