@@ -127,14 +127,15 @@ class Inbox:
     """Messages of any size in arrival order, each received while the one before is served.
 
     `get` hands out the next message and at once starts receiving the one after it, if its
-    envelope is in (a matched probe, then a nonblocking receive into a free buffer): its bytes
-    move while the caller works on this one (by the transport's own copy, or by the progress
-    thread), so a message that waited in the queue is there when the caller comes back. A buffer
-    handed out is the caller's until it gives it back with `done`."""
+    envelope is in (a matched probe, then a nonblocking receive into the other of two buffers):
+    its bytes move while the caller works on this one (by the transport's own copy, or by the
+    progress thread), so a message that waited in the queue is there when the caller comes back.
+    A buffer handed out stays valid until the next call but one."""
 
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
-        self._free: list[np.ndarray] = []
+        self._bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
+        self._turn = 0
         self._ahead: tuple[np.ndarray, int, int, MPI.Request] | None = None
 
     def _start(self) -> bool:
@@ -143,12 +144,10 @@ class Inbox:
         if msg is None:
             return False
         n = status.Get_count(MPI.BYTE)
-        fits = [i for i, b in enumerate(self._free) if b.nbytes >= n]
-        if fits:  # the smallest free buffer that fits (by position: arrays compare elementwise)
-            base = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
-        else:
-            base = np.empty(n + n // 4, dtype=np.uint8)
-        buf = base[:n]
+        self._turn ^= 1  # away from the buffer handed out last, which the caller may still read
+        if self._bufs[self._turn].nbytes < n:
+            self._bufs[self._turn] = np.empty(n + n // 4, dtype=np.uint8)
+        buf = self._bufs[self._turn][:n]
         self._ahead = (buf, status.Get_source(), status.Get_tag(), msg.Irecv([buf, MPI.BYTE]))
         return True
 
@@ -161,10 +160,6 @@ class Inbox:
         req.Wait()
         self._start()
         return buf, source, tag
-
-    def done(self, buf: np.ndarray) -> None:
-        """The caller has finished with a buffer `get` handed out: it may receive again."""
-        self._free.append(buf if buf.base is None else buf.base)
 
 
 class Backoff:

@@ -4,20 +4,11 @@ It holds no weights. It serves every message in arrival order: store a new promp
 one decode step's k/v and attend over the slot's context, or store a later chunk of a long prompt
 and attend it over the slot's prefix, then send the outputs back nonblocking (decode rows, then
 chunk rows). It never blocks in a send, so it can never deadlock with tier 1.
-
-A message's decode attention runs on a thread of its own (`Tier2.kernel`), so the rank's Python
-work for its neighbours overlaps it: the next message is received, decoded and its prompts'
-K/V stored, and the message before is answered, while the kernel runs. When the ring waits on
-its slowest rank, that rank always has the next message queued, and this work would otherwise
-add to every message it serves. Two messages in a row never share a slot (a micro-batch's next
-message comes only after this rank's reply), so the kernel and the stores never meet; the
-message's buffer stays out of the inbox's reach until its kernel is done.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import os
 import time
 
@@ -33,9 +24,6 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime import trace
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.wire import WireFormat, Work, reply_tag
-
-
-KERNEL_POLL_S = 1e-4  # while a kernel runs, how often to look for the next message
 
 
 class Tier2:
@@ -68,60 +56,17 @@ class Tier2:
         self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
         self.busy = tp.BusyClock()
         self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
-        # the kernel thread (its own intra-op setting, as ours); none where this rank has one
-        # core's thread: there the Python work could only take turns with the kernel
-        threads = torch.get_num_threads()
-        self.kernel = concurrent.futures.ThreadPoolExecutor(
-            1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(threads)) \
-            if threads > 1 else None
-        # the message whose decode attention runs on the kernel thread: (Work, future, source,
-        # the message's buffer)
-        self.pending: tuple[Work, concurrent.futures.Future, int, np.ndarray] | None = None
 
     def _serve(self, buf: np.ndarray, source: int) -> None:
-        """Store the message's prompts' K/V, start its decode rows' attention on the kernel
-        thread, then answer the message before it (its kernel has run meanwhile). A message with
-        prompt chunks (attended by torch on this thread), or any on a rank without a kernel
-        thread, is served whole, after the one before."""
         self.faults.step()
         a = self.args
         w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
         trace.mark("recv", w.mb, w.layer, len(w.dec_slots), w.n_reply + int(sum(w.fill_len)))
         self._store_fills(w)
-        if self.kernel is None or len(w.chunk_slots):  # whole, here, after the one before
-            self.finish()
-            self._answer(w, self._attend(w), source, buf)
-        elif len(w.dec_slots):  # the kernel reads the message: its buffer is kept till answered
-            before = self.pending
-            if before is not None:
-                before[1].result()  # one kernel at a time: they share the rank's cores
-            self.pending = (w, self.kernel.submit(self._decode, w), source, buf)
-            if before is not None:
-                self._answer(before[0], [before[1].result()], *before[2:])
-        else:  # prompts' K/V only: nothing to answer
-            self._answer(w, [], source, buf)
-
-    def _decode(self, w: Work) -> torch.Tensor:
-        """(n_dec, H*D): the decode rows' attention, their k/v appended first (kernel thread)."""
-        slots = torch.from_numpy(self.index[w.dec_slots])
-        positions = torch.from_numpy(np.ascontiguousarray(w.dec_pos))
-        # In the activations' dtype, as the model would on one GPU (SDPA accumulates in
-        # float32); upcasting a bf16 cache would copy every context first (~7x slower).
-        return self.cache.decode(w.layer, slots, positions, w.q, w.k, w.v)
-
-    def _answer(self, w: Work, outs: list[torch.Tensor], source: int, buf: np.ndarray) -> None:
-        """Send a message's outputs back (`_attend`'s order; none: it asked for nothing), give
-        its buffer back to the inbox."""
+        outs = self._attend(w)
         if outs:
             self._reply(self.wire.to_bytes(outs), source, reply_tag(w.mb))
         trace.mark("served", w.mb, w.layer)
-        self.inbox.done(buf)
-
-    def finish(self) -> None:
-        """Answer the message whose attention is running, once it is done."""
-        if self.pending is not None:
-            (w, job, source, buf), self.pending = self.pending, None
-            self._answer(w, [job.result()], source, buf)
 
     def _store_fills(self, w: Work) -> None:
         at = 0
@@ -134,7 +79,13 @@ class Tier2:
     def _attend(self, w: Work) -> list[torch.Tensor]:
         """The outputs the message asks back, in its reply's order: (n_dec, H*D) of the decode
         rows, then (len, H*D) of each prompt chunk."""
-        outs = [self._decode(w)] if len(w.dec_slots) else []
+        outs = []
+        if len(w.dec_slots):
+            slots = torch.from_numpy(self.index[w.dec_slots])
+            positions = torch.from_numpy(np.ascontiguousarray(w.dec_pos))
+            # In the activations' dtype, as the model would on one GPU (SDPA accumulates in
+            # float32); upcasting a bf16 cache would copy every context first (~7x slower).
+            outs.append(self.cache.decode(w.layer, slots, positions, w.q, w.k, w.v))
         at = 0
         for slot, start, length in zip(w.chunk_slots, w.chunk_pos, w.chunk_len):
             s = slice(at, at + int(length))
@@ -159,12 +110,8 @@ class Tier2:
     def run(self) -> int:
         """Serve until every slice we serve has sent STOP; return the job's exit status. Replies
         move while the attention kernel runs (`tp.ProgressThread`)."""
-        try:
-            with tp.ProgressThread():
-                return self._loop()
-        finally:
-            if self.kernel is not None:
-                self.kernel.shutdown(wait=True)
+        with tp.ProgressThread():
+            return self._loop()
 
     def _loop(self) -> int:
         stops, status = 0, 0
@@ -178,26 +125,18 @@ class Tier2:
                 trace.mark("got", rows=int(1e6 * (time.perf_counter() - t)), tokens=msg[0].nbytes)
             self.outbox.poll()
             if msg is None:
-                if self.pending is not None:  # answer it once done; look for the next meanwhile
-                    with self.busy.working():
-                        if concurrent.futures.wait([self.pending[1]], KERNEL_POLL_S).done:
-                            self.finish()
-                    continue
                 with self.busy.idle():  # never past a held reply's time
                     backoff.idle(self.held[0][0] - time.monotonic() if self.held else None)
                 continue
             backoff.reset()
             buf, source, tag = msg
             if tag == tp.TAG_STOP:
-                self.finish()
                 stops += 1
                 status = int(tp.unpack(buf)[0][0])
-                self.inbox.done(buf)
             elif tag == tp.TAG_WORK:
                 with self.busy.working():
                     self._serve(buf, source)
             else:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
-        self.finish()
         self.outbox.drain()
         return status

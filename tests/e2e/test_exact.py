@@ -21,20 +21,6 @@ def test_greedy_equals_transformers(tmp_path, prompts_file, reference, world, sl
     assert read_output(out) == reference
 
 
-@pytest.mark.parametrize("world,slices", [(3, 1), (3, 2)], ids=["n3-s1", "n3-s2"])
-def test_tier2_kernel_thread_is_exact(tmp_path, prompts_file, reference, world, slices):
-    """Tier-2 ranks with two threads run each message's attention on a kernel thread of their
-    own while the main thread receives, decodes and answers the messages beside it (one tier-2
-    rank serving both slices, too): the same tokens."""
-    out = tmp_path / "completions.h5"
-    job = write_job(tmp_path / "job.yaml", prompts_file, out,
-                    topology={"slices": slices}, runtime={"torch_threads": 2})
-    r = ghmpi(world, "-c", str(job))
-    assert r.returncode == 0, r.stderr
-    assert "2 threads" in r.stdout  # the tier-2 line: the kernel thread runs
-    assert read_output(out) == reference
-
-
 def test_hybrid_slots_are_exact(tmp_path, prompts_file, reference):
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out,
