@@ -2,7 +2,8 @@
 # Session 8 on the GPU machine: the job (256 prompts x 512 -> 128, -n 9) again, with the
 # raw traces brought back so the ring's timeline can be read event by event off the machine.
 #   a: `bench pipeline` (the job against both capacities); the job traced as is and with idle ranks
-#      spinning instead of sleeping (GHMPI_IDLE_SLEEP_US=0), raw traces tarred into $OUT; untraced:
+#      spinning instead of sleeping (GHMPI_IDLE_SLEEP_US=0: a knob of that call, no gain, since
+#      removed), raw traces tarred into $OUT; untraced:
 #      a 16k-token prefill budget, CMA without the progress thread; the single tier (-n 1) with the
 #      default and a 16k-token prefill budget
 #   b: the job with tier 2 receiving its next message while it serves one (transport.Inbox) against

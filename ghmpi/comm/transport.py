@@ -165,13 +165,10 @@ class Inbox:
 class Backoff:
     """Idle waiting that stays responsive without busy-spinning an oversubscribed core.
 
-    Spins a few rounds, then sleeps with growing pauses up to `cap` seconds; `reset` after work.
-    GHMPI_IDLE_SLEEP_US caps every pause (microseconds; 0: spin only, for a rank alone on its
-    cores)."""
+    Spins a few rounds, then sleeps with growing pauses up to `cap` seconds; `reset` after work."""
 
     def __init__(self, cap: float = 0.002):
-        env = os.environ.get("GHMPI_IDLE_SLEEP_US", "").strip()
-        self.cap = min(cap, float(env) / 1e6) if env else cap
+        self.cap = cap
         self.rounds = 0
 
     def reset(self) -> None:
@@ -182,7 +179,7 @@ class Backoff:
         expected soon)."""
         self.rounds += 1
         if self.rounds > 8:
-            pause = min(self.cap, self.cap if cap is None else cap, 1e-5 * (self.rounds - 8))
+            pause = min(self.cap if cap is None else cap, 1e-5 * (self.rounds - 8))
             if pause > 0:
                 time.sleep(pause)
 
