@@ -4,7 +4,9 @@ Usage: python bench/trace_summary.py DIR [TIER1_RANKS]   (TIER1_RANKS: 1 unless 
 
 Splits the job at the last layer that carried prompt tokens, and again where a micro-batch's
 decode rows first thin out (the tail: the sequences admitted first finish first), and prints, for
-the prefill phase, the full decode phase and the tail: tier 1's time per layer visit (`ship`
+the prefill phase, the full decode phase and the tail: the tokens sampled (the last slice's
+passes; set against `bench pipeline`'s capacities, the decode phase's rate says what the ring
+does once every sequence decodes), tier 1's time per layer visit (`ship`
 -> `shipped`: staging and sending), the round trip (`shipped` -> `replied`) and the turnaround
 (`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
 the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
@@ -173,7 +175,9 @@ def main() -> None:
     thin = [e[0] for e in ranks[0] if e[1] == "ship" and e[0] >= cut and e[4] < full[e[2]]]
     tail = min(thin) if thin else end
     for name, lo, hi in (("prefill", t0, cut), ("decode", cut, tail), ("tail", tail, end)):
-        print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced)")
+        sampled = sum(e[4] for e in ranks[0] if e[1] == "sample" and lo <= e[0] < hi)
+        print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced); {sampled} tokens "
+              f"sampled, {sampled / max(hi - lo, 1e-9):.0f} tokens/s")
         tier1([e for e in ranks[0] if lo <= e[0] < hi])
         passes([e for e in ranks[0] if lo <= e[0] < hi])
         for r in sorted(k for k in ranks if k >= n_t1):
