@@ -12,9 +12,10 @@
 #      thin ones, each against its own layout's capacities
 #   c: a tier-2 rank's cost per message beyond its kernel (bench/tier2_overhead.py, 18 and 3 rows
 #      of 576 positions, 2 threads): the code before this session (.ab/old, `a4b1935`), with the
-#      k/v append in the kernel's call (.ab/head, `e5382e8`), and now (the kernel thread); then
-#      `bench pipeline` at 0 and 10 ms, float32 exactness on CUDA, and the job traced (raw traces
-#      tarred into $OUT)
+#      k/v append in the kernel's call (.ab/head, `e5382e8`), and `5a7bc62` (tier 2's attention on
+#      a kernel thread of its own: it halved the job, 385 tokens/s, and was reverted); then
+#      `bench pipeline` at 0 and 10 ms (the 10 ms run cut by the time limit), float32 exactness
+#      on CUDA, and the job traced (raw traces tarred into $OUT)
 # Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b|c
 . bench/steps.sh
 traces() { for d in "$@"; do
