@@ -3,8 +3,8 @@
 Usage: python bench/trace_summary.py DIR [TIER1_RANKS]   (TIER1_RANKS: 1 unless given)
 
 Splits the job at the last layer that carried prompt tokens, and again where a micro-batch's
-decode rows first thin out (the tail: the sequences admitted first finish first), and prints, for
-the prefill phase, the full decode phase and the tail: the tokens sampled (the last slice's
+decode rows first thin out (the tail: the sequences admitted first finish first;
+`ghmpi/bench/phases.py`), and prints, for the prefill phase, the full decode phase and the tail: the tokens sampled (the last slice's
 passes; set against `bench pipeline`'s capacities, the decode phase's rate says what the ring
 does once every sequence decodes), tier 1's time per layer visit (`ship`
 -> `shipped`: staging and sending), the round trip (`shipped` -> `replied`) and the turnaround
@@ -15,10 +15,11 @@ round trips against the ranks (see `steps`)."""
 
 from __future__ import annotations
 
-import json
 import statistics as st
 import sys
 from pathlib import Path
+
+from ghmpi.bench import phases
 
 
 def ms(xs: list[float]) -> str:
@@ -162,22 +163,13 @@ def steps(t1: list, t2: dict[int, list], lo: float, hi: float) -> None:
 def main() -> None:
     folder = Path(sys.argv[1])
     n_t1 = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    ranks = {int(p.stem[4:]): json.loads(p.read_text()) for p in folder.glob("rank*.json")}
-    # the ring's span: gc pauses are recorded from start-up to exit, beyond it
-    ring = [e[0] for ev in ranks.values() for e in ev if e[1] != "gc"]
-    t0, end = min(ring), max(ring)
-    pre = [e[0] for e in ranks[0] if e[1] == "ship" and e[5] > e[4]]
-    cut = max(pre) if pre else t0
-    full: dict[int, int] = {}  # micro-batch -> its decode passes' most rows
-    for e in ranks[0]:
-        if e[1] == "ship" and e[0] >= cut:
-            full[e[2]] = max(full.get(e[2], 0), e[4])
-    thin = [e[0] for e in ranks[0] if e[1] == "ship" and e[0] >= cut and e[4] < full[e[2]]]
-    tail = min(thin) if thin else end
-    for name, lo, hi in (("prefill", t0, cut), ("decode", cut, tail), ("tail", tail, end)):
-        sampled = sum(e[4] for e in ranks[0] if e[1] == "sample" and lo <= e[0] < hi)
-        print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced); {sampled} tokens "
-              f"sampled, {sampled / max(hi - lo, 1e-9):.0f} tokens/s")
+    ranks = phases.load(folder)
+    cuts = phases.phases(ranks)
+    t0, end = cuts[0][1], cuts[-1][2]
+    for name, lo, hi in cuts:
+        n = phases.sampled(ranks, lo, hi)
+        print(f"{name} phase: {hi - lo:.1f} s (of {end - t0:.1f} s traced); {n} tokens "
+              f"sampled, {n / max(hi - lo, 1e-9):.0f} tokens/s")
         tier1([e for e in ranks[0] if lo <= e[0] < hi])
         passes([e for e in ranks[0] if lo <= e[0] < hi])
         for r in sorted(k for k in ranks if k >= n_t1):

@@ -91,8 +91,10 @@ def make_inputs(work: Path, shape: str, layers: int | None, N: int, L: int
 
 
 def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, dtype: str,
-              overrides: list[str], mpirun: str | None = None) -> dict:
-    """Run the job under mpirun; -> its figures from the output file and its summary lines."""
+              overrides: list[str], mpirun: str | None = None,
+              env: dict[str, str] | None = None) -> dict:
+    """Run the job under mpirun (`env`: more variables for it); -> its figures from the output
+    file and its summary lines."""
     import shutil
 
     out.unlink(missing_ok=True)  # a complete output would make the job a no-op
@@ -108,7 +110,7 @@ def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, d
         cmd += ["--set", o]
     log("ghmpi: " + " ".join(shlex.quote(c) for c in cmd))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_mpi_yield_when_idle="1", PMIX_MCA_psec="native")
+               OMPI_MCA_mpi_yield_when_idle="1", PMIX_MCA_psec="native", **(env or {}))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

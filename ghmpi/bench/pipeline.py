@@ -7,7 +7,10 @@
   slots the job deals it, all at once, on the job's mean context (aggregate KV GB/s, paced by the
   slowest process, over the KV bytes one token-step reads);
 - the job (`mpirun -n N`) at each reply delay (a network hop emulated by `runtime.reply_delay_ms`),
-  as generated tokens/s, over min(tier-1, tier-2 capacity) and over the zero-delay run;
+  as generated tokens/s, over min(tier-1, tier-2 capacity) and over the zero-delay run; traced
+  (GHMPI_TRACE), so each job's phases are reported too (`phases.py`): the decode phase's rate
+  over the same bound says what the ring does once every sequence decodes, since the capacities
+  count decode work only and the job's figure includes its prefill and its tail;
 - optionally the single tier (-n 1) and a hybrid layout (`--hybrid K`: K GPU micro-batches beside
   the tier-2-served ones), to see whether tier 2 adds throughput.
 """
@@ -17,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ghmpi.bench import log
+from ghmpi.bench import log, phases
 from ghmpi.bench.common import pick_device, random_model, timed
 from ghmpi.bench.decode import DT
 from ghmpi.bench.checkpoint import hf_config
@@ -140,11 +144,16 @@ def run(args: argparse.Namespace) -> dict:
     jobs = []
     for d in [] if args.delays == "none" else [float(x) for x in args.delays.split(",")]:
         out = work / f"pipe-{shape}-n{ranks}-d{d:g}.h5"
+        trace = work / f"trace-{shape}-n{ranks}-d{d:g}"
+        shutil.rmtree(trace, ignore_errors=True)
         job = run_ghmpi(model_dir, prompts, out, ranks, new, args.dtype,
-                        [*args.overrides, f"runtime.reply_delay_ms={d}"])
+                        [*args.overrides, f"runtime.reply_delay_ms={d}"],
+                        env={"GHMPI_TRACE": str(trace)})
         job["delay_ms"] = d
+        job["phases"] = phases.rates(trace)
         jobs.append(job)
-        log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s; "
+        log(f"delay {d:g} ms: {job['generate_tokens_per_s']:.0f} tokens/s (decode phase "
+            f"{job['phases']['decode']['tokens_per_s']:.0f}); "
             + " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l))
     if args.single:
         single = run_ghmpi(model_dir, prompts, work / f"pipe-{shape}-n1.h5", 1, new, args.dtype,
@@ -183,6 +192,9 @@ def run(args: argparse.Namespace) -> dict:
         base = jobs[0]["generate_tokens_per_s"]
         result["jobs"] = [dict(delay_ms=j["delay_ms"], tokens_per_s=j["generate_tokens_per_s"],
                                of_bound=j["generate_tokens_per_s"] / bound,
+                               decode_phase_tps=j["phases"]["decode"]["tokens_per_s"],
+                               decode_of_bound=j["phases"]["decode"]["tokens_per_s"] / bound,
+                               **{f"{name}_s": ph["seconds"] for name, ph in j["phases"].items()},
                                of_zero_delay=j["generate_tokens_per_s"] / base,
                                tier1_busy=j.get("tier1_busy_fraction", 0.0),
                                tier2_busy=j.get("tier2_busy_fraction", 0.0)) for j in jobs]

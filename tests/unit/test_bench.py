@@ -42,7 +42,8 @@ def test_job_suite_against_transformers(tmp_path: Path) -> None:
 
 def test_pipeline_suite(tmp_path: Path) -> None:
     """The ring at -n 3 with a reply delay, the single tier and a hybrid layout, against both
-    tiers' capacities measured in the same run."""
+    tiers' capacities measured in the same run; each ring job traced, its decode phase's rate
+    set against the same bound."""
     r = bench("pipeline", "--workdir", str(tmp_path / "w"), "--delays", "0,2", "--single",
               "--hybrid", "1", tmp_path=tmp_path)
     assert r["ranks"] == 3 and [j["delay_ms"] for j in r["jobs"]] == [0, 2]
@@ -51,6 +52,9 @@ def test_pipeline_suite(tmp_path: Path) -> None:
     assert sum(r["tier2_slots"]) == r["micro_batches"] * r["micro_batch_size"]
     assert all(j["tokens_per_s"] > 0 and 0 <= j["tier2_busy"] <= 1 for j in r["jobs"])
     assert r["jobs"][0]["of_zero_delay"] == 1
+    for j in r["jobs"]:  # traced: the decode phase's rate, and each phase's length
+        assert j["decode_s"] > 0 and j["decode_phase_tps"] > 0 and j["prefill_s"] >= 0
+        assert j["decode_of_bound"] == j["decode_phase_tps"] / r["bound_tps"]
     assert r["single_tier_tps"] > 0 and r["hybrid_tps"] > 0 and "hybrid_target_tps" in r
 
 
