@@ -111,6 +111,30 @@ def test_random_lengths_and_slots(seed):
                                _reference(q, k, v, slots, L), rtol=TOL[dtype][0], atol=TOL[dtype][1])
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["head", "position"])
+def test_new_tokens_are_appended_before_attending(path, dtype, layout):
+    """k_new/v_new: each row's own token lands at position lengths-1 of its slot (the rest of the
+    cache untouched), and the row attends over it: the same as storing it first."""
+    if path == "native" and not kernels.native_available():
+        pytest.skip(f"native kernel not built here: {kernels.describe()}")
+    q, k, v, slots, lengths = _problem(dtype, 16, 4, 64, [1, 9, 33, 130], layout=layout)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)  # the torch path reads whole rows
+    g = torch.Generator().manual_seed(3)
+    kn, vn = (torch.randn(len(lengths), 4, 64, generator=g).to(dtype) for _ in range(2))
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[slots, lengths - 1], v_ref[slots, lengths - 1] = kn, vn
+    kernels.force(path)
+    try:
+        o = decode_attention_cpu(q, k, v, slots, lengths, k_new=kn, v_new=vn)
+    finally:
+        kernels.force(None)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    torch.testing.assert_close(o.double(), _reference(q, k_ref, v_ref, slots, lengths),
+                               rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
 @native
 def test_odd_head_dims_and_rejects_bad_rows():
     for D in (48, 20):  # not a multiple of 64 / of 16: other vector and scalar paths
