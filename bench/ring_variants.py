@@ -9,7 +9,6 @@ GHMPI_TRACE=dir))."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ghmpi.bench.job import make_inputs, run_ghmpi
@@ -32,18 +31,15 @@ def main() -> None:
             sets.append(f"topology.micro_batches={mbs}")
         pairs = [kv.split("=", 1) for kv in " ".join(env).split() if "=" in kv]
         sets += [f"{k}={v}" for k, v in pairs if "." in k]
-        saved = dict(os.environ)
-        os.environ.update((k, v) for k, v in pairs if "." not in k)
+        env = {k: v for k, v in pairs if "." not in k}
         try:
-            job = run_ghmpi(model_dir, prompts, work / "variant.h5", args.ranks, args.new, "bfloat16", sets)
+            job = run_ghmpi(model_dir, prompts, work / "variant.h5", args.ranks, args.new,
+                            "bfloat16", sets, env=env)
             print(f"{name}: {job['generate_tokens_per_s']:.0f} tokens/s |",
                   " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l),
                   flush=True)
-        except Exception as e:  # a setting the launcher refuses: say so, go on
+        except (Exception, SystemExit) as e:  # a setting the launcher refuses: say so, go on
             print(f"{name}: failed: {str(e)[-400:]}", flush=True)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 if __name__ == "__main__":
