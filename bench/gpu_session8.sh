@@ -16,7 +16,10 @@
 #      a kernel thread of its own: it halved the job, 385 tokens/s, and was reverted); then
 #      `bench pipeline` at 0 and 10 ms (the 10 ms run cut by the time limit), float32 exactness
 #      on CUDA, and the job traced (raw traces tarred into $OUT)
-# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b|c
+#   d: (not run: no device time was left) tier2_overhead in rounds, the code before this session
+#      (.ab/old: `git archive a4b1935 ghmpi | tar x -C .ab/old`, carried) against now, 18 and 3
+#      rows; then `bench pipeline` at 0 and 10 ms with each job's phases (decode_of_bound)
+# Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b|c|d
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -65,5 +68,17 @@ c)
   T=90 step traced $PY bench/ring_variants.py --new 128 "$W" "new;0;0;GHMPI_TRACE=/tmp/tr-n"
   grep tokens/s "$OUT/traced.txt" | cut -c1-200; traces n
   tar czf "$OUT/traces.tgz" -C /tmp tr-n 2>/dev/null
+  ;;
+d)
+  for cfg in "18 400" "3 1500"; do set -- $cfg
+    for v in old new; do
+      pp=$PWD; [ $v = new ] || pp=$PWD/.ab/$v
+      echo -n "$v: "; PYTHONPATH=$pp timeout 120 mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -n 2 \
+        $PY bench/tier2_overhead.py --rows $1 --messages $2 --threads 2 2>&1 | grep -E "tier2_overhead|rror"
+    done
+  done > "$OUT/overhead.txt" 2>&1; cat "$OUT/overhead.txt"
+  T=330 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0,10 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity|bound_tps" "$OUT/pipeline.txt" | cut -c1-250; grep -A4 "^jobs:" "$OUT/pipeline.txt"
   ;;
 esac
