@@ -58,6 +58,7 @@ def main() -> None:
         slots = torch.arange(a.rows)
         pos = torch.full((a.rows,), a.context - 1)
         q, k = torch.randn(a.rows, H, D).bfloat16(), torch.randn(a.rows, KV, D).bfloat16()
+
         def timed(f) -> float:
             f()
             t = time.perf_counter()

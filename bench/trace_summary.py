@@ -4,12 +4,12 @@ Usage: python bench/trace_summary.py DIR [TIER1_RANKS]   (TIER1_RANKS: 1 unless 
 
 Splits the job at the last layer that carried prompt tokens, and again where a micro-batch's
 decode rows first thin out (the tail: the sequences admitted first finish first;
-`ghmpi/bench/phases.py`), and prints, for the prefill phase, the full decode phase and the tail: the tokens sampled (the last slice's
-passes; set against `bench pipeline`'s capacities, the decode phase's rate says what the ring
-does once every sequence decodes), tier 1's time per layer visit (`ship`
--> `shipped`: staging and sending), the round trip (`shipped` -> `replied`) and the turnaround
-(`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a GPU micro-batch's step and
-the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
+`ghmpi/bench/phases.py`), and prints, for the prefill phase, the full decode phase and the tail:
+the tokens sampled (the last slice's passes; set against `bench pipeline`'s capacities, the
+decode phase's rate says what the ring does once every sequence decodes), tier 1's time per
+layer visit (`ship` -> `shipped`: staging and sending), the round trip (`shipped` -> `replied`)
+and the turnaround (`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a
+GPU micro-batch's step and the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
 time (`recv` -> `served`, its spread) and busy fraction (receiving and serving); and the ring's
 round trips against the ranks (see `steps`)."""
 

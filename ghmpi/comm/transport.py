@@ -130,7 +130,7 @@ class Inbox:
     envelope is in (a matched probe, then a nonblocking receive into the other of two buffers):
     its bytes move while the caller works on this one (by the transport's own copy, or by the
     progress thread), so a message that waited in the queue is there when the caller comes back.
-    A buffer handed out stays valid until the next call but one."""
+    A buffer handed out stays valid until the next call: the one after it is received into it."""
 
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
