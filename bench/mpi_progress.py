@@ -55,7 +55,8 @@ def main() -> None:
             if rank == 1:
                 rows.append((nbytes, work_ms, thread, float(np.median(times)) * 1e3))
     if rank == 1:
-        mca = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OMPI_MCA_btl"))
+        mca = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                       if k.startswith(("OMPI_MCA_btl", "OMPI_MCA_pml")))
         print(f"settings: {mca or 'defaults'}")
         for nbytes, work_ms, thread, ms in rows:
             how = "in a GIL-free call, progress thread on" if thread else "computing"

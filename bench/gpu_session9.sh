@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 9 on the GPU machine: why a prompt's K/V reach tier 2 at ~1 GB/s without CMA, and
+# whether Open MPI's pipeline settings fix it.
+#   a: Open MPI's ob1/vader parameters as this image has them (ompi_info); bench/mpi_progress.py
+#      (a 2.5 MB message behind a sender in a GIL-free call with ghmpi's progress thread on) under
+#      the image's settings, a deeper send pipeline (pml_ob1_send_pipeline_depth), larger
+#      fragments (btl_vader_max_send_size), both, and CMA; then the job (256 x 512 -> 128,
+#      -n 9) traced under the image's settings and the two pipeline variants, and untraced with CMA
+# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a
+. bench/steps.sh
+traces() { for d in "$@"; do
+  [ -d /tmp/tr-$d ] || continue
+  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
+  echo "-- $d"; grep -E "phase|receive|ring:" "$OUT/trace-$d.txt" | grep -E "phase|rank [18]:|shipped" | cut -c1-200
+done; }
+DEPTH="OMPI_MCA_pml_ob1_send_pipeline_depth=256"
+FRAG="OMPI_MCA_btl_vader_max_send_size=262144"
+case ${1:-a} in
+a)
+  { ompi_info --param btl vader --level 9; ompi_info --param pml ob1 --level 9; } 2>&1 \
+    | grep -E "MCA (btl|pml).*(max_send|eager|segment|free_list|fifo|single_copy|pipeline|frag|rndv)" \
+    > "$OUT/ompi_params.txt"; cut -c1-160 "$OUT/ompi_params.txt"
+  for s in "" "$DEPTH" "$FRAG" "$DEPTH $FRAG" "OMPI_MCA_btl_vader_single_copy_mechanism=cma"; do
+    env $s timeout 60 mpirun --allow-run-as-root --bind-to none -n 2 $PY bench/mpi_progress.py 2>&1
+  done > "$OUT/progress.txt"; grep -E "settings|2560" "$OUT/progress.txt"
+  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" "base;0;0;GHMPI_TRACE=/tmp/tr-b" \
+    "depth;0;0;$DEPTH GHMPI_TRACE=/tmp/tr-d" "depth-frag;0;0;$DEPTH $FRAG GHMPI_TRACE=/tmp/tr-f" \
+    "cma;0;0;OMPI_MCA_btl_vader_single_copy_mechanism=cma"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces b d f
+  tar czf "$OUT/traces.tgz" -C /tmp tr-b tr-d tr-f 2>/dev/null; ls -la "$OUT"
+  ;;
+esac
