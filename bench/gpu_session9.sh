@@ -6,7 +6,10 @@
 #      the image's settings, a deeper send pipeline (pml_ob1_send_pipeline_depth), larger
 #      fragments (btl_vader_max_send_size), both, and CMA; then the job (256 x 512 -> 128,
 #      -n 9) traced under the image's settings and the two pipeline variants, and untraced with CMA
-# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a
+#   b: tier-2 ranks of many threads attending on a worker thread (GHMPI_TIER2_WORKER): the job at
+#      -n 2 (one tier-2 rank of 14 threads), -n 3 (two of 7) and -n 5 (four of 3-4) with the
+#      worker and without it, against -n 9 (2-thread ranks, no worker), traced where it runs
+# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -29,5 +32,15 @@ a)
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces b d f
   tar czf "$OUT/traces.tgz" -C /tmp tr-b tr-d tr-f 2>/dev/null; ls -la "$OUT"
+  ;;
+b)
+  T=90 step n9 $PY bench/ring_variants.py --ranks 9 --new 128 "$W" "n9;0;0;"
+  for n in 2 3 5; do
+    T=170 step n$n $PY bench/ring_variants.py --ranks $n --new 128 "$W" \
+      "n$n-worker;0;0;GHMPI_TIER2_WORKER=1 GHMPI_TRACE=/tmp/tr-$n" "n$n-inline;0;0;GHMPI_TIER2_WORKER=0"
+  done
+  cat "$OUT"/n?.txt | cut -c1-400 | grep -E "tokens/s|failed" > "$OUT/jobs.txt"; cat "$OUT/jobs.txt"
+  traces 2 3 5
+  tar czf "$OUT/traces.tgz" -C /tmp tr-2 tr-3 tr-5 2>/dev/null; ls -la "$OUT"
   ;;
 esac

@@ -127,15 +127,15 @@ class Inbox:
     """Messages of any size in arrival order, each received while the one before is served.
 
     `get` hands out the next message and at once starts receiving the one after it, if its
-    envelope is in (a matched probe, then a nonblocking receive into the other of two buffers):
-    its bytes move while the caller works on this one (by the transport's own copy, or by the
-    progress thread), so a message that waited in the queue is there when the caller comes back.
-    A buffer handed out stays valid until the next call: the one after it is received into it."""
+    envelope is in (a matched probe, then a nonblocking receive into a free buffer): its bytes
+    move while the caller works on this one (by the transport's own copy, or by the progress
+    thread), so a message that waited in the queue is there when the caller comes back. A buffer
+    handed out is the caller's until it gives it back with `done` (a caller that serves one
+    message at a time gives each back before its next `get`: two buffers take turns)."""
 
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
-        self._bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
-        self._turn = 0
+        self._free: list[np.ndarray] = []  # buffers given back, to receive into again
         self._ahead: tuple[np.ndarray, int, int, MPI.Request] | None = None
 
     def _start(self) -> bool:
@@ -144,10 +144,14 @@ class Inbox:
         if msg is None:
             return False
         n = status.Get_count(MPI.BYTE)
-        self._turn ^= 1  # away from the buffer handed out last, which the caller may still read
-        if self._bufs[self._turn].nbytes < n:
-            self._bufs[self._turn] = np.empty(n + n // 4, dtype=np.uint8)
-        buf = self._bufs[self._turn][:n]
+        fits = [i for i, b in enumerate(self._free) if b.nbytes >= n]
+        if fits:  # the smallest free buffer that fits
+            base = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+        else:  # none fits: a new one, in place of the largest free one (if any)
+            if self._free:
+                self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].nbytes))
+            base = np.empty(n + n // 4, dtype=np.uint8)
+        buf = base[:n]
         self._ahead = (buf, status.Get_source(), status.Get_tag(), msg.Irecv([buf, MPI.BYTE]))
         return True
 
@@ -160,6 +164,10 @@ class Inbox:
         req.Wait()
         self._start()
         return buf, source, tag
+
+    def done(self, buf: np.ndarray) -> None:
+        """The caller has finished with a buffer `get` handed out: it may be received into again."""
+        self._free.append(buf if buf.base is None else buf.base)
 
 
 class Backoff:

@@ -4,11 +4,19 @@ It holds no weights. It serves every message in arrival order: store a new promp
 one decode step's k/v and attend over the slot's context, or store a later chunk of a long prompt
 and attend it over the slot's prefix, then send the outputs back nonblocking (decode rows, then
 chunk rows). It never blocks in a send, so it can never deadlock with tier 1.
+
+A rank of many threads (`WORKER_THREADS` or more) attends on a worker thread that takes all its
+threads but one: the main thread keeps that one to receive the next message, store its prompts'
+K/V, and answer the one before, while the worker attends. Otherwise that work would hold every
+thread of the rank idle once per message. Two messages whose attention could overlap never share
+a slot: a micro-batch's next message to this rank comes only after this rank's reply, and
+messages of other micro-batches or layers touch other slots or other layers' cache.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import time
 
@@ -24,6 +32,20 @@ from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime import trace
 from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.wire import WireFormat, Work, reply_tag
+
+
+WORKER_THREADS = 4  # a rank with this many threads or more attends on a worker thread
+WORKER_POLL_S = 1e-4  # while the worker attends, how often to look for the next message
+_WORKER_ENV = "GHMPI_TIER2_WORKER"  # "1": always (2+ threads), "0": never, else by thread count
+
+
+def worker_threads(threads: int, setting: str | None = None) -> int:
+    """Threads of the attention worker for a rank of `threads` threads (0: none, attend
+    inline); `setting`: GHMPI_TIER2_WORKER's value."""
+    setting = (os.environ.get(_WORKER_ENV, "") if setting is None else setting).strip()
+    if threads < 2 or setting == "0":
+        return 0
+    return threads - 1 if setting == "1" or threads >= WORKER_THREADS else 0
 
 
 class Tier2:
@@ -44,11 +66,13 @@ class Tier2:
         t = time.perf_counter()
         self.cache = KVCache(layers, max(len(owned), 1), max_len, args.n_kv_heads, args.head_dim,
                              kv_dtype, "cpu", commit=commit)
+        n = worker_threads(torch.get_num_threads())
         if rank == layout.slices:  # the first tier-2 rank says which attention path runs
             size = self.cache.nbytes
             size = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-            print(f"ghmpi: tier 2: {kernels.describe()}; KV cache {size} a rank, "
-                  f"{'committed' if commit else 'allocated'} in "
+            print(f"ghmpi: tier 2: {kernels.describe()}"
+                  f"{f', on a worker thread with {n} of them' if n else ''}; KV cache {size} a "
+                  f"rank, {'committed' if commit else 'allocated'} in "
                   f"{time.perf_counter() - t:.1f} s{' (huge pages)' if self.cache.huge_pages else ''}",
                   flush=True)
         self.outbox = tp.Outbox(world)
@@ -56,17 +80,41 @@ class Tier2:
         self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
         self.busy = tp.BusyClock()
         self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
+        self.worker = None
+        if n:  # the worker's torch ops use n threads, ours one (the setting is per thread)
+            self.worker = concurrent.futures.ThreadPoolExecutor(
+                1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(n))
+            torch.set_num_threads(1)
+        # the message whose attention runs on the worker: (its Work, the future, source, buffer)
+        self.pending: tuple[Work, concurrent.futures.Future, int, np.ndarray] | None = None
 
     def _serve(self, buf: np.ndarray, source: int) -> None:
+        """Store the message's prompts' K/V, then attend what it asks back: here, or on the
+        worker, after answering the message before it there (one attention at a time: they
+        share the rank's threads)."""
         self.faults.step()
         a = self.args
         w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
         trace.mark("recv", w.mb, w.layer, len(w.dec_slots), w.n_reply + int(sum(w.fill_len)))
         self._store_fills(w)
-        outs = self._attend(w)
+        if self.worker is None or not w.n_reply:
+            self._answer(w, self._attend(w) if w.n_reply else [], source, buf)
+        else:  # the worker reads the message's buffer: it is given back once answered
+            self.finish()
+            self.pending = (w, self.worker.submit(self._attend, w), source, buf)
+
+    def _answer(self, w: Work, outs: list[torch.Tensor], source: int, buf: np.ndarray) -> None:
+        """Send a message's outputs back (none: it asked for nothing); give its buffer back."""
         if outs:
             self._reply(self.wire.to_bytes(outs), source, reply_tag(w.mb))
         trace.mark("served", w.mb, w.layer)
+        self.inbox.done(buf)
+
+    def finish(self) -> None:
+        """Answer the message whose attention runs on the worker, once it is done."""
+        if self.pending is not None:
+            (w, job, source, buf), self.pending = self.pending, None
+            self._answer(w, job.result(), source, buf)
 
     def _store_fills(self, w: Work) -> None:
         at = 0
@@ -110,8 +158,12 @@ class Tier2:
     def run(self) -> int:
         """Serve until every slice we serve has sent STOP; return the job's exit status. Replies
         move while the attention kernel runs (`tp.ProgressThread`)."""
-        with tp.ProgressThread():
-            return self._loop()
+        try:
+            with tp.ProgressThread():
+                return self._loop()
+        finally:
+            if self.worker is not None:
+                self.worker.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self) -> int:
         stops, status = 0, 0
@@ -125,18 +177,26 @@ class Tier2:
                 trace.mark("got", rows=int(1e6 * (time.perf_counter() - t)), tokens=msg[0].nbytes)
             self.outbox.poll()
             if msg is None:
+                if self.pending is not None:  # answer it once done, looking for the next meanwhile
+                    with self.busy.working():
+                        if concurrent.futures.wait([self.pending[1]], WORKER_POLL_S).done:
+                            self.finish()
+                    continue
                 with self.busy.idle():  # never past a held reply's time
                     backoff.idle(self.held[0][0] - time.monotonic() if self.held else None)
                 continue
             backoff.reset()
             buf, source, tag = msg
             if tag == tp.TAG_STOP:
+                self.finish()
                 stops += 1
                 status = int(tp.unpack(buf)[0][0])
+                self.inbox.done(buf)
             elif tag == tp.TAG_WORK:
                 with self.busy.working():
                     self._serve(buf, source)
             else:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
+        self.finish()
         self.outbox.drain()
         return status

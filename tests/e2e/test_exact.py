@@ -21,6 +21,24 @@ def test_greedy_equals_transformers(tmp_path, prompts_file, reference, world, sl
     assert read_output(out) == reference
 
 
+@pytest.mark.parametrize("world,topology", [(3, {}), (3, {"slices": 2, "prefill_tokens": 7})],
+                         ids=["n3", "n3-s2-chunked"])
+def test_tier2_attention_worker_is_exact(tmp_path, prompts_file, reference, world, topology,
+                                         monkeypatch):
+    """Tier-2 ranks attending on a worker thread (forced here at 2 threads a rank; by default a
+    rank of 4 or more threads does) while the main thread receives, stores and answers the
+    messages beside it; one tier-2 rank serving two slices, with prompts prefilled in chunks
+    (attended on the worker too): the same tokens."""
+    monkeypatch.setenv("GHMPI_TIER2_WORKER", "1")
+    out = tmp_path / "completions.h5"
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology,
+                    runtime={"torch_threads": 2})
+    r = ghmpi(world, "-c", str(job))
+    assert r.returncode == 0, r.stderr
+    assert "on a worker thread with 1 of them" in r.stdout or "torch fallback" in r.stdout
+    assert read_output(out) == reference
+
+
 def test_hybrid_slots_are_exact(tmp_path, prompts_file, reference):
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out,

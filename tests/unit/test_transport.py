@@ -14,3 +14,43 @@ def test_progress_thread_runs_only_when_asked():
         if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
             assert on._thread is not None and on._thread.is_alive()
     assert on._thread is None or not on._thread.is_alive()
+
+
+def test_inbox_never_receives_into_a_buffer_still_out():
+    """`transport.Inbox` (self-sends on COMM_SELF): a message's buffer keeps its bytes while the
+    caller holds it, however many messages come after; one given back with `done` is received
+    into again."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from ghmpi.comm.transport import Inbox, Outbox
+
+    comm, out = MPI.COMM_SELF, Outbox(MPI.COMM_SELF)
+    inbox = Inbox(comm)
+    for i in range(4):
+        out.send(np.full(1000 + i, i, dtype=np.uint8), 0, 7)
+    held = []
+    for i in range(3):  # the fourth is being received ahead meanwhile
+        buf, source, tag = inbox.get()
+        assert (source, tag, buf.nbytes) == (0, 7, 1000 + i)
+        held.append(buf)
+    for i, buf in enumerate(held):  # none was written over
+        assert (buf == i).all()
+    inbox.done(held[0])
+    out.send(np.full(900, 9, dtype=np.uint8), 0, 7)
+    assert inbox.get()[0].nbytes == 1003
+    last = inbox.get()[0]  # received into the buffer given back, the only free one that fits
+    assert (last == 9).all() and last.base is held[0].base
+    out.drain()
+
+
+def test_attention_worker_only_for_ranks_of_many_threads():
+    """A tier-2 rank attends on a worker thread with all its threads but one when it has
+    WORKER_THREADS or more (or GHMPI_TIER2_WORKER=1 and at least 2), never with the setting 0."""
+    from ghmpi.runtime.tier2 import WORKER_THREADS, worker_threads
+
+    assert worker_threads(WORKER_THREADS, "") == WORKER_THREADS - 1
+    assert worker_threads(14, "") == 13
+    assert worker_threads(WORKER_THREADS - 1, "") == 0
+    assert worker_threads(2, "1") == 1 and worker_threads(1, "1") == 0
+    assert worker_threads(14, "0") == 0
