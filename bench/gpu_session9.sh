@@ -6,7 +6,7 @@
 #      the image's settings, a deeper send pipeline (pml_ob1_send_pipeline_depth), larger
 #      fragments (btl_vader_max_send_size), both, and CMA; then the job (256 x 512 -> 128,
 #      -n 9) traced under the image's settings and the two pipeline variants, and untraced with CMA
-#   b: tier-2 ranks of many threads attending on a worker thread (GHMPI_TIER2_WORKER): the job at
+#   b: tier-2 ranks of many threads serving on a worker thread (GHMPI_TIER2_WORKER): the job at
 #      -n 2 (one tier-2 rank of 14 threads), -n 3 (two of 7) and -n 5 (four of 3-4) with the
 #      worker and without it, against -n 9 (2-thread ranks, no worker), traced where it runs
 # Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b

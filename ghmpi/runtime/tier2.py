@@ -5,12 +5,11 @@ one decode step's k/v and attend over the slot's context, or store a later chunk
 and attend it over the slot's prefix, then send the outputs back nonblocking (decode rows, then
 chunk rows). It never blocks in a send, so it can never deadlock with tier 1.
 
-A rank of many threads (`WORKER_THREADS` or more) attends on a worker thread that takes all its
-threads but one: the main thread keeps that one to receive the next message, store its prompts'
-K/V, and answer the one before, while the worker attends. Otherwise that work would hold every
-thread of the rank idle once per message. Two messages whose attention could overlap never share
-a slot: a micro-batch's next message to this rank comes only after this rank's reply, and
-messages of other micro-batches or layers touch other slots or other layers' cache.
+A rank of many threads (`WORKER_THREADS` or more) serves on a worker thread that takes all its
+threads but one: the main thread keeps that one to receive and decode the next messages and answer
+the served ones, in order, while the worker stores and attends. Otherwise that work would hold
+every thread of the rank idle once per message. The worker serves the messages in arrival order,
+as the main thread would.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.wire import WireFormat, Work, reply_tag
 
 
-WORKER_THREADS = 4  # a rank with this many threads or more attends on a worker thread
-WORKER_POLL_S = 1e-4  # while the worker attends, how often to look for the next message
+WORKER_THREADS = 4  # a rank with this many threads or more serves on a worker thread
+WORKER_POLL_S = 1e-4  # while the worker serves, how often to look for the next message
 _WORKER_ENV = "GHMPI_TIER2_WORKER"  # "1": always (2+ threads), "0": never, else by thread count
 
 
@@ -85,23 +84,27 @@ class Tier2:
             self.worker = concurrent.futures.ThreadPoolExecutor(
                 1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(n))
             torch.set_num_threads(1)
-        # the message whose attention runs on the worker: (its Work, the future, source, buffer)
-        self.pending: tuple[Work, concurrent.futures.Future, int, np.ndarray] | None = None
+        # messages queued for the worker, in order: (Work, its future, source, buffer)
+        self.pending: collections.deque[tuple[Work, concurrent.futures.Future, int, np.ndarray]] \
+            = collections.deque()
 
     def _serve(self, buf: np.ndarray, source: int) -> None:
-        """Store the message's prompts' K/V, then attend what it asks back: here, or on the
-        worker, after answering the message before it there (one attention at a time: they
-        share the rank's threads)."""
+        """Serve a message here, or queue it for the worker (which reads its buffer: the buffer
+        goes back to the inbox once the message is answered)."""
         self.faults.step()
         a = self.args
         w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
         trace.mark("recv", w.mb, w.layer, len(w.dec_slots), w.n_reply + int(sum(w.fill_len)))
-        self._store_fills(w)
-        if self.worker is None or not w.n_reply:
-            self._answer(w, self._attend(w) if w.n_reply else [], source, buf)
-        else:  # the worker reads the message's buffer: it is given back once answered
-            self.finish()
-            self.pending = (w, self.worker.submit(self._attend, w), source, buf)
+        if self.worker is None:
+            self._answer(w, self._work(w), source, buf)
+        else:
+            self.pending.append((w, self.worker.submit(self._work, w), source, buf))
+
+    def _work(self, w: Work) -> list[torch.Tensor]:
+        """Store the message's prompts' K/V, attend what it asks back (`_attend`)."""
+        with self.busy.working():  # the worker's time, where it serves, is the rank's busy time
+            self._store_fills(w)
+            return self._attend(w) if w.n_reply else []
 
     def _answer(self, w: Work, outs: list[torch.Tensor], source: int, buf: np.ndarray) -> None:
         """Send a message's outputs back (none: it asked for nothing); give its buffer back."""
@@ -110,10 +113,16 @@ class Tier2:
         trace.mark("served", w.mb, w.layer)
         self.inbox.done(buf)
 
-    def finish(self) -> None:
-        """Answer the message whose attention runs on the worker, once it is done."""
-        if self.pending is not None:
-            (w, job, source, buf), self.pending = self.pending, None
+    def _answer_served(self, wait: float = 0.0) -> None:
+        """Answer the messages the worker has served, in order, waiting up to `wait` seconds for
+        the first."""
+        while self.pending:
+            w, job, source, buf = self.pending[0]
+            if not job.done():
+                if not wait or not concurrent.futures.wait([job], wait).done:
+                    return
+                wait = 0.0  # waited once
+            self.pending.popleft()
             self._answer(w, job.result(), source, buf)
 
     def _store_fills(self, w: Work) -> None:
@@ -168,19 +177,18 @@ class Tier2:
     def _loop(self) -> int:
         stops, status = 0, 0
         backoff = tp.Backoff()
-        while stops < len(self.served) or self.held:
+        while stops < len(self.served) or self.held or self.pending:
             if self.held:
                 self._release_held()
             t = time.perf_counter()
             msg = self.inbox.get()
             if msg is not None:
                 trace.mark("got", rows=int(1e6 * (time.perf_counter() - t)), tokens=msg[0].nbytes)
+            self._answer_served()
             self.outbox.poll()
             if msg is None:
-                if self.pending is not None:  # answer it once done, looking for the next meanwhile
-                    with self.busy.working():
-                        if concurrent.futures.wait([self.pending[1]], WORKER_POLL_S).done:
-                            self.finish()
+                if self.pending:  # the worker serves: answer as it finishes, look for more
+                    self._answer_served(WORKER_POLL_S)
                     continue
                 with self.busy.idle():  # never past a held reply's time
                     backoff.idle(self.held[0][0] - time.monotonic() if self.held else None)
@@ -188,15 +196,12 @@ class Tier2:
             backoff.reset()
             buf, source, tag = msg
             if tag == tp.TAG_STOP:
-                self.finish()
                 stops += 1
                 status = int(tp.unpack(buf)[0][0])
                 self.inbox.done(buf)
             elif tag == tp.TAG_WORK:
-                with self.busy.working():
-                    self._serve(buf, source)
+                self._serve(buf, source)
             else:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
-        self.finish()
         self.outbox.drain()
         return status

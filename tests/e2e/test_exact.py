@@ -21,18 +21,19 @@ def test_greedy_equals_transformers(tmp_path, prompts_file, reference, world, sl
     assert read_output(out) == reference
 
 
-@pytest.mark.parametrize("world,topology", [(3, {}), (3, {"slices": 2, "prefill_tokens": 7})],
-                         ids=["n3", "n3-s2-chunked"])
-def test_tier2_attention_worker_is_exact(tmp_path, prompts_file, reference, world, topology,
-                                         monkeypatch):
-    """Tier-2 ranks attending on a worker thread (forced here at 2 threads a rank; by default a
-    rank of 4 or more threads does) while the main thread receives, stores and answers the
-    messages beside it; one tier-2 rank serving two slices, with prompts prefilled in chunks
-    (attended on the worker too): the same tokens."""
+@pytest.mark.parametrize("world,topology,delay",
+                         [(3, {}, 2), (3, {"slices": 2, "prefill_tokens": 7}, 0)],
+                         ids=["n3-delay", "n3-s2-chunked"])
+def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, world, topology, delay,
+                               monkeypatch):
+    """Tier-2 ranks serving on a worker thread (forced here at 2 threads a rank; by default a
+    rank of 4 or more threads does) while the main thread receives and answers the messages
+    beside it: with replies held 2 ms, and with one tier-2 rank serving two slices and prompts
+    prefilled in chunks: the same tokens."""
     monkeypatch.setenv("GHMPI_TIER2_WORKER", "1")
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology,
-                    runtime={"torch_threads": 2})
+                    runtime={"torch_threads": 2, "reply_delay_ms": delay})
     r = ghmpi(world, "-c", str(job))
     assert r.returncode == 0, r.stderr
     assert "on a worker thread with 1 of them" in r.stdout or "torch fallback" in r.stdout
