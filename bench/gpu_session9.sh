@@ -9,7 +9,10 @@
 #   b: tier-2 ranks of many threads serving on a worker thread (GHMPI_TIER2_WORKER): the job at
 #      -n 2 (one tier-2 rank of 14 threads), -n 3 (two of 7) and -n 5 (four of 3-4) with the
 #      worker and without it, against -n 9 (2-thread ranks, no worker), traced where it runs
-# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b
+#      (as run, -n 9 and -n 2 without the worker were cut by their steps' time limits)
+#   c: the same with CMA single copy (big messages cost the sending rank nothing, as over a
+#      network with RDMA): -n 9, then -n 2 and -n 3 without and with the worker, a step each
+# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b|c
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -42,5 +45,14 @@ b)
   cat "$OUT"/n?.txt | cut -c1-400 | grep -E "tokens/s|failed" > "$OUT/jobs.txt"; cat "$OUT/jobs.txt"
   traces 2 3 5
   tar czf "$OUT/traces.tgz" -C /tmp tr-2 tr-3 tr-5 2>/dev/null; ls -la "$OUT"
+  ;;
+c)
+  export OMPI_MCA_btl_vader_single_copy_mechanism=cma
+  T=150 step n9 $PY bench/ring_variants.py --ranks 9 --new 128 "$W" "n9-cma;0;0;"
+  for v in n2-inline n2-worker n3-inline n3-worker; do
+    n=${v:1:1}; w=0; [ ${v#*-} = worker ] && w=1
+    T=150 step $v $PY bench/ring_variants.py --ranks $n --new 128 "$W" "$v-cma;0;0;GHMPI_TIER2_WORKER=$w"
+  done
+  cat "$OUT"/n*.txt | cut -c1-400 | grep -E "tokens/s|failed" > "$OUT/jobs.txt"; cat "$OUT/jobs.txt"
   ;;
 esac
