@@ -33,7 +33,10 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.wire import WireFormat, Work, reply_tag
 
 
-WORKER_THREADS = 4  # a rank with this many threads or more serves on a worker thread
+# A rank with this many threads or more serves on a worker thread. Measured on a 16-core host
+# (bench/results/h200-2026-12-03-session9/): ranks of 7 and 14 threads gained 5-11 % that way,
+# ranks of 3-4 lost 11 % (the thread given to the main thread is a quarter of their compute).
+WORKER_THREADS = 6
 WORKER_POLL_S = 1e-4  # while the worker serves, how often to look for the next message
 _WORKER_ENV = "GHMPI_TIER2_WORKER"  # "1": always (2+ threads), "0": never, else by thread count
 

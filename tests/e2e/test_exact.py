@@ -27,7 +27,7 @@ def test_greedy_equals_transformers(tmp_path, prompts_file, reference, world, sl
 def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, world, topology, delay,
                                monkeypatch):
     """Tier-2 ranks serving on a worker thread (forced here at 2 threads a rank; by default a
-    rank of 4 or more threads does) while the main thread receives and answers the messages
+    rank of 6 or more threads does) while the main thread receives and answers the messages
     beside it: with replies held 2 ms, and with one tier-2 rank serving two slices and prompts
     prefilled in chunks: the same tokens."""
     monkeypatch.setenv("GHMPI_TIER2_WORKER", "1")

@@ -49,7 +49,7 @@ def test_attention_worker_only_for_ranks_of_many_threads():
     WORKER_THREADS or more (or GHMPI_TIER2_WORKER=1 and at least 2), never with the setting 0."""
     from ghmpi.runtime.tier2 import WORKER_THREADS, worker_threads
 
-    assert worker_threads(WORKER_THREADS, "") == WORKER_THREADS - 1
+    assert worker_threads(WORKER_THREADS, "") == WORKER_THREADS - 1 and WORKER_THREADS > 2
     assert worker_threads(14, "") == 13
     assert worker_threads(WORKER_THREADS - 1, "") == 0
     assert worker_threads(2, "1") == 1 and worker_threads(1, "1") == 0
