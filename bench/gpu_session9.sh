@@ -12,7 +12,9 @@
 #      (as run, -n 9 and -n 2 without the worker were cut by their steps' time limits)
 #   c: the same with CMA single copy (big messages cost the sending rank nothing, as over a
 #      network with RDMA): -n 9, then -n 2 and -n 3 without and with the worker, a step each
-# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b|c
+#   d: `bench pipeline` at -n 3 with CMA (two tier-2 ranks of 7 threads, serving on workers):
+#      the job against both capacities
+# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b|c|d
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -54,5 +56,11 @@ c)
     T=150 step $v $PY bench/ring_variants.py --ranks $n --new 128 "$W" "$v-cma;0;0;GHMPI_TIER2_WORKER=$w"
   done
   cat "$OUT"/n*.txt | cut -c1-400 | grep -E "tokens/s|failed" > "$OUT/jobs.txt"; cat "$OUT/jobs.txt"
+  ;;
+d)
+  export OMPI_MCA_btl_vader_single_copy_mechanism=cma
+  T=175 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    --np 3 -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity|bound_tps|decode_of|worker" "$OUT/pipeline.txt" | cut -c1-250
   ;;
 esac
