@@ -94,7 +94,6 @@ class Tier2:
     def _serve(self, buf: np.ndarray, source: int) -> None:
         """Serve a message here, or queue it for the worker (which reads its buffer: the buffer
         goes back to the inbox once the message is answered)."""
-        self.faults.step()
         a = self.args
         w = Work.decode(self.wire, buf, a.n_heads, a.n_kv_heads, a.head_dim)
         trace.mark("recv", w.mb, w.layer, len(w.dec_slots), w.n_reply + int(sum(w.fill_len)))
@@ -106,6 +105,7 @@ class Tier2:
     def _work(self, w: Work) -> list[torch.Tensor]:
         """Store the message's prompts' K/V, attend what it asks back (`_attend`)."""
         with self.busy.working():  # the worker's time, where it serves, is the rank's busy time
+            self.faults.step()  # on the worker too: its failures reach the main thread
             self._store_fills(w)
             return self._attend(w) if w.n_reply else []
 

@@ -63,9 +63,14 @@ def session_pids(proc: subprocess.Popen, ranks_only: bool = False) -> list[int]:
     return pids
 
 
-def test_injected_tier2_failure_ends_the_job_quickly(tmp_path, prompts_file):
+@pytest.mark.parametrize("worker", ["0", "1"], ids=["inline", "worker"])
+def test_injected_tier2_failure_ends_the_job_quickly(tmp_path, prompts_file, worker, monkeypatch):
+    """A tier-2 rank fails while serving (on its worker thread, too): the job ends at once, with
+    the rank named."""
+    monkeypatch.setenv("GHMPI_TIER2_WORKER", worker)
     out = tmp_path / "c.h5"
-    job = write_job(tmp_path / "job.yaml", prompts_file, out, faults={"rank": 2, "after_steps": 30})
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, faults={"rank": 2, "after_steps": 30},
+                    runtime={"torch_threads": 2})
     proc = start(3, job)
     failed_at, err = None, []
     for line in proc.stderr:  # stream: time the end of the job from the moment the rank fails
