@@ -14,7 +14,10 @@
 #      network with RDMA): -n 9, then -n 2 and -n 3 without and with the worker, a step each
 #   d: `bench pipeline` at -n 3 with CMA (two tier-2 ranks of 7 threads, serving on workers):
 #      the job against both capacities
-# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b|c|d
+#   e: (not run: no device time was left) `bench pipeline` at -n 9 and -n 3 in one call, each
+#      against its own capacities, with CMA and (-n 9) without: which layout's ring comes nearer
+#      its bound on one host
+# Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b|c|d|e
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -62,5 +65,14 @@ d)
   T=175 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
     --np 3 -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: delay|capacity|bound_tps|decode_of|worker" "$OUT/pipeline.txt" | cut -c1-250
+  ;;
+e)
+  for v in n9-nocma n9-cma n3-cma; do
+    n=${v:1:1}; mca=none; [ ${v#*-} = cma ] && mca=cma
+    OMPI_MCA_btl_vader_single_copy_mechanism=$mca T=190 step $v $PY -m ghmpi bench pipeline \
+      --workdir "$W" --prompts 256 --new 128 --delays 0 --np $n -o "$OUT/$v.json"
+    grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/$v.txt" | cut -c1-200
+    grep -A2 "^| delay_ms" "$OUT/$v.txt"
+  done
   ;;
 esac
