@@ -21,22 +21,30 @@ def test_greedy_equals_transformers(tmp_path, prompts_file, reference, world, sl
     assert read_output(out) == reference
 
 
-@pytest.mark.parametrize("world,topology,delay",
-                         [(3, {}, 2), (3, {"slices": 2, "prefill_tokens": 7}, 0)],
-                         ids=["n3-delay", "n3-s2-chunked"])
-def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, world, topology, delay,
-                               monkeypatch):
-    """Tier-2 ranks serving on a worker thread (forced here at 2 threads a rank; by default a
-    rank of 6 or more threads does) while the main thread receives and answers the messages
-    beside it: with replies held 2 ms, and with one tier-2 rank serving two slices and prompts
-    prefilled in chunks: the same tokens."""
-    monkeypatch.setenv("GHMPI_TIER2_WORKER", "1")
+WORKER_CASES = [  # (topology, reply delay ms, torch threads a rank, GHMPI_TIER2_WORKER)
+    ({}, 2, 2, "1"),  # forced at 2 threads, replies held 2 ms
+    ({"slices": 2, "prefill_tokens": 7}, 0, 2, "1"),  # one rank serving 2 slices, chunked prompts
+    ({}, 0, 6, None),  # the default: ranks of 6 threads serve on a worker of 5
+]
+
+
+@pytest.mark.parametrize("topology,delay,threads,setting", WORKER_CASES,
+                         ids=["forced-delay", "forced-s2-chunked", "default-6-threads"])
+def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, topology, delay, threads,
+                               setting, monkeypatch):
+    """Tier-2 ranks serving on a worker thread while the main thread receives and answers the
+    messages beside it (forced at 2 threads a rank; by default from 6): the same tokens."""
+    if setting is None:
+        monkeypatch.delenv("GHMPI_TIER2_WORKER", raising=False)
+    else:
+        monkeypatch.setenv("GHMPI_TIER2_WORKER", setting)
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology,
-                    runtime={"torch_threads": 2, "reply_delay_ms": delay})
-    r = ghmpi(world, "-c", str(job))
+                    runtime={"torch_threads": threads, "reply_delay_ms": delay})
+    r = ghmpi(3, "-c", str(job))
     assert r.returncode == 0, r.stderr
-    assert "on a worker thread with 1 of them" in r.stdout or "torch fallback" in r.stdout
+    assert (f"on a worker thread with {threads - 1} of them" in r.stdout
+            or "torch fallback" in r.stdout)
     assert read_output(out) == reference
 
 
