@@ -16,7 +16,8 @@
 #      the job against both capacities
 #   e: (not run: no device time was left) `bench pipeline` at -n 9 and -n 3 in one call, each
 #      against its own capacities, with CMA and (-n 9) without: which layout's ring comes nearer
-#      its bound on one host
+#      its bound on one host; then a fat tier-2 rank's cost per message beyond its kernel
+#      (tier2_overhead, 128 rows x 576, 14 threads) inline and on the worker
 # Usage (repo root): OUT=dir bash bench/gpu_session9.sh a|b|c|d|e
 . bench/steps.sh
 traces() { for d in "$@"; do
@@ -74,5 +75,10 @@ e)
     grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/$v.txt" | cut -c1-200
     grep -A2 "^| delay_ms" "$OUT/$v.txt"
   done
+  for w in 0 1 0 1; do
+    echo -n "worker=$w: "; GHMPI_TIER2_WORKER=$w timeout 120 mpirun --allow-run-as-root --bind-to none \
+      -x PYTHONPATH -x GHMPI_TIER2_WORKER -n 2 $PY bench/tier2_overhead.py --rows 128 --messages 200 \
+      --threads 14 2>&1 | grep -E "tier2_overhead|rror"
+  done > "$OUT/overhead.txt" 2>&1; cat "$OUT/overhead.txt"
   ;;
 esac
