@@ -4,7 +4,8 @@ one rank runs a message behind the others (the convoy `bench/trace_summary.py` s
 Usage: mpirun -n 2 python bench/tier2_overhead.py [--shape llama3-8b] [--rows 18] [--context 576]
                                                   [--messages 400] [--threads 2] [--rounds 5]
 
-Rank 1 is a real `Tier2` (its loop, receive, decode, store, kernel, reply); rank 0 stands in for
+Rank 1 is a real `Tier2` (its loop, receive, decode, store, kernel, reply; on its worker thread
+where it has one, GHMPI_TIER2_WORKER); rank 0 stands in for
 tier 1 and keeps two micro-batches' decode messages (`rows` rows each, one layer) queued at it, as
 the ring does for its slowest rank, and counts the replies. Rank 1 first times its attention alone
 (the native kernel's call, and `KVCache.decode`, which adds the k/v append, on the same rows and
@@ -18,6 +19,7 @@ Both ranks print one line; rank 0's is the result.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import statistics
 import time
 
@@ -67,11 +69,22 @@ def main() -> None:
             return (time.perf_counter() - t) / 50
 
         kc, vc = t2.cache.k[0], t2.cache.v[0]
+
+        n = t2.worker_threads  # a rank with a worker attends there, with n threads
+        timer = concurrent.futures.ThreadPoolExecutor(
+            1, initializer=lambda: torch.set_num_threads(n)) if n else None
+
+        def where_it_attends(f):
+            return f() if timer is None else timer.submit(f).result()
+
         for _ in range(a.rounds):  # the kernel alone, then the messages, in turn
-            kernel = timed(lambda: kernels.decode_attention_cpu(q, kc, vc, slots, pos + 1))
-            attend = timed(lambda: t2.cache.decode(0, slots, pos, q, k, k))
+            kernel = where_it_attends(lambda: timed(
+                lambda: kernels.decode_attention_cpu(q, kc, vc, slots, pos + 1)))
+            attend = where_it_attends(lambda: timed(lambda: t2.cache.decode(0, slots, pos, q, k, k)))
             world.send((kernel, attend), dest=0, tag=99)
             t2.run()
+        if timer is not None:
+            timer.shutdown()
         return
     figures = [serve_round(world, layout, wire, a, H, KV, D) for _ in range(a.rounds)]
     kernel, attend, wall = (statistics.median(f[i] for f in figures) for i in range(3))

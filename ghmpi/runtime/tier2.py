@@ -82,11 +82,8 @@ class Tier2:
         self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
         self.busy = tp.BusyClock()
         self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
-        self.worker = None
-        if n:  # the worker's torch ops use n threads, ours one (the setting is per thread)
-            self.worker = concurrent.futures.ThreadPoolExecutor(
-                1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(n))
-            torch.set_num_threads(1)
+        self.worker_threads = n  # the worker's, started by `run`
+        self.worker: concurrent.futures.ThreadPoolExecutor | None = None
         # messages queued for the worker, in order: (Work, its future, source, buffer)
         self.pending: collections.deque[tuple[Work, concurrent.futures.Future, int, np.ndarray]] \
             = collections.deque()
@@ -170,12 +167,19 @@ class Tier2:
     def run(self) -> int:
         """Serve until every slice we serve has sent STOP; return the job's exit status. Replies
         move while the attention kernel runs (`tp.ProgressThread`)."""
+        n, threads = self.worker_threads, torch.get_num_threads()
+        if n:  # the worker's torch ops use n threads, ours one (the setting is per thread)
+            self.worker = concurrent.futures.ThreadPoolExecutor(
+                1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(n))
+            torch.set_num_threads(1)
         try:
             with tp.ProgressThread():
                 return self._loop()
         finally:
             if self.worker is not None:
                 self.worker.shutdown(wait=True, cancel_futures=True)
+                self.worker = None
+                torch.set_num_threads(threads)
 
     def _loop(self) -> int:
         stops, status = 0, 0
