@@ -42,8 +42,8 @@ _WORKER_ENV = "GHMPI_TIER2_WORKER"  # "1": always (2+ threads), "0": never, else
 
 
 def worker_threads(threads: int, setting: str | None = None) -> int:
-    """Threads of the attention worker for a rank of `threads` threads (0: none, attend
-    inline); `setting`: GHMPI_TIER2_WORKER's value."""
+    """Torch threads of the worker of a rank of `threads` threads (0: no worker, the rank serves
+    inline); `setting`: GHMPI_TIER2_WORKER's value (read from the environment when None)."""
     setting = (os.environ.get(_WORKER_ENV, "") if setting is None else setting).strip()
     if threads < 2 or setting == "0":
         return 0
