@@ -19,7 +19,6 @@ Both ranks print one line; rank 0's is the result.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import statistics
 import time
 
@@ -33,7 +32,7 @@ from ghmpi.comm import transport as tp
 from ghmpi.comm.topology import Layout
 from ghmpi.model.args import ModelArgs
 from ghmpi.runtime.faults import FaultInjector
-from ghmpi.runtime.tier2 import Tier2
+from ghmpi.runtime.tier2 import Tier2, worker_pool
 from ghmpi.runtime.wire import WireFormat, Work, reply_tag
 
 
@@ -70,9 +69,8 @@ def main() -> None:
 
         kc, vc = t2.cache.k[0], t2.cache.v[0]
 
-        n = t2.worker_threads  # a rank with a worker attends there, with n threads
-        timer = concurrent.futures.ThreadPoolExecutor(
-            1, initializer=lambda: torch.set_num_threads(n)) if n else None
+        # a rank with a worker attends there, with its threads
+        timer = worker_pool(t2.worker_threads) if t2.worker_threads else None
 
         def where_it_attends(f):
             return f() if timer is None else timer.submit(f).result()
@@ -80,7 +78,8 @@ def main() -> None:
         for _ in range(a.rounds):  # the kernel alone, then the messages, in turn
             kernel = where_it_attends(lambda: timed(
                 lambda: kernels.decode_attention_cpu(q, kc, vc, slots, pos + 1)))
-            attend = where_it_attends(lambda: timed(lambda: t2.cache.decode(0, slots, pos, q, k, k)))
+            attend = where_it_attends(
+                lambda: timed(lambda: t2.cache.decode(0, slots, pos, q, k, k)))
             world.send((kernel, attend), dest=0, tag=99)
             t2.run()
         if timer is not None:

@@ -9,9 +9,9 @@ the tokens sampled (the last slice's passes; set against `bench pipeline`'s capa
 decode phase's rate says what the ring does once every sequence decodes), tier 1's time per
 layer visit (`ship` -> `shipped`: staging and sending), the round trip (`shipped` -> `replied`)
 and the turnaround (`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a
-GPU micro-batch's step and the host's gap before its next launch); each tier-2 rank's receive time and bytes (`got`), serve
-time (`recv` -> `served`, its spread) and busy fraction (receiving and serving); and the ring's
-round trips against the ranks (see `steps`)."""
+GPU micro-batch's step and the host's gap before its next launch); each tier-2 rank's receive
+time and bytes (`got`), serve time (`recv` -> `served`, its spread) and busy fraction (receiving
+and serving); and the ring's round trips against the ranks (see `steps`)."""
 
 from __future__ import annotations
 

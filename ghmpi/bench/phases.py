@@ -50,5 +50,6 @@ def rates(folder: str | Path) -> dict[str, dict[str, float]]:
     out = {}
     for name, lo, hi in phases(ranks):
         n = sampled(ranks, lo, hi)
-        out[name] = {"seconds": hi - lo, "tokens": n, "tokens_per_s": n / (hi - lo) if hi > lo else 0.0}
+        out[name] = {"seconds": hi - lo, "tokens": n,
+                     "tokens_per_s": n / (hi - lo) if hi > lo else 0.0}
     return out

@@ -50,6 +50,13 @@ def worker_threads(threads: int, setting: str | None = None) -> int:
     return threads - 1 if setting == "1" or threads >= WORKER_THREADS else 0
 
 
+def worker_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """One thread whose torch ops use `threads` threads (the setting is per thread): where a
+    tier-2 rank with a worker stores and attends."""
+    return concurrent.futures.ThreadPoolExecutor(
+        1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(threads))
+
+
 class Tier2:
     def __init__(self, world: MPI.Comm, layout: Layout, args: ModelArgs, wire: WireFormat,
                  kv_dtype: torch.dtype, max_len: int, faults: FaultInjector,
@@ -168,9 +175,8 @@ class Tier2:
         """Serve until every slice we serve has sent STOP; return the job's exit status. Replies
         move while the attention kernel runs (`tp.ProgressThread`)."""
         n, threads = self.worker_threads, torch.get_num_threads()
-        if n:  # the worker's torch ops use n threads, ours one (the setting is per thread)
-            self.worker = concurrent.futures.ThreadPoolExecutor(
-                1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(n))
+        if n:  # the worker's torch ops use n threads, ours one
+            self.worker = worker_pool(n)
             torch.set_num_threads(1)
         try:
             with tp.ProgressThread():
