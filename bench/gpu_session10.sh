@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 10 on the GPU machine: the ring's prefill phase. In the issue's job (256 x 512 -> 128,
+# -n 9) a pass admits prompts up to topology.prefill_tokens (4096: 8 prompts) beside its decode
+# rows; the GPU's prefill of them (~4 ms a layer) then lies on the micro-batch's path to tier 2
+# every layer, and the prefill phase runs at ~310 tokens/s against ~900 in the decode phase.
+#   a: `bench pipeline` at -n 9 (both capacities; the job at the default 4096, traced), then the
+#      job at prefill budgets 2048, 1024 and 512, traced: the phases' lengths and rates
+# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a
+. bench/steps.sh
+traces() { for d in "$@"; do
+  [ -d /tmp/tr-$d ] || continue
+  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
+  echo "-- $d"; grep -E "phase:" "$OUT/trace-$d.txt" | cut -c1-200
+done; }
+case ${1:-a} in
+a)
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps|decode_of|prefill_s" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  T=280 step budgets $PY bench/ring_variants.py --new 128 "$W" \
+    "p2048;0;0;topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-2048" \
+    "p1024;0;0;topology.prefill_tokens=1024 GHMPI_TRACE=/tmp/tr-1024" \
+    "p512;0;0;topology.prefill_tokens=512 GHMPI_TRACE=/tmp/tr-512"
+  cut -c1-300 "$OUT/budgets.txt" | grep -E "tokens/s|failed"
+  traces 2048 1024 512
+  ls -la "$OUT"
+  ;;
+esac
