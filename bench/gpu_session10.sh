@@ -18,6 +18,7 @@ a)
     -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps|decode_of|prefill_s" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-4096.txt" 2>&1; grep "phase:" "$OUT/trace-4096.txt"
   T=280 step budgets $PY bench/ring_variants.py --new 128 "$W" \
     "p2048;0;0;topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-2048" \
     "p1024;0;0;topology.prefill_tokens=1024 GHMPI_TRACE=/tmp/tr-1024" \
