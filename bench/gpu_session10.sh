@@ -5,7 +5,12 @@
 # every layer, and the prefill phase runs at ~310 tokens/s against ~900 in the decode phase.
 #   a: `bench pipeline` at -n 9 (both capacities; the job at the default 4096, traced), then the
 #      job at prefill budgets 2048, 1024 and 512, traced: the phases' lengths and rates
-# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a
+#   b: tier-2 sets (topology.tier2_sets): each micro-batch served by one set of the tier-2 ranks,
+#      so its layers wait on those ranks only, not on the slowest of all 8 (the decode phase's
+#      convoy). `bench pipeline` with 7 sets (14 micro-batches of ~19; its capacities: tier 1's
+#      for micro-batches of that size), then the job traced with 1 (today's), 2 and 4 sets, and
+#      with 7 sets and a prefill budget of 2048
+# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -25,6 +30,21 @@ a)
     "p512;0;0;topology.prefill_tokens=512 GHMPI_TRACE=/tmp/tr-512"
   cut -c1-300 "$OUT/budgets.txt" | grep -E "tokens/s|failed"
   traces 2048 1024 512
+  ls -la "$OUT"
+  ;;
+b)
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    --set topology.tier2_sets=7 -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s7.txt" 2>&1; grep "phase:" "$OUT/trace-s7.txt"
+  T=330 step sets $PY bench/ring_variants.py --new 128 "$W" \
+    "s1;0;0;GHMPI_TRACE=/tmp/tr-s1" \
+    "s2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
+    "s4;0;0;topology.tier2_sets=4 GHMPI_TRACE=/tmp/tr-s4" \
+    "s7-p2048;0;0;topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
+  cut -c1-300 "$OUT/sets.txt" | grep -E "tokens/s|failed"
+  traces s1 s2 s4 s7p
   ls -la "$OUT"
   ;;
 esac

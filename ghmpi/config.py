@@ -266,6 +266,12 @@ class TopologyConfig:
     hybrid_slots: int = _opt(
         0, _integer(lo=0),
         "slots of each micro-batch whose KV cache stays on tier 1 (>= 0, <= micro_batch_size)")
+    tier2_sets: int = _opt(
+        1, _integer(lo=1),
+        "disjoint sets the tier-2 ranks of each slice form (>= 1, at most the ranks a slice "
+        "has): each tier-2-served micro-batch is served by one set alone, so its layers wait on "
+        "that set's ranks only; sets balance the ranks' threads; topology.micro_batches must be a "
+        "multiple (auto: 2 per slice and set)")
     gpu_micro_batches: int = _opt(
         0, _integer(lo=0),
         "hybrid: micro-batches whose KV cache stays wholly on the GPU, run beside the "

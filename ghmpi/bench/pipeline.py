@@ -60,12 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra --set KEY=VALUE for the hybrid job only, after --set (repeatable)")
 
 
-def _layout(summary: list[str]) -> tuple[int, int]:
-    """(micro-batches, slots each) of the tier-2-served micro-batches, from the job's line."""
+def _layout(summary: list[str]) -> tuple[int, int, int]:
+    """(micro-batches, slots each, tier-2 sets) of the tier-2-served micro-batches, from the
+    job's line."""
     for line in summary:
-        m = re.search(r"(\d+) micro-batches x (\d+) slots", line)
+        m = re.search(r"(\d+) micro-batches x (\d+) slots(?:, \d+ hybrid)?(?:, (\d+) tier-2 sets)?",
+                      line)
         if m:
-            return int(m.group(1)), int(m.group(2))
+            return int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
     raise RuntimeError(f"no layout line in {summary}")
 
 
@@ -122,13 +124,15 @@ def tier2_capacity(shape: str, layers: int | None, dtype: str, threads: list[int
 
 
 def job_tier2_split(ranks: int, gpu: bool, cores: int, mbs: int, size: int,
-                    n_layers: int) -> tuple[list[int], list[int]]:
+                    n_layers: int, sets: int = 1) -> tuple[list[int], list[int]]:
     """(threads, slots) of each tier-2 rank of a one-slice job on this node, as the job lays
-    them out: the placement's shares of the cores, the slots dealt by those weights."""
+    them out: the placement's shares of the cores, the slots dealt by those weights (over
+    `sets` sets of ranks)."""
     kinds = [placement.GPU if gpu else placement.CPU1] + [placement.TIER2] * (ranks - 1)
     threads = placement.shares(kinds, cores)[1:]
     layout = Layout(ranks, 1, n_layers, mbs, size, 0,
-                    tier2_weights=tuple(threads) if len(set(threads)) > 1 else ())
+                    tier2_weights=tuple(threads) if len(set(threads)) > 1 else (),
+                    tier2_sets=sets)
     return threads, [len(layout.owned_slots(r)) for r in range(1, ranks)]
 
 
@@ -177,14 +181,14 @@ def run(args: argparse.Namespace) -> dict:
     if not jobs and hyb is None:
         return result
     # the capacities of the tier-2-served micro-batches: the ring's, else the hybrid's
-    mbs, size = _layout((jobs[0] if jobs else hyb)["summary"])
+    mbs, size, sets = _layout((jobs[0] if jobs else hyb)["summary"])
     context = L + new // 2
     threads, slots = job_tier2_split(ranks, gpu, len(os.sched_getaffinity(0)), mbs, size,
-                                     hf_config(shape, args.layers)["num_hidden_layers"])
+                                     hf_config(shape, args.layers)["num_hidden_layers"], sets)
     cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, threads, slots, context)
     cap1 = tier1_capacity(shape, args.layers, DT[args.dtype], size)
     bound = min(cap1, cap2)
-    result.update(micro_batches=mbs, micro_batch_size=size, tier2_threads=threads,
+    result.update(micro_batches=mbs, micro_batch_size=size, tier2_sets=sets, tier2_threads=threads,
                   tier2_slots=slots,
                   mean_context=context, tier1_capacity_tps=cap1, tier2_capacity_tps=cap2,
                   tier2_kv_GBps=gbps, bound_tps=bound)

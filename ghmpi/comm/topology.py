@@ -40,6 +40,9 @@ class Layout:
     # threads, so a rank with twice the cores holds twice the slots and every rank of a group
     # finishes a micro-batch's attention at about the same time; empty: equal shares.
     tier2_weights: tuple[int, ...] = ()
+    # Disjoint sets each slice's tier-2 ranks form: tier-2-served micro-batch m is served by set
+    # m mod tier2_sets alone, so its layers wait on those ranks only (1: on the whole group).
+    tier2_sets: int = 1
 
     def __post_init__(self) -> None:
         if self.slices < 1:
@@ -57,6 +60,18 @@ class Layout:
                                    or min(self.tier2_weights) < 1):
             raise ValueError(f"tier2_weights {self.tier2_weights}: need one weight >= 1 per "
                              f"tier-2 rank ({self.n_tier2})")
+        if self.tier2_sets < 1:
+            raise ConfigError(f"topology.tier2_sets must be >= 1, got {self.tier2_sets}")
+        if self.n_tier2 and self.micro_batches % self.tier2_sets:
+            raise ConfigError(
+                f"topology.micro_batches ({self.micro_batches}) must be a multiple of "
+                f"topology.tier2_sets ({self.tier2_sets}): each set of tier-2 ranks serves as "
+                f"many micro-batches as the others")
+        if self.n_tier2 and self.tier2_sets > min(len(self.tier2_group(j))
+                                                  for j in range(self.slices)):
+            raise ConfigError(
+                f"topology.tier2_sets is {self.tier2_sets} but a slice has only "
+                f"{min(len(self.tier2_group(j)) for j in range(self.slices))} tier-2 rank(s)")
         if self.hybrid_slots > self.micro_batch_size:
             raise ConfigError(
                 f"topology.hybrid_slots ({self.hybrid_slots}) exceeds topology.micro_batch_size "
@@ -125,20 +140,22 @@ class Layout:
         start = g * gs + (m - g) * self.micro_batch_size
         return range(start, start + self.micro_batch_size)
 
-    def _remote_index(self, slot: int) -> int:
-        """Index of a tier-2 slot among the tier-2 slots (-1 for a tier-1 slot)."""
+    def _remote_index(self, slot: int) -> tuple[int, int]:
+        """(set, index among its set's tier-2 slots) of a tier-2 slot; (-1, -1) for a tier-1
+        slot. Tier-2-served micro-batch mb goes to set mb mod tier2_sets."""
         if self.n_tier2 == 0:
-            return -1
+            return -1, -1
         rel = slot - self.gpu_micro_batches * self.gpu_micro_batch_size
         if rel < 0:
-            return -1
+            return -1, -1
         mb, i = divmod(rel, self.micro_batch_size)
         if i < self.hybrid_slots:
-            return -1
-        return mb * (self.micro_batch_size - self.hybrid_slots) + i - self.hybrid_slots
+            return -1, -1
+        turn, which = divmod(mb, self.tier2_sets)
+        return which, turn * (self.micro_batch_size - self.hybrid_slots) + i - self.hybrid_slots
 
     def is_local(self, slot: int) -> bool:
-        return self._remote_index(slot) < 0
+        return self._remote_index(slot)[0] < 0
 
     def is_gpu_micro_batch(self, m: int) -> bool:
         return m < self.gpu_micro_batches or self.n_tier2 == 0
@@ -147,14 +164,29 @@ class Layout:
         """World rank holding the KV cache of `slot` for slice j's layers, or LOCAL (tier 1).
 
         A slot keeps the same index inside every slice's group, so its owner is fixed for life.
-        The tier-2 slots are dealt to the group's ranks in turn, each rank as often as its weight
-        (`deal`), so every micro-batch's rows split in proportion to the ranks' threads."""
-        remote = self._remote_index(slot)
-        if remote < 0:
+        The tier-2 slots of a micro-batch are dealt to the ranks of its set (`tier2_set`: the
+        whole group unless tier2_sets > 1) in turn, each rank as often as its weight (`deal`),
+        so every micro-batch's rows split in proportion to the ranks' threads."""
+        which, remote = self._remote_index(slot)
+        if which < 0:
             return LOCAL
+        ranks = self.tier2_set(j, which)
+        turns = deal(tuple(self.tier2_weight(r) for r in ranks))
+        return ranks[turns[remote % len(turns)]]
+
+    def tier2_set(self, j: int, which: int) -> list[int]:
+        """Set `which` of slice j's tier-2 ranks: the group cut into tier2_sets sets of about
+        equal weight (heaviest rank first, each to the lightest set so far)."""
         group = self.tier2_group(j)
-        turns = deal(tuple(self.tier2_weight(r) for r in group))
-        return group[turns[remote % len(turns)]]
+        if self.tier2_sets == 1:
+            return group
+        load = [0] * self.tier2_sets
+        members: list[list[int]] = [[] for _ in load]
+        for r in sorted(group, key=lambda r: -self.tier2_weight(r)):
+            i = load.index(min(load))
+            load[i] += self.tier2_weight(r)
+            members[i].append(r)
+        return sorted(members[which])
 
     def tier2_weight(self, rank: int) -> int:
         return self.tier2_weights[rank - self.slices] if self.tier2_weights else 1
@@ -192,7 +224,7 @@ def deal(weights: tuple[int, ...]) -> tuple[int, ...]:
 def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: int,
                  micro_batch_size: int, on_gpu: bool, hybrid_slots: int = 0,
                  local_fit: int | None = None, remote_fit: int | None = None,
-                 reply_delay_ms: float = 0.0) -> tuple[int, int]:
+                 reply_delay_ms: float = 0.0, tier2_sets: int = 1) -> tuple[int, int]:
     """Defaults for the micro-batch count and size where the config says 0 (auto).
 
     With tier-2 ranks, two micro-batches per slice keep tier 1 busy while the other waits on
@@ -201,10 +233,11 @@ def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: in
     limit); it never exceeds what the prompts can fill, and a CPU tier 1 (tests, debugging)
     stays at 64. A delay between the tiers (`reply_delay_ms`) is hidden by more micro-batches in
     flight: one more per slice for every 1.25 ms (at 10 ms, 10 micro-batches measured best on the
-    H100 machine: bench/results/h100-2026-11-23-tune/run5-mbsweep.txt)."""
+    H100 machine: bench/results/h100-2026-11-23-tune/run5-mbsweep.txt). With the tier-2 ranks cut
+    into `tier2_sets` sets, each set gets as many."""
     has_tier2 = world_size > slices
     extra = slices * math.ceil(reply_delay_ms / 1.25) if has_tier2 else 0
-    mbs = micro_batches or (2 * slices + extra if has_tier2 else 1)
+    mbs = micro_batches or ((2 * slices + extra) * tier2_sets if has_tier2 else 1)
     if micro_batch_size:
         return mbs, micro_batch_size
     size = -(-max(n_prompts, 1) // mbs)

@@ -126,9 +126,9 @@ def plan_job(cfg: Config, world_size: int, ranks_on_node: int = 1
             t.micro_batch_size, on_gpu, t.hybrid_slots, local_fit=local_fit,
             remote_fit=budgets.tier2.nbytes // sizing.slot_bytes(args, layers_per_t2, max_len,
                                                                  kv_item),
-            reply_delay_ms=cfg.runtime.reply_delay_ms)
+            reply_delay_ms=cfg.runtime.reply_delay_ms, tier2_sets=t.tier2_sets)
         layout = Layout(world_size, t.slices, args.n_layers, mbs, size, t.hybrid_slots,
-                        gpu_mbs, gpu_size)
+                        gpu_mbs, gpu_size, tier2_sets=t.tier2_sets)
         _check_memory(cfg, args, layout, max_len, budgets)
     except BaseException:
         lock.release()
@@ -331,7 +331,8 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
            if l.gpu_micro_batches else "")
     print(f"ghmpi: {world_size} ranks: {l.slices} tier-1 ({device}), {l.n_tier2} tier-2; "
           f"{gpu}{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
-          f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}; "
+          f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}"
+          f"{f', {l.tier2_sets} tier-2 sets' if l.tier2_sets > 1 else ''}; "
           f"{plan.n_prompts} prompts"
           f"{f' ({plan.n_rows} completions)' if plan.n_rows != plan.n_prompts else ''}, "
           f"{plan.n_done} already done", flush=True)

@@ -48,6 +48,21 @@ def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, topology, dela
     assert read_output(out) == reference
 
 
+SETS = [(4, {"tier2_sets": 3}), (6, {"slices": 2, "tier2_sets": 2, "prefill_tokens": 7})]
+
+
+@pytest.mark.parametrize("world,topology", SETS, ids=["n4-3sets", "n6-s2-2sets-chunked"])
+def test_tier2_sets_are_exact(tmp_path, prompts_file, reference, world, topology):
+    """Each micro-batch served by one set of the tier-2 ranks (3 sets of one rank; two slices
+    whose groups of 2 ranks are each cut in two, with chunked prompts): the same tokens."""
+    out = tmp_path / "completions.h5"
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology)
+    r = ghmpi(world, "-c", str(job))
+    assert r.returncode == 0, r.stderr
+    assert f"{topology['tier2_sets']} tier-2 sets" in r.stdout
+    assert read_output(out) == reference
+
+
 def test_hybrid_slots_are_exact(tmp_path, prompts_file, reference):
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out,

@@ -106,3 +106,38 @@ def test_auto_batches():
     assert auto_batches(9, 1, 100, 0, 0, on_gpu=False) == (2, 50)
     assert auto_batches(9, 2, 10, 0, 0, on_gpu=True) == (4, 3)
     assert auto_batches(9, 1, 0, 3, 5, on_gpu=False) == (3, 5)
+    assert auto_batches(9, 1, 256, 0, 0, on_gpu=True, tier2_sets=7) == (14, 19)
+    assert auto_batches(1, 1, 256, 0, 0, on_gpu=True, tier2_sets=7) == (1, 256)
+
+
+def test_tier2_sets_serve_their_own_micro_batches():
+    """14 cores over 8 tier-2 ranks (2 threads x 6, 1 x 2) cut into 7 sets of 2 threads: each
+    micro-batch lives on one set only, each set holds two of the 14 micro-batches."""
+    lay = Layout(9, 1, 8, 14, 18, 0, tier2_weights=(2, 2, 2, 2, 2, 2, 1, 1), tier2_sets=7)
+    assert [lay.tier2_set(0, i) for i in range(7)] == [[1], [2], [3], [4], [5], [6], [7, 8]]
+    for mb in range(14):
+        owners = {lay.owner(s, 0) for s in lay.micro_batch_slots(mb)}
+        assert owners == set(lay.tier2_set(0, mb % 7))
+    assert [len(lay.owned_slots(r)) for r in range(1, 9)] == [36] * 6 + [18, 18]
+    assert sorted(s for r in range(1, 9) for s in lay.owned_slots(r)) == list(range(14 * 18))
+    lay = Layout(9, 1, 8, 4, 18, 0, tier2_weights=(2, 2, 2, 2, 2, 2, 1, 1), tier2_sets=2)
+    assert [lay.tier2_set(0, i) for i in range(2)] == [[1, 3, 5, 7], [2, 4, 6, 8]]  # 7 and 7
+    # equal weights; two slices: each group is cut alike
+    lay = Layout(7, 2, 8, 4, 4, 1, tier2_sets=2)  # groups [2, 3, 4] and [5, 6]
+    assert [lay.tier2_set(0, i) for i in range(2)] == [[2, 4], [3]]
+    assert [lay.tier2_set(1, i) for i in range(2)] == [[5], [6]]
+    assert [lay.owner(s, 0) for s in range(16)] == [LOCAL, 2, 4, 2, LOCAL, 3, 3, 3,
+                                                    LOCAL, 4, 2, 4, LOCAL, 3, 3, 3]
+    assert [lay.owner(s, 1) for s in range(16)] == [LOCAL, 5, 5, 5, LOCAL, 6, 6, 6] * 2
+    assert Layout(4, 1, 8, 3, 4, 0, tier2_weights=(1, 1, 10), tier2_sets=3).tier2_set(0, 2) == [2]
+    assert Layout(9, 1, 8, 2, 4, 0).tier2_set(0, 0) == list(range(1, 9))
+
+
+def test_bad_tier2_sets_are_config_errors():
+    with pytest.raises(ConfigError, match="multiple of topology.tier2_sets"):
+        Layout(9, 1, 8, 3, 4, 0, tier2_sets=2)
+    with pytest.raises(ConfigError, match="only 2 tier-2 rank"):
+        Layout(3, 1, 8, 3, 4, 0, tier2_sets=3)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        Layout(3, 1, 8, 2, 4, 0, tier2_sets=0)
+    assert Layout(1, 1, 8, 3, 4, 0, tier2_sets=2).n_tier2 == 0  # no tier 2: nothing to cut
