@@ -10,7 +10,9 @@
 #      convoy). `bench pipeline` with 7 sets (14 micro-batches of ~19; its capacities: tier 1's
 #      for micro-batches of that size), then the job traced with 1 (today's), 2 and 4 sets, and
 #      with 7 sets and a prefill budget of 2048
-# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b
+#   c: the same on another host, against a prefill budget of 2048: `bench pipeline` as is (1 set,
+#      4096), then 1 set with 2048, 2 sets with 4096 and 2048, 7 sets with 2048, traced
+# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -45,6 +47,21 @@ b)
     "s7-p2048;0;0;topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
   cut -c1-300 "$OUT/sets.txt" | grep -E "tokens/s|failed"
   traces s1 s2 s4 s7p
+  ls -la "$OUT"
+  ;;
+c)
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s1.txt" 2>&1; grep "phase:" "$OUT/trace-s1.txt"
+  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "s1-p2048;0;0;topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s1p" \
+    "s2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
+    "s2-p2048;0;0;topology.tier2_sets=2 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s2p" \
+    "s7-p2048;0;0;topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces s1p s2 s2p s7p
   ls -la "$OUT"
   ;;
 esac
