@@ -272,6 +272,12 @@ class TopologyConfig:
         "has): each tier-2-served micro-batch is served by one set alone, so its layers wait on "
         "that set's ranks only; sets balance the ranks' threads; topology.micro_batches must be a "
         "multiple (auto: 2 per slice and set)")
+    prefill_lane: bool = _opt(
+        False, _boolean(),
+        "with tier-2 ranks: prefill the prompts of the tier-2-served micro-batches in passes of "
+        "their own (up to prefill_tokens each), run on tier 1 when no micro-batch's layer is "
+        "ready, instead of inside the micro-batches' decode passes; a sequence joins its "
+        "micro-batch once its first token is sampled")
     gpu_micro_batches: int = _opt(
         0, _integer(lo=0),
         "hybrid: micro-batches whose KV cache stays wholly on the GPU, run beside the "

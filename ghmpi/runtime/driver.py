@@ -109,9 +109,12 @@ class Driver:
                  on_finished: Callable[[list], None],
                  should_drain: Callable[[], bool] = lambda: False,
                  tick: Callable[[int], None] = lambda generated: None,
-                 guard: TailGuard | None = None):
-        """`guard`: hybrid layouts' TailGuard (it gates the scheduler's admissions)."""
+                 guard: TailGuard | None = None, lane: int | None = None):
+        """`guard`: hybrid layouts' TailGuard (it gates the scheduler's admissions); `lane`: the
+        pass id of the prefill lane (`Scheduler.plan_lane`; None: no lane), after the
+        micro-batches' ids."""
         self.scheduler = scheduler
+        self.lane = lane
         self.guard = guard
         if guard is not None:
             scheduler.admits = guard.admits
@@ -122,13 +125,21 @@ class Driver:
         self.generated = 0  # tokens sampled
         self.chunked = [0, 0]  # prompts prefilled in chunks on tier-1 slots, on tier-2 slots
 
+    @property
+    def passes(self) -> list[int]:
+        """Ids of every pass that can be out on the ring: the micro-batches, then the lane."""
+        n = len(self.scheduler.slots_of)
+        return [*range(n), *([] if self.lane is None else [self.lane])]
+
     def plan(self, mb: int) -> list[Row]:
-        """Rows of micro-batch mb's next pass (empty: nothing left for it)."""
-        rows = order_rows(self.scheduler.plan(mb), self.owner)
+        """Rows of micro-batch mb's (or the lane's) next pass (empty: nothing for it now)."""
+        lane = mb == self.lane
+        rows = order_rows(self.scheduler.plan_lane() if lane else self.scheduler.plan(mb),
+                          self.owner)
         if rows:
             self.plans[mb] = rows
             self.home.add(mb)
-            if self.guard is not None:
+            if self.guard is not None and not lane:
                 self.guard.planned(mb)
         for r in rows:
             if r.prefill and r.start == 0 and not r.final:  # a long prompt's first chunk
@@ -140,8 +151,10 @@ class Driver:
         rows = self.plans.pop(mb)
         self.home.discard(mb)
         self.generated += len(draws.tokens)
-        if self.guard is not None:
+        if self.guard is not None and mb != self.lane:
             self.guard.committed(mb, len(draws.tokens), any(r.prefill for r in rows))
+        elif self.guard is not None:  # the lane's first tokens: tier-2-served micro-batches'
+            self.guard.tokens[1] += len(draws.tokens)
         finished = self.scheduler.commit(rows, draws)
         if finished:
             self.on_finished(finished)

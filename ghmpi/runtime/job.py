@@ -324,6 +324,11 @@ def _agree(world: MPI.Comm, status: int) -> int:
     return int(buf[0])
 
 
+def _prefill_lane(cfg: Config, layout: Layout) -> bool:
+    """Whether the job prefills its tier-2-served micro-batches' prompts in a lane of its own."""
+    return cfg.topology.prefill_lane and layout.n_tier2 > 0 and layout.micro_batches > 0
+
+
 def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device) -> None:
     l = plan.layout
     print("ghmpi: resolved config:\n" + config_to_yaml(cfg).rstrip(), flush=True)
@@ -332,7 +337,8 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
     print(f"ghmpi: {world_size} ranks: {l.slices} tier-1 ({device}), {l.n_tier2} tier-2; "
           f"{gpu}{l.micro_batches} micro-batches x {l.micro_batch_size} slots"
           f"{f', {l.hybrid_slots} hybrid' if l.hybrid_slots else ''}"
-          f"{f', {l.tier2_sets} tier-2 sets' if l.tier2_sets > 1 else ''}; "
+          f"{f', {l.tier2_sets} tier-2 sets' if l.tier2_sets > 1 else ''}"
+          f"{', a prefill lane' if _prefill_lane(cfg, l) else ''}; "
           f"{plan.n_prompts} prompts"
           f"{f' ({plan.n_rows} completions)' if plan.n_rows != plan.n_prompts else ''}, "
           f"{plan.n_done} already done", flush=True)
@@ -382,8 +388,10 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                              head=j == layout.slices - 1, device=device,
                              dtype=DTYPES[cfg.model.dtype])
     g = cfg.generation
+    lane = _prefill_lane(cfg, layout)
     if j != 0:
-        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults)
+        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults,
+                   lane=lane)
         status = t1.run()
         _gather_clocks(world, t1.clock)
         return status
@@ -396,6 +404,9 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                           g.max_new_tokens, args.eos_token_ids, g.stop_token_ids, g.ignore_eos,
                           plan.max_len, cfg.topology.prefill_tokens,
                           admission.job_params(g), g.prompt_logprobs, stops)
+    if lane:  # the tier-2-served micro-batches' prompts are prefilled in a lane of their own
+        scheduler.lane_mbs = [m for m in range(layout.n_micro_batches)
+                              if not layout.is_gpu_micro_batch(m)]
     progress = Progress(plan.n_rows, plan.n_done, cfg.runtime.progress_seconds)
 
     def on_stall(reason: str) -> None:  # the watchdog's thread: persist, say why, end the job
@@ -436,9 +447,9 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
              if any(gpu) and not all(gpu) else None)
     driver = Driver(scheduler, np.array(layout.owners(0), dtype=np.int64), on_finished,
                     should_drain=lambda: signals.received() is not None or store.error is not None,
-                    tick=tick, guard=guard)
+                    tick=tick, guard=guard, lane=layout.n_micro_batches if lane else None)
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults,
-                  driver)
+                  driver, lane=lane)
     gen_started = time.time()
     status = tier1.run()
     if stops is not None:

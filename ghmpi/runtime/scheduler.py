@@ -68,6 +68,7 @@ class Sequence:
     top_logprobs: list[np.ndarray] = field(default_factory=list)
     prompt_logprobs: np.ndarray | None = None
     pending: int = 0  # prompt tokens not prefilled yet (a long prompt is prefilled in chunks)
+    prefilling: bool = False  # admitted by the prefill lane, its first token not sampled yet
 
     @property
     def length(self) -> int:
@@ -171,6 +172,10 @@ class Scheduler:
         self.admits: Callable[[int], bool] = lambda mb: True
         self._params_of: dict[int, Params] = {}  # slot -> its sequence's own sampling settings
         self._hits: set[int] = set()  # rows the stop-string watcher found done, not yet freed
+        # Micro-batches whose prompts the prefill lane admits and prefills (`plan_lane`): their
+        # own passes only decode. Empty: every micro-batch admits into its own passes.
+        self.lane_mbs: list[int] = []
+        self._lane_next = 0  # the lane fills its micro-batches' free slots in turn from here
 
     def _next_prompt(self) -> Request | None:
         if self._peeked is None:
@@ -192,8 +197,11 @@ class Scheduler:
         rows: list[Row] = []
         budget = self.prefill_tokens
         free: list[int] = []
+        lane = mb in self.lane_mbs
         for slot in self.slots_of[mb]:
             seq = self.active.get(slot)
+            if seq is not None and seq.prefilling:  # the prefill lane's (`plan_lane`)
+                continue
             if seq is not None and seq.pending:  # the next chunk of its prompt, budget allowing
                 if budget > 0:
                     rows.append(self._chunk(slot, seq, min(seq.pending, budget)))
@@ -205,8 +213,44 @@ class Scheduler:
                                 self._params_of.get(slot, self.params)))
             else:
                 free.append(slot)
-        if free and not self.admits(mb):
-            free = []
+        if lane or (free and not self.admits(mb)):
+            return rows
+        self._admit(free, budget, rows)
+        return rows
+
+    def plan_lane(self) -> list[Row]:
+        """Rows of the prefill lane's next pass: the next chunks of the prompts it prefills in
+        chunks, then admissions into the free slots of its micro-batches (`lane_mbs`, each in
+        turn) while the pass's prefill budget lasts. The lane's passes carry no decode rows, so
+        the prompts' prefill never holds up a micro-batch's decoding; a sequence joins its
+        micro-batch's passes once its first token is sampled."""
+        if self.draining or not self.lane_mbs:
+            return []
+        rows: list[Row] = []
+        budget = self.prefill_tokens
+        for mb in self.lane_mbs:
+            for slot in self.slots_of[mb]:
+                seq = self.active.get(slot)
+                if seq is not None and seq.prefilling and seq.pending and budget > 0:
+                    rows.append(self._chunk(slot, seq, min(seq.pending, budget)))
+                    budget -= rows[-1].ntok
+        n = len(self.lane_mbs)
+        for i in range(n):
+            if budget <= 0:
+                break
+            mb = self.lane_mbs[(self._lane_next + i) % n]
+            if not self.admits(mb):
+                continue
+            free = [slot for slot in self.slots_of[mb] if slot not in self.active]
+            if free:
+                budget = self._admit(free, budget, rows, prefilling=True)
+        self._lane_next = (self._lane_next + 1) % n
+        return rows
+
+    def _admit(self, free: list[int], budget: int, rows: list[Row],
+               prefilling: bool = False) -> int:
+        """Admit queued prompts into the `free` slots (of one micro-batch) while `budget` lasts,
+        their prefill rows appended to `rows`; returns the budget left (0 after a first chunk)."""
         while free and budget > 0:
             nxt = self._next_prompt()
             if nxt is None:
@@ -225,7 +269,8 @@ class Scheduler:
             row0 = nxt.index if nxt.row0 is None else nxt.row0
             for slot, sample in zip(slots, take):
                 self.active[slot] = Sequence(nxt.index, nxt.prompt, max_new, sample=sample,
-                                             row=row0 + sample, stop=nxt.stop)
+                                             row=row0 + sample, stop=nxt.stop,
+                                             prefilling=prefilling)
                 if params != self.params:
                     self._params_of[slot] = params
                 else:
@@ -236,12 +281,12 @@ class Scheduler:
                 seq = self.active[slots[0]]
                 seq.pending = L
                 rows.append(self._chunk(slots[0], seq, budget))
-                break
+                return 0
             budget -= L
             rows.append(Row(slots[0], nxt.index, 0, np.asarray(nxt.prompt, dtype=np.int64), True,
                             take[0], params, tuple(zip(slots[1:], take[1:])),
                             self.prompt_logprobs and take[0] == 0))
-        return rows
+        return budget
 
     def _chunk(self, slot: int, seq: Sequence, size: int) -> Row:
         """The next `size` (or fewer) prompt tokens of a sequence prefilled in chunks."""
@@ -265,6 +310,7 @@ class Scheduler:
                 continue
             for slot, _ in row.draws:
                 seq = self.active[slot]
+                seq.prefilling = False  # its micro-batch decodes it from now on
                 tok = int(d.tokens[j])
                 seq.generated.append(tok)
                 if d.logprobs is not None:

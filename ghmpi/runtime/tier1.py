@@ -94,10 +94,13 @@ def _merged(spans: list[slice]) -> list[slice]:
 class Tier1:
     def __init__(self, world: MPI.Comm, layout: Layout, j: int, model: Transformer,
                  wire: WireFormat, kv_dtype: torch.dtype, max_len: int,
-                 logprobs: int | None, faults: FaultInjector, driver: Driver | None = None):
+                 logprobs: int | None, faults: FaultInjector, driver: Driver | None = None,
+                 lane: bool = False):
         """Slice j's worker; slice 0 also gets the `driver` (scheduler and ring ends).
         `logprobs`: top log-probabilities per token the last slice returns (0: the chosen token's
-        only; None: none). How each row samples travels with the row (`Row.params`)."""
+        only; None: none). How each row samples travels with the row (`Row.params`). `lane`: the
+        job prefills its prompts in a lane of passes of their own (id: after the micro-batches'),
+        run when no micro-batch's layer is ready."""
         self.world, self.layout, self.j, self.model, self.wire = world, layout, j, model, wire
         self.args = model.args
         self.layers = layout.slice_layers(j)
@@ -105,6 +108,7 @@ class Tier1:
         self.device = model.device
         self.logprobs, self.faults = logprobs, faults
         self.driver = driver
+        self.lane = layout.n_micro_batches + (0 if lane else 1)  # ids below it: micro-batches
         self.outbox = tp.Outbox(world, alloc=wire.alloc)  # preallocated (pinned on a GPU)
         self.replies: dict[int, np.ndarray] = {}  # mb -> its replies' receive buffer
         # Slots whose KV cache stays here (hybrid mode, or no tier 2 at all), packed densely.
@@ -296,8 +300,15 @@ class Tier1:
             self.ready.append(self._new_pass(mb, rows, None))
 
     def _commit(self, mb: int, draws: Draws) -> None:
+        """mb's tokens are in: its next pass, and any other that now has rows (with a prefill
+        lane, a micro-batch idles until the lane's pass hands it sequences, and the lane until a
+        slot frees)."""
         self.driver.commit(mb, draws)
         self._launch(mb)
+        if self.driver.lane is not None:
+            for other in self.driver.passes:
+                if other not in self.driver.home:
+                    self._launch(other)
 
     # -- the loop ----------------------------------------------------------------------------
     def _poll_messages(self) -> int | None:
@@ -359,7 +370,7 @@ class Tier1:
 
     def _loop(self) -> int:
         if self.first:
-            for mb in range(self.layout.n_micro_batches):
+            for mb in self.driver.passes:
                 self._launch(mb)
         backoff = tp.Backoff()
         status = None
@@ -424,7 +435,8 @@ class Tier1:
                 if DecodeGraphs.eligible(p.plan):
                     self.ready.remove(p)
                     return p
-        p = max(self.ready, key=lambda q: q.layer)
+        # the prefill lane's layers when no micro-batch's are ready: it fills the GPU's idle time
+        p = max(self.ready, key=lambda q: (q.mb < self.lane, q.layer))
         self.ready.remove(p)
         return p
 

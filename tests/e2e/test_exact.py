@@ -63,6 +63,27 @@ def test_tier2_sets_are_exact(tmp_path, prompts_file, reference, world, topology
     assert read_output(out) == reference
 
 
+LANE = [(3, {"prefill_lane": True}),
+        (4, {"slices": 2, "prefill_lane": True, "prefill_tokens": 7}),
+        (3, {"prefill_lane": True, "hybrid_slots": 2, "micro_batches": 2, "micro_batch_size": 4}),
+        (3, {"prefill_lane": True, "gpu_micro_batches": 1, "gpu_micro_batch_size": 3,
+             "micro_batches": 2, "micro_batch_size": 3})]
+
+
+@pytest.mark.parametrize("world,topology", LANE,
+                         ids=["n3", "n4-s2-chunked", "n3-hybrid-slots", "n3-gpu-micro-batch"])
+def test_prefill_lane_is_exact(tmp_path, prompts_file, reference, world, topology):
+    """Prompts prefilled in the lane's passes of their own (whole; in chunks over two slices;
+    beside slots kept on tier 1; beside a micro-batch wholly on tier 1, which admits its own):
+    the same tokens."""
+    out = tmp_path / "completions.h5"
+    job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology)
+    r = ghmpi(world, "-c", str(job))
+    assert r.returncode == 0, r.stderr
+    assert "slots, a prefill lane;" in r.stdout or "hybrid, a prefill lane;" in r.stdout
+    assert read_output(out) == reference
+
+
 def test_hybrid_slots_are_exact(tmp_path, prompts_file, reference):
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out,
