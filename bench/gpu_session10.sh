@@ -10,8 +10,11 @@
 #      convoy). `bench pipeline` with 7 sets (14 micro-batches of ~19; its capacities: tier 1's
 #      for micro-batches of that size), then the job traced with 1 (today's), 2 and 4 sets, and
 #      with 7 sets and a prefill budget of 2048
-#   c: the same on another host, against a prefill budget of 2048: `bench pipeline` as is (1 set,
-#      4096), then 1 set with 2048, 2 sets with 4096 and 2048, 7 sets with 2048, traced
+#   c: the prefill lane (topology.prefill_lane): prompts prefilled in passes of their own, run
+#      when no micro-batch's layer is ready, so decoding starts after the first such pass and
+#      the GPU's prefill overlaps tier 2's decoding. `bench pipeline` as is (capacities; the job
+#      traced), then the job traced with the lane at prefill budgets 4096, 2048 and 8192, and
+#      with the lane and 2 tier-2 sets
 # Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c
 . bench/steps.sh
 traces() { for d in "$@"; do
@@ -55,13 +58,14 @@ c)
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s1.txt" 2>&1; grep "phase:" "$OUT/trace-s1.txt"
+  L=topology.prefill_lane=true
   T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
-    "s1-p2048;0;0;topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s1p" \
-    "s2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
-    "s2-p2048;0;0;topology.tier2_sets=2 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s2p" \
-    "s7-p2048;0;0;topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
+    "lane;0;0;$L GHMPI_TRACE=/tmp/tr-l" \
+    "lane-p2048;0;0;$L topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-l2" \
+    "lane-p8192;0;0;$L topology.prefill_tokens=8192 GHMPI_TRACE=/tmp/tr-l8" \
+    "lane-s2;0;0;$L topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-ls2"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces s1p s2 s2p s7p
+  traces l l2 l8 ls2
   ls -la "$OUT"
   ;;
 esac
