@@ -15,7 +15,9 @@
 #      the GPU's prefill overlaps tier 2's decoding. `bench pipeline` as is (capacities; the job
 #      traced), then the job traced with the lane at prefill budgets 4096, 2048 and 8192, and
 #      with the lane and 2 tier-2 sets
-# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c
+#   d: the prefill lane as the default (topology.prefill_lane_tokens 8192): `bench pipeline` (the
+#      job against both capacities, traced), then the job without the lane (0) and with 16384
+# Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c|d
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -58,7 +60,7 @@ c)
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s1.txt" 2>&1; grep "phase:" "$OUT/trace-s1.txt"
-  L=topology.prefill_lane=true
+  L=topology.prefill_lane_tokens=4096  # as run: topology.prefill_lane=true (the budget: prefill_tokens)
   T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
     "lane;0;0;$L GHMPI_TRACE=/tmp/tr-l" \
     "lane-p2048;0;0;$L topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-l2" \
@@ -66,6 +68,19 @@ c)
     "lane-s2;0;0;$L topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-ls2"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces l l2 l8 ls2
+  ls -la "$OUT"
+  ;;
+d)
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-lane.txt" 2>&1; grep "phase:" "$OUT/trace-lane.txt"
+  T=200 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n" \
+    "lane16k;0;0;topology.prefill_lane_tokens=16384 GHMPI_TRACE=/tmp/tr-16"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces n 16
   ls -la "$OUT"
   ;;
 esac

@@ -272,12 +272,14 @@ class TopologyConfig:
         "has): each tier-2-served micro-batch is served by one set alone, so its layers wait on "
         "that set's ranks only; sets balance the ranks' threads; topology.micro_batches must be a "
         "multiple (auto: 2 per slice and set)")
-    prefill_lane: bool = _opt(
-        False, _boolean(),
-        "with tier-2 ranks: prefill the prompts of the tier-2-served micro-batches in passes of "
-        "their own (up to prefill_tokens each), run on tier 1 when no micro-batch's layer is "
-        "ready, instead of inside the micro-batches' decode passes; a sequence joins its "
-        "micro-batch once its first token is sampled")
+    prefill_lane_tokens: int = _opt(
+        8192, _integer(lo=0),
+        "with tier-2 ranks: prompt tokens per pass of the prefill lane (>= 0), which prefills "
+        "the tier-2-served micro-batches' prompts in passes of their own (a longer prompt in "
+        "chunks of it), run on tier 1 when no micro-batch's layer is ready, so a micro-batch's "
+        "decoding never waits on a prefill; a sequence joins its micro-batch once its first "
+        "token is sampled; 0 = no lane: prompts are prefilled in the micro-batches' own passes "
+        "(prefill_tokens)")
     gpu_micro_batches: int = _opt(
         0, _integer(lo=0),
         "hybrid: micro-batches whose KV cache stays wholly on the GPU, run beside the "

@@ -157,7 +157,8 @@ def _budgets(cfg: Config, args: ModelArgs, world_size: int, ranks_on_node: int,
         return _Budgets(cpu, cpu)
     free, total = torch.cuda.mem_get_info()
     itemsize = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
-    tokens = t.prefill_tokens + (t.micro_batch_size or 1024)
+    lane = t.prefill_lane_tokens if world_size > t.slices else 0  # a lane's pass, with tier 2
+    tokens = max(t.prefill_tokens, lane) + (t.micro_batch_size or 1024)
     gpu = sizing.gpu_budget(args, free, total, t.gpu_memory_fraction,
                             -(-args.n_layers // t.slices), True, t.slices == 1, itemsize,
                             tokens, t.micro_batch_size or 1024)
@@ -326,7 +327,7 @@ def _agree(world: MPI.Comm, status: int) -> int:
 
 def _prefill_lane(cfg: Config, layout: Layout) -> bool:
     """Whether the job prefills its tier-2-served micro-batches' prompts in a lane of its own."""
-    return cfg.topology.prefill_lane and layout.n_tier2 > 0 and layout.micro_batches > 0
+    return cfg.topology.prefill_lane_tokens > 0 and layout.n_tier2 > 0 and layout.micro_batches > 0
 
 
 def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device) -> None:
@@ -407,6 +408,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
     if lane:  # the tier-2-served micro-batches' prompts are prefilled in a lane of their own
         scheduler.lane_mbs = [m for m in range(layout.n_micro_batches)
                               if not layout.is_gpu_micro_batch(m)]
+        scheduler.lane_tokens = cfg.topology.prefill_lane_tokens
     progress = Progress(plan.n_rows, plan.n_done, cfg.runtime.progress_seconds)
 
     def on_stall(reason: str) -> None:  # the watchdog's thread: persist, say why, end the job

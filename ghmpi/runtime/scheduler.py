@@ -175,6 +175,7 @@ class Scheduler:
         # Micro-batches whose prompts the prefill lane admits and prefills (`plan_lane`): their
         # own passes only decode. Empty: every micro-batch admits into its own passes.
         self.lane_mbs: list[int] = []
+        self.lane_tokens = prefill_tokens  # the lane's prompt-token budget per pass
         self._lane_next = 0  # the lane fills its micro-batches' free slots in turn from here
 
     def _next_prompt(self) -> Request | None:
@@ -215,19 +216,19 @@ class Scheduler:
                 free.append(slot)
         if lane or (free and not self.admits(mb)):
             return rows
-        self._admit(free, budget, rows)
+        self._admit(free, budget, self.prefill_tokens, rows)
         return rows
 
     def plan_lane(self) -> list[Row]:
         """Rows of the prefill lane's next pass: the next chunks of the prompts it prefills in
         chunks, then admissions into the free slots of its micro-batches (`lane_mbs`, each in
-        turn) while the pass's prefill budget lasts. The lane's passes carry no decode rows, so
+        turn) while its budget lasts (`lane_tokens`). The lane's passes carry no decode rows, so
         the prompts' prefill never holds up a micro-batch's decoding; a sequence joins its
         micro-batch's passes once its first token is sampled."""
         if self.draining or not self.lane_mbs:
             return []
         rows: list[Row] = []
-        budget = self.prefill_tokens
+        budget = self.lane_tokens
         for mb in self.lane_mbs:
             for slot in self.slots_of[mb]:
                 seq = self.active.get(slot)
@@ -243,14 +244,15 @@ class Scheduler:
                 continue
             free = [slot for slot in self.slots_of[mb] if slot not in self.active]
             if free:
-                budget = self._admit(free, budget, rows, prefilling=True)
+                budget = self._admit(free, budget, self.lane_tokens, rows, prefilling=True)
         self._lane_next = (self._lane_next + 1) % n
         return rows
 
-    def _admit(self, free: list[int], budget: int, rows: list[Row],
+    def _admit(self, free: list[int], budget: int, full: int, rows: list[Row],
                prefilling: bool = False) -> int:
-        """Admit queued prompts into the `free` slots (of one micro-batch) while `budget` lasts,
-        their prefill rows appended to `rows`; returns the budget left (0 after a first chunk)."""
+        """Admit queued prompts into the `free` slots (of one micro-batch) while `budget` (of a
+        pass's `full` budget) lasts, their prefill rows appended to `rows`; returns the budget
+        left (0 after a first chunk)."""
         while free and budget > 0:
             nxt = self._next_prompt()
             if nxt is None:
@@ -259,7 +261,7 @@ class Scheduler:
             # Samples sharing a prefill (Row.copies) and prompt log-probabilities (computed over
             # a whole prompt's hidden states at the last slice) need the prompt in one pass.
             chunked = budget < L and len(nxt.samples) == 1 and not self.prompt_logprobs
-            if budget < L and budget < self.prefill_tokens and not chunked:
+            if budget < L and budget < full and not chunked:
                 break
             take, rest = nxt.samples[:len(free)], nxt.samples[len(free):]
             self._peeked = replace(nxt, samples=rest) if rest else None

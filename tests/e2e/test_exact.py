@@ -23,7 +23,7 @@ def test_greedy_equals_transformers(tmp_path, prompts_file, reference, world, sl
 
 WORKER_CASES = [  # (topology, reply delay ms, torch threads a rank, GHMPI_TIER2_WORKER)
     ({}, 2, 2, "1"),  # forced at 2 threads, replies held 2 ms
-    ({"slices": 2, "prefill_tokens": 7}, 0, 2, "1"),  # one rank serving 2 slices, chunked prompts
+    ({"slices": 2, "prefill_lane_tokens": 7}, 0, 2, "1"),  # one rank serving 2 slices, chunks
     ({}, 0, 6, None),  # the default: ranks of 6 threads serve on a worker of 5
 ]
 
@@ -48,7 +48,7 @@ def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, topology, dela
     assert read_output(out) == reference
 
 
-SETS = [(4, {"tier2_sets": 3}), (6, {"slices": 2, "tier2_sets": 2, "prefill_tokens": 7})]
+SETS = [(4, {"tier2_sets": 3}), (6, {"slices": 2, "tier2_sets": 2, "prefill_lane_tokens": 7})]
 
 
 @pytest.mark.parametrize("world,topology", SETS, ids=["n4-3sets", "n6-s2-2sets-chunked"])
@@ -63,11 +63,11 @@ def test_tier2_sets_are_exact(tmp_path, prompts_file, reference, world, topology
     assert read_output(out) == reference
 
 
-LANE = [(3, {"prefill_lane": True}),
-        (4, {"slices": 2, "prefill_lane": True, "prefill_tokens": 7}),
-        (3, {"prefill_lane": True, "hybrid_slots": 2, "micro_batches": 2, "micro_batch_size": 4}),
-        (3, {"prefill_lane": True, "gpu_micro_batches": 1, "gpu_micro_batch_size": 3,
-             "micro_batches": 2, "micro_batch_size": 3})]
+LANE = [(3, {"prefill_lane_tokens": 40}),
+        (4, {"slices": 2, "prefill_lane_tokens": 7}),
+        (3, {"hybrid_slots": 2, "micro_batches": 2, "micro_batch_size": 4}),
+        (3, {"gpu_micro_batches": 1, "gpu_micro_batch_size": 3, "micro_batches": 2,
+             "micro_batch_size": 3})]
 
 
 @pytest.mark.parametrize("world,topology", LANE,
@@ -126,24 +126,30 @@ def test_gpu_micro_batches_beside_tier2_with_reply_delay_are_exact(tmp_path, pro
     assert read_output(out) == reference
 
 
+NO_LANE, LANE6, LANE7 = ({"prefill_lane_tokens": 0}, {"prefill_lane_tokens": 6},
+                         {"prefill_lane_tokens": 7})
 CHUNKED = [  # (world, topology, which tiers' slots must see prompts prefilled in chunks)
     (1, {"prefill_tokens": 5}, {"tier-1"}),
-    (3, {"prefill_tokens": 6}, {"tier-2"}),  # 1 tier-1 + 2 tier-2 ranks: every slot on tier 2
-    (3, {"prefill_tokens": 7, "slices": 2}, {"tier-2"}),  # 2 slices, 1 tier-2 rank serving both
-    (4, {"prefill_tokens": 7, "slices": 2}, {"tier-2"}),  # 2 slices, a tier-2 rank each
-    (3, {"prefill_tokens": 6, "gpu_micro_batches": 1, "gpu_micro_batch_size": 3,
-         "micro_batches": 2, "micro_batch_size": 3}, {"tier-1", "tier-2"}),
+    # 1 tier-1 + 2 tier-2 ranks: every slot on tier 2; chunks in the decode passes, in the lane's
+    (3, {"prefill_tokens": 6, **NO_LANE}, {"tier-2"}),
+    (3, {"prefill_tokens": 6, **LANE6}, {"tier-2"}),
+    (3, {"prefill_tokens": 7, "slices": 2, **NO_LANE}, {"tier-2"}),  # 1 tier-2 rank serving both
+    (4, {"prefill_tokens": 7, "slices": 2, **LANE7}, {"tier-2"}),  # 2 slices, a tier-2 rank each
+    (4, {"prefill_tokens": 7, "slices": 2, **NO_LANE}, {"tier-2"}),
+    (3, {"prefill_tokens": 6, "gpu_micro_batches": 1, "gpu_micro_batch_size": 3,  # GPU's own, lane
+         "micro_batches": 2, "micro_batch_size": 3, **LANE6}, {"tier-1", "tier-2"}),
 ]
 
 
 @pytest.mark.parametrize("world,topology,tiers", CHUNKED,
-                         ids=["n1", "n3", "n3-s2", "n4-s2", "n3-hybrid"])
+                         ids=["n1", "n3", "n3-lane", "n3-s2", "n4-s2-lane", "n4-s2", "n3-hybrid"])
 def test_prompts_prefilled_in_chunks_are_exact(tmp_path, prompts_file, reference, world, topology,
                                                tiers):
     """A per-pass budget shorter than the prompts: they are prefilled in chunks that share passes
-    with decode rows, each later chunk attending its cached prefix where its slot's KV lives (on
-    tier 1, or on the tier-2 rank owning the slot, which stores the chunk and sends its rows'
-    attention back with the decode rows'). The summary counts them per tier."""
+    with decode rows (or fill the prefill lane's passes), each later chunk attending its cached
+    prefix where its slot's KV lives (on tier 1, or on the tier-2 rank owning the slot, which
+    stores the chunk and sends its rows' attention back with the decode rows'). The summary
+    counts them per tier."""
     with PromptFile(prompts_file) as pf:
         assert max(len(t) for _, t, _ in pf.iter_prompts()) > 3 * topology["prefill_tokens"]
     out = tmp_path / "completions.h5"

@@ -9,8 +9,8 @@ from ghmpi.runtime.scheduler import Request, Scheduler
 
 def make(prompts, budget, slots=((0, 1), (2, 3)), max_new=3):
     reqs = [(i, np.arange(1, n + 1, dtype=np.int32), max_new) for i, n in enumerate(prompts)]
-    s = Scheduler(reqs, [range(a, b + 1) for a, b in slots], max_new, [], [], False, 1000, budget)
-    s.lane_mbs = list(range(len(slots)))
+    s = Scheduler(reqs, [range(a, b + 1) for a, b in slots], max_new, [], [], False, 1000, 1000)
+    s.lane_mbs, s.lane_tokens = list(range(len(slots))), budget
     return s
 
 
@@ -49,8 +49,8 @@ def test_lane_feeds_long_prompts_in_chunks():
 
 def test_lane_keeps_shared_prefills_whole_and_stops_when_draining():
     two = Request(0, np.arange(1, 11, dtype=np.int32), 3, samples=(0, 1))
-    s = Scheduler([two], [range(2)], 3, [], [], False, 1000, 4)
-    s.lane_mbs = [0]
+    s = Scheduler([two], [range(2)], 3, [], [], False, 1000, 1000)
+    s.lane_mbs, s.lane_tokens = [0], 4
     rows = s.plan_lane()
     assert [(r.slot, r.ntok, r.copies) for r in rows] == [(0, 10, ((1, 1),))]
     s.commit(rows, [3, 4])
