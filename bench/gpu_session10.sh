@@ -19,6 +19,7 @@
 #      job against both capacities, traced), then the job without the lane (0) and with 16384
 # Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c|d
 . bench/steps.sh
+NL=topology.prefill_lane_tokens=0  # a and b ran before the prefill lane existed
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
   $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
@@ -27,45 +28,47 @@ done; }
 case ${1:-a} in
 a)
   T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    -o "$OUT/pipeline.json"
+    --set topology.prefill_lane_tokens=0 -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps|decode_of|prefill_s" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-4096.txt" 2>&1; grep "phase:" "$OUT/trace-4096.txt"
   T=280 step budgets $PY bench/ring_variants.py --new 128 "$W" \
-    "p2048;0;0;topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-2048" \
-    "p1024;0;0;topology.prefill_tokens=1024 GHMPI_TRACE=/tmp/tr-1024" \
-    "p512;0;0;topology.prefill_tokens=512 GHMPI_TRACE=/tmp/tr-512"
+    "p2048;0;0;$NL topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-2048" \
+    "p1024;0;0;$NL topology.prefill_tokens=1024 GHMPI_TRACE=/tmp/tr-1024" \
+    "p512;0;0;$NL topology.prefill_tokens=512 GHMPI_TRACE=/tmp/tr-512"
   cut -c1-300 "$OUT/budgets.txt" | grep -E "tokens/s|failed"
   traces 2048 1024 512
   ls -la "$OUT"
   ;;
 b)
   T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    --set topology.tier2_sets=7 -o "$OUT/pipeline.json"
+    --set topology.tier2_sets=7 --set topology.prefill_lane_tokens=0 -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s7.txt" 2>&1; grep "phase:" "$OUT/trace-s7.txt"
   T=330 step sets $PY bench/ring_variants.py --new 128 "$W" \
-    "s1;0;0;GHMPI_TRACE=/tmp/tr-s1" \
-    "s2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
-    "s4;0;0;topology.tier2_sets=4 GHMPI_TRACE=/tmp/tr-s4" \
-    "s7-p2048;0;0;topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
+    "s1;0;0;$NL GHMPI_TRACE=/tmp/tr-s1" \
+    "s2;0;0;$NL topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
+    "s4;0;0;$NL topology.tier2_sets=4 GHMPI_TRACE=/tmp/tr-s4" \
+    "s7-p2048;0;0;$NL topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
   cut -c1-300 "$OUT/sets.txt" | grep -E "tokens/s|failed"
   traces s1 s2 s4 s7p
   ls -la "$OUT"
   ;;
 c)
   T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    -o "$OUT/pipeline.json"
+    --set topology.prefill_lane_tokens=0 -o "$OUT/pipeline.json"  # as run: no lane existed
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s1.txt" 2>&1; grep "phase:" "$OUT/trace-s1.txt"
-  L=topology.prefill_lane_tokens=4096  # as run: topology.prefill_lane=true (the budget: prefill_tokens)
+  # as run, the lane was `topology.prefill_lane=true` with the budget of topology.prefill_tokens;
+  # the same settings now read:
+  L=topology.prefill_lane_tokens
   T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
-    "lane;0;0;$L GHMPI_TRACE=/tmp/tr-l" \
-    "lane-p2048;0;0;$L topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-l2" \
-    "lane-p8192;0;0;$L topology.prefill_tokens=8192 GHMPI_TRACE=/tmp/tr-l8" \
-    "lane-s2;0;0;$L topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-ls2"
+    "lane;0;0;$L=4096 GHMPI_TRACE=/tmp/tr-l" \
+    "lane-p2048;0;0;$L=2048 GHMPI_TRACE=/tmp/tr-l2" \
+    "lane-p8192;0;0;$L=8192 GHMPI_TRACE=/tmp/tr-l8" \
+    "lane-s2;0;0;$L=4096 topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-ls2"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces l l2 l8 ls2
   ls -la "$OUT"
