@@ -16,7 +16,7 @@
 #      traced), then the job traced with the lane at prefill budgets 4096, 2048 and 8192, and
 #      with the lane and 2 tier-2 sets
 #   d: the prefill lane as the default (topology.prefill_lane_tokens 8192): `bench pipeline` (the
-#      job against both capacities, traced), then the job without the lane (0) and with 16384
+#      job against both capacities, traced), then the job without the lane (0)
 # Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c|d
 . bench/steps.sh
 NL=topology.prefill_lane_tokens=0  # a and b ran before the prefill lane existed
@@ -80,10 +80,9 @@ d)
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-lane.txt" 2>&1; grep "phase:" "$OUT/trace-lane.txt"
   T=200 step variants $PY bench/ring_variants.py --new 128 "$W" \
-    "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n" \
-    "lane16k;0;0;topology.prefill_lane_tokens=16384 GHMPI_TRACE=/tmp/tr-16"
+    "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces n 16
+  traces n
   ls -la "$OUT"
   ;;
 esac
