@@ -25,13 +25,19 @@ traces() { for d in "$@"; do
   $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
   echo "-- $d"; grep -E "phase:" "$OUT/trace-$d.txt" | cut -c1-200
 done; }
+# `bench pipeline` of the issue's job (extra arguments: its --set options), its trace summarised
+# into $OUT/trace-NAME.txt
+pipeline() { name=$1; shift
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    "$@" -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$name.txt" 2>&1
+  grep "phase:" "$OUT/trace-$name.txt"
+}
 case ${1:-a} in
 a)
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    --set topology.prefill_lane_tokens=0 -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps|decode_of|prefill_s" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-4096.txt" 2>&1; grep "phase:" "$OUT/trace-4096.txt"
+  pipeline 4096 --set topology.prefill_lane_tokens=0
   T=280 step budgets $PY bench/ring_variants.py --new 128 "$W" \
     "p2048;0;0;$NL topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-2048" \
     "p1024;0;0;$NL topology.prefill_tokens=1024 GHMPI_TRACE=/tmp/tr-1024" \
@@ -41,11 +47,7 @@ a)
   ls -la "$OUT"
   ;;
 b)
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    --set topology.tier2_sets=7 --set topology.prefill_lane_tokens=0 -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s7.txt" 2>&1; grep "phase:" "$OUT/trace-s7.txt"
+  pipeline s7 --set topology.tier2_sets=7 --set topology.prefill_lane_tokens=0
   T=330 step sets $PY bench/ring_variants.py --new 128 "$W" \
     "s1;0;0;$NL GHMPI_TRACE=/tmp/tr-s1" \
     "s2;0;0;$NL topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
@@ -56,11 +58,7 @@ b)
   ls -la "$OUT"
   ;;
 c)
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    --set topology.prefill_lane_tokens=0 -o "$OUT/pipeline.json"  # as run: no lane existed
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-s1.txt" 2>&1; grep "phase:" "$OUT/trace-s1.txt"
+  pipeline s1 --set topology.prefill_lane_tokens=0  # as run: no lane existed
   # as run, the lane was `topology.prefill_lane=true` with the budget of topology.prefill_tokens;
   # the same settings now read:
   L=topology.prefill_lane_tokens
@@ -74,11 +72,7 @@ c)
   ls -la "$OUT"
   ;;
 d)
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-lane.txt" 2>&1; grep "phase:" "$OUT/trace-lane.txt"
+  pipeline lane
   T=200 step variants $PY bench/ring_variants.py --new 128 "$W" \
     "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
