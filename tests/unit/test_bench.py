@@ -72,3 +72,16 @@ def test_tier2_capacity_leaves_out_ranks_dealt_no_slot() -> None:
 
     tps, gbps = tier2_capacity("tiny", None, "bfloat16", [1, 1], [2, 0], 20)
     assert tps > 0 and gbps > 0
+
+
+def test_job_tier2_split_follows_the_tier2_sets() -> None:
+    """`bench pipeline`'s capacities lay the slots out as the job does: 7 sets of 2 threads on
+    16 cores (14 micro-batches of 19) deal the two 1-thread ranks one micro-batch each."""
+    from ghmpi.bench.pipeline import _layout, job_tier2_split
+
+    line = "ghmpi: 9 ranks: 1 tier-1 (cuda:0), 8 tier-2; 14 micro-batches x 19 slots, 7 tier-2 sets"
+    mbs, size, sets = _layout([line + "; 256 prompts, 0 already done"])
+    assert (mbs, size, sets) == (14, 19, 7)
+    threads, slots = job_tier2_split(9, True, 16, mbs, size, 32, sets)
+    assert threads == [2] * 6 + [1] * 2 and slots == [38] * 6 + [19, 19]
+    assert _layout(["2 micro-batches x 128 slots, a prefill lane; 256 prompts"]) == (2, 128, 1)
