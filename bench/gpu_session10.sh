@@ -27,13 +27,13 @@ traces() { for d in "$@"; do
 done; }
 # `bench pipeline` of the issue's job (extra arguments: its --set options), its trace summarised
 # into $OUT/trace-NAME.txt
-pipeline() { name=$1; shift
+pipeline() { local trace=$1; shift
   T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
     "$@" -o "$OUT/pipeline.json"
   grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$name.txt" 2>&1
-  grep "phase:" "$OUT/trace-$name.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
+  grep "phase:" "$OUT/trace-$trace.txt"
 }
 case ${1:-a} in
 a)
