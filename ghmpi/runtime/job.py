@@ -389,10 +389,8 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                              head=j == layout.slices - 1, device=device,
                              dtype=DTYPES[cfg.model.dtype])
     g = cfg.generation
-    lane = _prefill_lane(cfg, layout)
     if j != 0:
-        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults,
-                   lane=lane)
+        t1 = Tier1(world, layout, j, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults)
         status = t1.run()
         _gather_clocks(world, t1.clock)
         return status
@@ -405,6 +403,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                           g.max_new_tokens, args.eos_token_ids, g.stop_token_ids, g.ignore_eos,
                           plan.max_len, cfg.topology.prefill_tokens,
                           admission.job_params(g), g.prompt_logprobs, stops)
+    lane = _prefill_lane(cfg, layout)
     if lane:  # the tier-2-served micro-batches' prompts are prefilled in a lane of their own
         scheduler.lane_mbs = [m for m in range(layout.n_micro_batches)
                               if not layout.is_gpu_micro_batch(m)]
@@ -451,7 +450,7 @@ def _run_role(cfg: Config, plan: JobPlan, world: MPI.Comm, rank: int, device: to
                     should_drain=lambda: signals.received() is not None or store.error is not None,
                     tick=tick, guard=guard, lane=layout.n_micro_batches if lane else None)
     tier1 = Tier1(world, layout, 0, model, wire, kv_dtype, plan.max_len, plan.logprobs, faults,
-                  driver, lane=lane)
+                  driver)
     gen_started = time.time()
     status = tier1.run()
     if stops is not None:

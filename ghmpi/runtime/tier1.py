@@ -94,13 +94,10 @@ def _merged(spans: list[slice]) -> list[slice]:
 class Tier1:
     def __init__(self, world: MPI.Comm, layout: Layout, j: int, model: Transformer,
                  wire: WireFormat, kv_dtype: torch.dtype, max_len: int,
-                 logprobs: int | None, faults: FaultInjector, driver: Driver | None = None,
-                 lane: bool = False):
+                 logprobs: int | None, faults: FaultInjector, driver: Driver | None = None):
         """Slice j's worker; slice 0 also gets the `driver` (scheduler and ring ends).
         `logprobs`: top log-probabilities per token the last slice returns (0: the chosen token's
-        only; None: none). How each row samples travels with the row (`Row.params`). `lane`: the
-        job prefills its prompts in a lane of passes of their own (id: after the micro-batches'),
-        run when no micro-batch's layer is ready."""
+        only; None: none). How each row samples travels with the row (`Row.params`)."""
         self.world, self.layout, self.j, self.model, self.wire = world, layout, j, model, wire
         self.args = model.args
         self.layers = layout.slice_layers(j)
@@ -108,7 +105,8 @@ class Tier1:
         self.device = model.device
         self.logprobs, self.faults = logprobs, faults
         self.driver = driver
-        self.lane = layout.n_micro_batches + (0 if lane else 1)  # ids below it: micro-batches
+        # Pass ids below this are micro-batches; the prefill lane's, where the job has one, is it
+        self.lane = layout.n_micro_batches
         self.outbox = tp.Outbox(world, alloc=wire.alloc)  # preallocated (pinned on a GPU)
         self.replies: dict[int, np.ndarray] = {}  # mb -> its replies' receive buffer
         # Slots whose KV cache stays here (hybrid mode, or no tier 2 at all), packed densely.
