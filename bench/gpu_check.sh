@@ -3,7 +3,7 @@
 # bfloat16. Checks that float32 CUDA tokens equal the CPU's and transformers', prints wall time
 # and tokens/s of each run. Usage (repo root, site MPI + a CUDA torch):  bash bench/gpu_check.sh
 set -u
-OUT=${OUT:-$(mktemp -d)}
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 PY=${PY:-$(command -v python3)}
 MPIRUN=${MPIRUN:-mpirun}
 MPIFLAGS=${MPIFLAGS:---oversubscribe --bind-to none}
@@ -14,9 +14,12 @@ nvidia-smi -L 2>/dev/null | head -2
 "$MPIRUN" --version | head -1
 # a trailing -cN: topology.prefill_tokens=N (prompts longer than N are prefilled in chunks);
 # -gN: hybrid, one GPU micro-batch of N slots (graph steps on a low-priority stream) beside the
-# tier-2-served ones
-runs=(cpu-n1-float32 cpu-n9-float32 cuda-n1-float32 cuda-n9-float32 cuda-n1-bfloat16 cuda-n9-bfloat16
-      cuda-n1-float32-c16 cuda-n3-float32-c16 cuda-n9-float32-g8)
+# tier-2-served ones; -lN: topology.prefill_lane_tokens=N (the prefill lane, on a stream of its
+# own, in passes of N tokens: longer prompts go in chunks that tier 2 answers); -sN: N slices
+# (RUNS="name ...": those only; cpu-n1-float32, the reference, among them)
+runs=(${RUNS:-cpu-n1-float32 cpu-n9-float32 cuda-n1-float32 cuda-n9-float32 cuda-n1-bfloat16
+      cuda-n9-bfloat16 cuda-n1-float32-c16 cuda-n3-float32-c16 cuda-n9-float32-g8
+      cuda-n9-float32-l16 cuda-n10-float32-s2})
 for name in "${runs[@]}"; do
   IFS=- read -r dev n dtype chunk <<<"$name"
   n=${n#n}
@@ -24,6 +27,8 @@ for name in "${runs[@]}"; do
   case $chunk in
     c*) extra=(--set topology.prefill_tokens="${chunk#c}") ;;
     g*) extra=(--set topology.gpu_micro_batches=1 --set topology.gpu_micro_batch_size="${chunk#g}") ;;
+    l*) extra=(--set topology.prefill_lane_tokens="${chunk#l}") ;;
+    s*) extra=(--set topology.slices="${chunk#s}") ;;
   esac
   start=$(date +%s.%N)
   "$MPIRUN" $MPIFLAGS -n "$n" "$PY" -m ghmpi --set topology.device="$dev" --set model.dtype="$dtype" "${extra[@]}" \
@@ -35,7 +40,7 @@ for name in "${runs[@]}"; do
   [ $rc = 0 ] || tail -5 "$OUT/$name.log"
 done
 "$PY" - "$OUT" <<'PYEOF'
-import sys, h5py, numpy as np, torch
+import os, sys, h5py, numpy as np, torch
 from transformers import AutoModelForCausalLM
 from ghmpi.io.prompts import PromptFile
 out = sys.argv[1]
@@ -45,7 +50,10 @@ def load(name):
     return [t[a:b].tolist() for a, b in zip(o[:-1], o[1:])], r.tolist()
 ref = load("cpu-n1-float32")
 for name in ["cpu-n9-float32", "cuda-n1-float32", "cuda-n9-float32", "cuda-n1-bfloat16", "cuda-n9-bfloat16",
-             "cuda-n1-float32-c16", "cuda-n3-float32-c16", "cuda-n9-float32-g8"]:
+             "cuda-n1-float32-c16", "cuda-n3-float32-c16", "cuda-n9-float32-g8",
+             "cuda-n9-float32-l16", "cuda-n10-float32-s2"]:
+    if not os.path.exists(f"{out}/{name}.h5"):
+        continue
     got = load(name)
     same = sum(a == b for a, b in zip(got[0], ref[0]))
     print(f"{name}: {same}/{len(ref[0])} completions equal to cpu-n1-float32")
@@ -59,7 +67,10 @@ with PromptFile("data/prompts.h5") as pf, torch.no_grad():
                            pad_token_id=eos if isinstance(eos, int) else eos[0])
         hf.append(g[0, ids.shape[1]:].tolist())
 for name in ["cpu-n1-float32", "cuda-n1-float32", "cuda-n9-float32", "cuda-n1-float32-c16",
-             "cuda-n3-float32-c16", "cuda-n9-float32-g8"]:
+             "cuda-n3-float32-c16", "cuda-n9-float32-g8", "cuda-n9-float32-l16",
+             "cuda-n10-float32-s2"]:
+    if not os.path.exists(f"{out}/{name}.h5"):
+        continue
     got = load(name)[0]
     print(f"{name}: {sum(a == b for a, b in zip(got, hf))}/{len(hf)} completions equal to transformers generate")
 PYEOF

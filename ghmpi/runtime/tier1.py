@@ -18,7 +18,6 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from ghmpi.runtime.faults import FaultInjector
 from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logprobs
 from ghmpi.runtime.passplan import PassPlan, attend_local, build_plan
 from ghmpi.runtime.scheduler import Draws, Row
-from ghmpi.runtime.wire import (Shipment, WireFormat, Work, packed_qkv, reply_tag,
+from ghmpi.runtime.wire import (Copies, Shipment, WireFormat, Work, packed_qkv, reply_tag,
                                 rows_from_header, rows_header)
 
 
@@ -46,8 +45,6 @@ class _Route:
 
     shipment: Shipment  # the messages' headers
     owners: list[int]  # their destinations
-    keys: list[tuple]  # their send buffers' keys
-    buffers: list[Callable[[int], np.ndarray]]  # the send buffers
     replies: list[tuple[int, int, int]]  # (owner, start, end) bytes of the reply buffer
     reply_bytes: int
     waiting_on: list[int]  # the owners that reply
@@ -71,6 +68,7 @@ class Pass:
     waiting_on: list[int] = field(default_factory=list)  # their ranks
     replied: list[slice] = field(default_factory=list)  # token spans the replies fill, in order
     route: _Route | None = None  # its traffic with tier 2, worked out at its first layer
+    staged: tuple | None = None  # the prefill lane: (messages, their keys, `Copies`) to send
 
     @property
     def rows(self) -> list[Row]:
@@ -139,36 +137,51 @@ class Tier1:
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
         # GPU micro-batches' graph steps in flight: (pass, its logits, the step's end event)
         self.inflight: list[tuple[Pass, torch.Tensor, torch.cuda.Event]] = []
-        # Hybrid: those steps run on a low-priority stream and everything else (the segments and
-        # copies of tier-2-served passes) on a high-priority one, so a tier-2 micro-batch's layer
-        # runs between a GPU step's kernels instead of after the whole step.
-        self.streams = ((torch.cuda.Stream(self.device, priority=-1),
-                         torch.cuda.Stream(self.device, priority=0))
-                        if self.graphs is not None and layout.n_tier2 else None)
+        # On a GPU beside tier 2, the segments and copies of tier-2-served micro-batches run on a
+        # high-priority stream; work that should only fill the GPU's spare time runs on
+        # low-priority ones, so a tier-2 micro-batch's layer runs between its kernels instead of
+        # after it: GPU micro-batches' graph steps (hybrid), and the prefill lane's layers, whose
+        # copies to the wire this rank does not wait for (`_ship`).
+        self.stream = self.step_stream = self.lane_stream = None
+        if self.device.type == "cuda" and layout.n_tier2:
+            self.stream = torch.cuda.Stream(self.device, priority=-1)
+            self.lane_stream = torch.cuda.Stream(self.device, priority=0)
+            if self.graphs is not None:
+                self.step_stream = torch.cuda.Stream(self.device, priority=0)
         self.owner = np.array(layout.owners(j), dtype=np.int64)
         self.group = layout.tier2_group(j)
         self.ready: list[Pass] = []
+        self.staging: list[Pass] = []  # lane passes whose layer's messages are being copied
         self.waiting: list[Pass] = []
         self.clock = tp.BusyClock()
 
     # -- passes ------------------------------------------------------------------------------
+    def _on(self, mb: int):
+        """The stream pass mb's device work runs on: the prefill lane's own, else the current."""
+        if mb == self.lane and self.lane_stream is not None:
+            return torch.cuda.stream(self.lane_stream)
+        return contextlib.nullcontext()
+
     def _new_pass(self, mb: int, rows: list[Row], x: torch.Tensor | None) -> Pass:
-        plan = build_plan(rows, self.owner, self.local_index, self.device)
-        if x is None:  # slice 0: embed the tokens
-            x = self.model.embed(torch.from_numpy(plan.tokens).to(self.device, non_blocking=True))
-        return Pass(mb, plan, x, self.layers.start)
+        with self._on(mb):
+            plan = build_plan(rows, self.owner, self.local_index, self.device)
+            if x is None:  # slice 0: embed the tokens
+                x = self.model.embed(torch.from_numpy(plan.tokens).to(self.device,
+                                                                      non_blocking=True))
+            return Pass(mb, plan, x, self.layers.start)
 
     def _start_layer(self, p: Pass) -> None:
         """post-attention of the layer before -> pre-attention -> attend (ship tier 2 its share
         first, then the local attention while tier 2 works); the post-attention waits until
         every reply is in (`_finish_layer`) and runs with the next layer's pre-attention."""
         self.faults.step()
-        p.x, (q, k, v) = self._segment(p)  # (n, H, D), (n, KV, D) x2
-        p.o = torch.empty(q.shape[0], self.args.n_heads * self.args.head_dim, dtype=q.dtype,
-                          device=q.device)
-        self._ship(p, q, k, v)
-        attend_local(self.cache, p.plan, p.layer, q, k, v, p.o)
-        if not p.waits:
+        with self._on(p.mb):
+            p.x, (q, k, v) = self._segment(p)  # (n, H, D), (n, KV, D) x2
+            p.o = torch.empty(q.shape[0], self.args.n_heads * self.args.head_dim,
+                              dtype=q.dtype, device=q.device)
+            self._ship(p, q, k, v)
+            attend_local(self.cache, p.plan, p.layer, q, k, v, p.o)
+        if not p.waits and p.staged is None:
             self._finish_layer(p)
 
     def _segment(self, p: Pass) -> tuple[torch.Tensor, tuple | None]:
@@ -187,10 +200,13 @@ class Tier1:
         """Send each tier-2 owner one message with its decode rows' q/k/v, the prompts' K/V and
         its prompt chunks' q/k/v. All messages' payloads leave the device together, straight
         into their send buffers, synchronised once (which also retires the last layer's copy out
-        of this micro-batch's reply buffer, so its receives can be posted again). The owners'
-        replies land one after the other in that buffer: rows of the spans in `p.replied`, in
-        order. What is the same every layer (headers, keys, reply offsets) is worked out once per
-        pass (`_route`)."""
+        of this micro-batch's reply buffer, so its receives can be posted again). What is the
+        same every layer (headers, reply offsets) is worked out once per pass (`_route`); each
+        message has two send buffers, taken in turn by even and odd layers.
+
+        The prefill lane's copies are not waited for: its layer's GPU work, long beside a decode
+        micro-batch's, runs on a stream of its own while this rank serves the micro-batches, and
+        the messages go out (`_post`) once the copies are done (`_loop`)."""
         if not p.plan.remote:
             return
         r = p.route or self._route(p)
@@ -202,13 +218,26 @@ class Tier1:
                                     [k[a:b] for a, b in sh.chunk_spans],
                                     [v[a:b] for a, b in sh.chunk_spans])
                     for sh in p.plan.remote]
-        msgs = r.shipment.frames(self.wire, p.layer, payloads, r.buffers)
+        keys = [("work", p.mb, owner, p.layer % 2) for owner in r.owners]
+        lane = p.mb == self.lane
+        msgs = r.shipment.frames(self.wire, p.layer, payloads,
+                                 [lambda n, key=key: self.outbox.buffer(key, n) for key in keys],
+                                 wait=not lane)
+        p.staged = (msgs, keys, Copies(self.device) if lane else None)
+        if not lane:
+            self._post(p)
+
+    def _post(self, p: Pass) -> None:
+        """Post the receives of p's replies (they land one after the other in its reply buffer:
+        rows of the spans in `p.replied`, in order), then send the staged messages."""
+        r, (msgs, keys, _) = p.route, p.staged
+        p.staged = None
         reply = self._reply_buffer(p.mb, r.reply_bytes)
         for (owner, a, b) in r.replies:  # post the receives before the requests go out
             p.waits.append(self.world.Irecv([reply[a:b], MPI.BYTE], source=owner,
                                             tag=reply_tag(p.mb)))
         p.waiting_on, p.replied = r.waiting_on, r.replied
-        for owner, key, msg in zip(r.owners, r.keys, msgs):
+        for owner, key, msg in zip(r.owners, keys, msgs):
             self.outbox.send(msg, owner, tp.TAG_WORK, key=key)
         trace.mark("shipped", p.mb, p.layer, p.plan.n_rows, p.plan.n)
 
@@ -219,16 +248,13 @@ class Tier1:
                       chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
                       chunk_len=[b - a for a, b in sh.chunk_spans]) for sh in remote]
         shipment = Shipment(works)
-        keys = [("work", p.mb, sh.owner) for sh in remote]
         replies, at = [], 0
         for sh, n in zip(remote, shipment.n_reply):
             if n:
                 replies.append((sh.owner, at, at + n * self.row_bytes))
                 at += n * self.row_bytes
         p.route = _Route(
-            shipment, [sh.owner for sh in remote], keys,
-            [lambda n, key=key: self.outbox.buffer(key, n) for key in keys], replies, at,
-            [o for o, _, _ in replies],
+            shipment, [sh.owner for sh in remote], replies, at, [o for o, _, _ in replies],
             _merged([s for sh, n in zip(remote, shipment.n_reply) if n for s in sh.reply_spans]))
         return p.route
 
@@ -242,8 +268,9 @@ class Tier1:
         micro-batch waits on at most one layer at a time, so one buffer suffices. It holds a
         full micro-batch of decode rows from the start and grows when a pass's prompt chunks on
         tier-2 slots ask for more (at most the pass's prefill budget more), so pinned memory goes
-        to chunk rows only where chunks happen. Replacing it is safe: `_ship` asks after the
-        copy of the messages synchronised the GPU, so no copy out of the old buffer is pending."""
+        to chunk rows only where chunks happen. Replacing it is safe: `_post` asks once the copy
+        of the messages is done, so no copy out of the old buffer (queued on the same stream
+        before them) is pending."""
         buf = self.replies.get(mb)
         if buf is None or buf.nbytes < nbytes:
             buf = self.replies[mb] = self.wire.alloc(
@@ -254,21 +281,22 @@ class Tier1:
         return MPI.Request.Testall(p.waits)
 
     def _finish_layer(self, p: Pass) -> None:
-        if p.waits:  # every reply's rows in one copy to the device, then to their spans
-            rows = sum(span.stop - span.start for span in p.replied)
-            o = self.wire.from_bytes(self.replies[p.mb], (rows, p.o.shape[1]), self.device)
-            at = 0
-            for span in p.replied:  # decode rows only: one span
-                p.o[span] = o[at:at + span.stop - span.start]
-                at += span.stop - span.start
-            p.waits, p.waiting_on, p.replied = [], [], []
-        p.layer += 1  # p.o now awaits its post-attention (`_segment`)
-        if p.layer < self.layers.stop:
-            self.ready.append(p)
-        else:
-            p.x, _ = self._segment(p)
-            p.o = None
-            self._leave_slice(p)
+        with self._on(p.mb):
+            if p.waits:  # every reply's rows in one copy to the device, then to their spans
+                rows = sum(span.stop - span.start for span in p.replied)
+                o = self.wire.from_bytes(self.replies[p.mb], (rows, p.o.shape[1]), self.device)
+                at = 0
+                for span in p.replied:  # decode rows only: one span
+                    p.o[span] = o[at:at + span.stop - span.start]
+                    at += span.stop - span.start
+                p.waits, p.waiting_on, p.replied = [], [], []
+            p.layer += 1  # p.o now awaits its post-attention (`_segment`)
+            if p.layer < self.layers.stop:
+                self.ready.append(p)
+            else:
+                p.x, _ = self._segment(p)
+                p.o = None
+                self._leave_slice(p)
 
     def _leave_slice(self, p: Pass) -> None:
         if not self.last:
@@ -323,7 +351,8 @@ class Tier1:
             if tag == tp.TAG_RING:
                 mb, rows = rows_from_header(header)
                 n = sum(r.ntok for r in rows)
-                x = self.wire.from_bytes(payload, (n, self.args.dim), self.device)
+                with self._on(mb):
+                    x = self.wire.from_bytes(payload, (n, self.args.dim), self.device)
                 self.ready.append(self._new_pass(mb, rows, x))
             elif tag == tp.TAG_TOKENS:
                 self._commit(*decode_draws(header, payload))
@@ -334,7 +363,7 @@ class Tier1:
         """Serve until done (slice 0 decides) and return the job's exit status. Messages move
         while this rank waits on its GPU (`tp.ProgressThread`)."""
         with tp.ProgressThread(None if self.layout.world_size > 1 else 0), \
-                torch.cuda.stream(self.streams[0]) if self.streams else contextlib.nullcontext():
+                torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
             return self._loop()
 
     def _launch_graph(self, p: Pass) -> None:
@@ -342,7 +371,8 @@ class Tier1:
         its end event has passed (`_loop`), so the host serves tier-2 micro-batches meanwhile."""
         for _ in self.layers:
             self.faults.step()
-        with torch.cuda.stream(self.streams[1]) if self.streams else contextlib.nullcontext():
+        with (torch.cuda.stream(self.step_stream) if self.step_stream
+              else contextlib.nullcontext()):
             logits = self.graphs.run(p.rows, self.local_index)
             if self.layout.n_micro_batches > 1:  # the bucket's buffer serves its next replay
                 logits = logits.clone()
@@ -374,7 +404,7 @@ class Tier1:
         status = None
         while status is None:
             t_iter = time.perf_counter()
-            busy = False
+            busy = self._post_staged()
             still = []
             for p in self.waiting:
                 if self._replies_in(p):
@@ -398,7 +428,9 @@ class Tier1:
                     self._launch_graph(p)
                 else:
                     self._start_layer(p)
-                if p.waits:
+                if p.staged is not None:
+                    self.staging.append(p)
+                elif p.waits:
                     self.waiting.append(p)
                 if self.inflight:
                     self._sample_finished_steps()
@@ -416,7 +448,8 @@ class Tier1:
                 self.inflight[0][2].synchronize()  # nothing but a GPU step to wait for
                 busy = True
             else:  # idle; while replies are due, look again soon (a late look stalls the ring)
-                backoff.idle(REPLY_POLL_S if self.waiting or self.inflight else None)
+                backoff.idle(REPLY_POLL_S if self.waiting or self.inflight or self.staging
+                             else None)
             # an iteration that did work is busy time (its GPU work is synchronised on the way:
             # replies, shipping, sampling); one that found nothing to do is idle time
             if busy:
@@ -426,6 +459,19 @@ class Tier1:
         if not self.first:
             self._stop_tier2(status)
         return status
+
+    def _post_staged(self) -> bool:
+        """Send the lane's messages whose copies are done (the lane then waits on its replies,
+        or is ready for its next layer); whether there were any."""
+        done = [p for p in self.staging if p.staged[2].done()]
+        for p in done:
+            self.staging.remove(p)
+            self._post(p)
+            if p.waits:
+                self.waiting.append(p)
+            else:
+                self._finish_layer(p)
+        return bool(done)
 
     def _next_ready(self) -> Pass:
         if self.graphs is not None:
@@ -479,7 +525,7 @@ class Tier1:
                     else []) + ([f"to take our message(s) of micro-batch(es) {sorted(sends[r])}"]
                                 if r in sends else [])
             said.append(f"{role(r)}: {' and '.join(what)}")
-        here = {p.mb for p in list(self.ready) + list(self.waiting)}
+        here = {p.mb for p in list(self.ready) + list(self.staging) + list(self.waiting)}
         ring = sorted(set(self.driver.home if self.driver else ()) - here)
         if self.first and ring and self.layout.slices > 1:
             later = range(1, self.layout.slices)

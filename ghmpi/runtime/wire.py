@@ -52,13 +52,16 @@ class WireFormat:
 
     def frame_all(self, headers: Sequence[Sequence[int] | np.ndarray],
                   payloads: Sequence[Sequence[torch.Tensor]],
-                  buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
+                  buffers: Sequence[Callable[[int], np.ndarray]], wait: bool = True
+                  ) -> list[np.ndarray]:
         """Several messages: message i is headers[i], then payloads[i]'s parts' bytes back to
         back, in `buffers[i](size)`. All parts are gathered on their device at once (`_joined`:
         none at all when they lie back to back already, as every owner's decode rows do), then
         each message's bytes are copied straight into its buffer (page-locked beside a GPU:
         asynchronous DMA) and the stream is synchronised once, so the bytes are there when this
-        returns. Tier 1 ships a layer's messages to every tier-2 rank this way."""
+        returns. Tier 1 ships a layer's messages to every tier-2 rank this way. `wait=False`
+        leaves the copies queued on the current stream: the caller must not send the buffers
+        before `Copies.done` (made just after this call) says so."""
         joined = self._joined([t for parts in payloads for t in parts])
         out, at = [], 0
         for header, parts, buffer in zip(headers, payloads, buffers):
@@ -69,7 +72,7 @@ class WireFormat:
                 torch.from_numpy(buf[start:]).copy_(joined[at:at + n], non_blocking=self.pinned)
             at += n
             out.append(buf)
-        if joined.device.type == "cuda" and joined.numel():
+        if wait and joined.device.type == "cuda" and joined.numel():
             torch.cuda.current_stream(joined.device).synchronize()
         return out
 
@@ -94,6 +97,21 @@ class WireFormat:
             out.append(flat[at:at + n].view(shape))
             at += n
         return out
+
+
+class Copies:
+    """The device work queued so far on the current stream (copies into message buffers
+    among it), as a fence to poll: made after `WireFormat.frame_all(..., wait=False)`, `done`
+    says when the buffers hold their bytes. Off a GPU every copy has happened already."""
+
+    def __init__(self, device: torch.device):
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
 
 
 def coalesce(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -313,10 +331,11 @@ class Shipment:
 
     def frames(self, wire: WireFormat, layer: int | None,
                payloads: Sequence[Sequence[torch.Tensor]],
-               buffers: Sequence[Callable[[int], np.ndarray]]) -> list[np.ndarray]:
+               buffers: Sequence[Callable[[int], np.ndarray]], wait: bool = True
+               ) -> list[np.ndarray]:
         """Message i: headers[i] (at `layer`, unless None), then payloads[i]'s bytes, in
-        `buffers[i](size)`."""
+        `buffers[i](size)` (`wait`: as in `WireFormat.frame_all`)."""
         if layer is not None:
             for header in self.headers:
                 header[1] = layer
-        return wire.frame_all(self.headers, payloads, buffers)
+        return wire.frame_all(self.headers, payloads, buffers, wait)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Session 11 on the GPU machine: the prefill lane off tier 1's host path. Until now tier 1's host
+# waited on each lane layer's GPU work (8,192 prompt tokens, ~9 ms) before it shipped that
+# layer's K/V, and the decode micro-batches' layers queued behind (round trip 14.3 ms in the ramp
+# against 8 ms after, session 10 `d/`). Now the lane's layers run on a low-priority stream of
+# their own, its messages go out when their copies' event has passed, and the micro-batches run
+# on a high-priority stream meanwhile.
+#   a: float32 exactness on CUDA (bench/gpu_check.sh: -n 9 with the lane as the default, with
+#      16-token lane passes whose chunks tier 2 answers, two slices on the GPU, hybrid), then
+#      `bench pipeline` of the issue's job (both capacities; the job traced), then the same job
+#      with the code before this change (build/old: `git archive 0bd35ae ghmpi`, carried) and
+#      without the lane, traced: before/after on one host
+# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a
+. bench/steps.sh
+traces() { for d in "$@"; do
+  [ -d /tmp/tr-$d ] || continue
+  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
+  echo "-- $d"; grep -E "phase:|round trip" "$OUT/trace-$d.txt" | cut -c1-200
+done; }
+# `bench pipeline` of the issue's job (extra arguments: its --set options), its trace summarised
+# into $OUT/trace-NAME.txt
+pipeline() { local trace=$1; shift
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    "$@" -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
+  grep -E "phase:|round trip" "$OUT/trace-$trace.txt"
+}
+case ${1:-a} in
+a)
+  T=200 step check env OUT=/tmp/check RUNS="cpu-n1-float32 cuda-n9-float32 cuda-n9-float32-l16
+    cuda-n10-float32-s2 cuda-n9-float32-g8" bash bench/gpu_check.sh
+  grep -E "rc=|equal" "$OUT/check.txt" | cut -c1-160
+  pipeline lane
+  T=200 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "before;0;0;PYTHONPATH=$PWD/build/old GHMPI_TRACE=/tmp/tr-old" \
+    "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces old n
+  ls -la "$OUT"
+  ;;
+esac
