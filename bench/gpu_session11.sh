@@ -10,7 +10,9 @@
 #      `bench pipeline` of the issue's job (both capacities; the job traced), then the same job
 #      with the code before this change (build/old: `git archive 0bd35ae ghmpi`, carried) and
 #      without the lane, traced: before/after on one host
-# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a
+#   b: a repeat on another host, before and after interleaved: `bench pipeline` (capacities; the
+#      job traced), then the code before, the code after again, and 16,384-token lane passes
+# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -38,6 +40,16 @@ a)
     "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces old n
+  ls -la "$OUT"
+  ;;
+b)
+  pipeline lane
+  T=270 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "before;0;0;PYTHONPATH=$PWD/build/old GHMPI_TRACE=/tmp/tr-old" \
+    "after;0;0;GHMPI_TRACE=/tmp/tr-new" \
+    "lane16384;0;0;topology.prefill_lane_tokens=16384 GHMPI_TRACE=/tmp/tr-l16"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces old new l16
   ls -la "$OUT"
   ;;
 esac
