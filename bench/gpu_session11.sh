@@ -12,7 +12,10 @@
 #      without the lane, traced: before/after on one host
 #   b: a repeat on another host, before and after interleaved: `bench pipeline` (capacities; the
 #      job traced), then the code before, the code after again, and 16,384-token lane passes
-# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b
+#   c: deeper rings with the lane off the host path, on one host: `bench pipeline` (capacities;
+#      the job traced), then 3 and 4 micro-batches (of 86 and 64 slots) and 2 tier-2 sets (4
+#      micro-batches, each served by half the ranks)
+# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b|c
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -50,6 +53,16 @@ b)
     "lane16384;0;0;topology.prefill_lane_tokens=16384 GHMPI_TRACE=/tmp/tr-l16"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces old new l16
+  ls -la "$OUT"
+  ;;
+c)
+  pipeline lane
+  T=270 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m3" \
+    "mbs4;0;4;GHMPI_TRACE=/tmp/tr-m4" \
+    "sets2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces m3 m4 s2
   ls -la "$OUT"
   ;;
 esac
