@@ -15,7 +15,10 @@
 #   c: deeper rings with the lane off the host path, on one host: `bench pipeline` (capacities;
 #      the job traced), then 3 and 4 micro-batches (of 86 and 64 slots) and 2 tier-2 sets (4
 #      micro-batches, each served by half the ranks)
-# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b|c
+#   d: the lane's ramp, where tier 2 takes the prompts' K/V at ~1 GB/s a rank (2.8 MB messages
+#      in 2.9 ms, `c/`): the job as is, with MPI's progress thread probing every 25 us instead of
+#      100, with CMA single copy, and with 256 KiB shared-memory fragments instead of 32 KiB
+# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b|c|d
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -63,6 +66,17 @@ c)
     "sets2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces m3 m4 s2
+  ls -la "$OUT"
+  ;;
+d)
+  V=OMPI_MCA_btl_vader
+  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "default;0;0;GHMPI_TRACE=/tmp/tr-d" \
+    "progress25;0;0;GHMPI_PROGRESS_US=25 GHMPI_TRACE=/tmp/tr-p25" \
+    "cma;0;0;${V}_single_copy_mechanism=cma GHMPI_TRACE=/tmp/tr-cma" \
+    "frag256k;0;0;${V}_fragment_size=262144 ${V}_max_send_size=262144 GHMPI_TRACE=/tmp/tr-f"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces d p25 cma f
   ls -la "$OUT"
   ;;
 esac
