@@ -18,7 +18,9 @@
 #   d: the lane's ramp, where tier 2 takes the prompts' K/V at ~1 GB/s a rank (2.8 MB messages
 #      in 2.9 ms, `c/`): the job as is, with MPI's progress thread probing every 25 us instead of
 #      100, with CMA single copy, and with 256 KiB shared-memory fragments instead of 32 KiB
-# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b|c|d
+#   e: a repeat of d's best, on another host, interleaved: the progress thread at 25 us, the
+#      default 100 us, 25 us again
+# Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b|c|d|e
 . bench/steps.sh
 traces() { for d in "$@"; do
   [ -d /tmp/tr-$d ] || continue
@@ -77,6 +79,15 @@ d)
     "frag256k;0;0;${V}_fragment_size=262144 ${V}_max_send_size=262144 GHMPI_TRACE=/tmp/tr-f"
   cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
   traces d p25 cma f
+  ls -la "$OUT"
+  ;;
+e)
+  T=300 step variants $PY bench/ring_variants.py --new 128 "$W" \
+    "progress25;0;0;GHMPI_PROGRESS_US=25 GHMPI_TRACE=/tmp/tr-p25a" \
+    "progress100;0;0;GHMPI_PROGRESS_US=100 GHMPI_TRACE=/tmp/tr-p100" \
+    "progress25;0;0;GHMPI_PROGRESS_US=25 GHMPI_TRACE=/tmp/tr-p25b"
+  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
+  traces p25a p100 p25b
   ls -la "$OUT"
   ;;
 esac
