@@ -199,14 +199,14 @@ class ProgressThread:
     transport copies it straight out of the sender's memory (CMA, XPMEM; often switched off in
     containers). Tier 2 spends milliseconds in a kernel call and tier 1 in GPU syncs, and a reply
     or a prompt's K/V would wait out that time. This thread probes COMM_SELF every `interval`
-    seconds (GHMPI_PROGRESS_US microseconds, default 100; 0: no thread): a probe turns the
+    seconds (GHMPI_PROGRESS_US microseconds, default 25; 0: no thread): a probe turns the
     progress engine and touches no request of the main thread. It runs only where MPI was
     initialised with MPI_THREAD_MULTIPLE (mpi4py's default), and mostly while the main thread has
     released the GIL (kernels, syncs, sleeps)."""
 
     def __init__(self, interval: float | None = None):
         if interval is None:
-            interval = float(os.environ.get("GHMPI_PROGRESS_US", "100")) / 1e6
+            interval = float(os.environ.get("GHMPI_PROGRESS_US", "25")) / 1e6
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

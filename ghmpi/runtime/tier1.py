@@ -6,7 +6,10 @@ long prompts on those slots), and, while those answer, the rank works on other m
 always advances the ready one that is furthest along. When the replies are in, the layer's
 post-attention runs together with the next layer's pre-attention (`_segment`; one CUDA graph per
 layer for decode passes on a GPU). Whole prompts and first chunks are prefilled here in one packed
-causal call; a later chunk attends its cached prefix where the slot's KV lives. Only q/k/v and
+causal call; a later chunk attends its cached prefix where the slot's KV lives. With tier 2 the
+prompts are prefilled in a lane of passes of their own, whose layers run on a GPU beside the
+micro-batches' (on a low-priority stream) and whose messages go out when their copies are done,
+so the host never waits on them (`_ship`). Only q/k/v and
 attention outputs cross tiers, the residual stream stays on this device. After the slice's last
 layer the hidden states go to the next slice; the last slice samples and the tokens return to
 slice 0, closing the ring.
