@@ -20,21 +20,6 @@
 # Usage (repo root): OUT=dir bash bench/gpu_session10.sh a|b|c|d
 . bench/steps.sh
 NL=topology.prefill_lane_tokens=0  # a and b ran before the prefill lane existed
-traces() { for d in "$@"; do
-  [ -d /tmp/tr-$d ] || continue
-  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
-  echo "-- $d"; grep -E "phase:" "$OUT/trace-$d.txt" | cut -c1-200
-done; }
-# `bench pipeline` of the issue's job (extra arguments: its --set options), its trace summarised
-# into $OUT/trace-NAME.txt
-pipeline() { local trace=$1; shift
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    "$@" -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
-  grep "phase:" "$OUT/trace-$trace.txt"
-}
 case ${1:-a} in
 a)
   pipeline 4096 --set topology.prefill_lane_tokens=0

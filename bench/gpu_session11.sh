@@ -22,21 +22,6 @@
 #      default 100 us, 25 us again
 # Usage (repo root): OUT=dir bash bench/gpu_session11.sh a|b|c|d|e
 . bench/steps.sh
-traces() { for d in "$@"; do
-  [ -d /tmp/tr-$d ] || continue
-  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
-  echo "-- $d"; grep -E "phase:|round trip" "$OUT/trace-$d.txt" | cut -c1-200
-done; }
-# `bench pipeline` of the issue's job (extra arguments: its --set options), its trace summarised
-# into $OUT/trace-NAME.txt
-pipeline() { local trace=$1; shift
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    "$@" -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
-  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
-  grep -E "phase:|round trip" "$OUT/trace-$trace.txt"
-}
 case ${1:-a} in
 a)
   T=200 step check env OUT=/tmp/check RUNS="cpu-n1-float32 cuda-n9-float32 cuda-n9-float32-l16

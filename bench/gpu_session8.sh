@@ -20,12 +20,8 @@
 #      (.ab/old: `git archive a4b1935 ghmpi | tar x -C .ab/old`, carried) against now, 18 and 3
 #      rows; then `bench pipeline` at 0 and 10 ms with each job's phases (decode_of_bound)
 # Usage (repo root): OUT=dir bash bench/gpu_session8.sh a|b|c|d
+TRACE_LINES="phase|ring|rank [178]:"
 . bench/steps.sh
-traces() { for d in "$@"; do
-  [ -d /tmp/tr-$d ] || continue
-  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
-  echo "-- $d"; grep -E "phase|ring|rank [178]:" "$OUT/trace-$d.txt" | cut -c1-220
-done; }
 case ${1:-a} in
 a)
   T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \

@@ -1,6 +1,9 @@
 # Shared set-up of the GPU-machine scripts (sourced, from the repo root): the output folder, the
 # environment, and `step NAME CMD...`, which runs CMD under `timeout ${T:-300}` into $OUT/NAME.txt
-# and prints its exit status and seconds.
+# and prints its exit status and seconds; `traces NAME...` summarises the traces /tmp/tr-NAME into
+# $OUT/trace-NAME.txt (TRACE_LINES: the lines printed of each); `pipeline NAME [--set ...]` runs
+# `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) and its trace into
+# $OUT/trace-NAME.txt.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -8,3 +11,17 @@ export GHMPI_KERNEL_CACHE=${GHMPI_KERNEL_CACHE:-/tmp/ghmpi-kernels}
 PY=${PY:-python3}
 W=${GHMPI_BENCH_DIR:-/tmp/ghmpi-bench}
 step() { name=$1; shift; s=$(date +%s); timeout ${T:-300} "$@" >"$OUT/$name.txt" 2>&1; echo "== $name rc=$? $(( $(date +%s) - s ))s"; }
+TRACE_LINES=${TRACE_LINES:-"phase:|round trip"}
+traces() { for d in "$@"; do
+  [ -d /tmp/tr-$d ] || continue
+  $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
+  echo "-- $d"; grep -E "$TRACE_LINES" "$OUT/trace-$d.txt" | cut -c1-220
+done; }
+pipeline() { local trace=$1; shift
+  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    "$@" -o "$OUT/pipeline.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+  $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
+  grep -E "$TRACE_LINES" "$OUT/trace-$trace.txt"
+}
