@@ -21,8 +21,8 @@ from ghmpi.runtime.draws import choose, decode_draws, encode_draws, prompt_logpr
 from ghmpi.runtime.passplan import build_plan
 from ghmpi.runtime.scheduler import Draws, Params, Request, Row, Scheduler
 from ghmpi.runtime.stopstrings import StopStrings, cut_at_stop
-from ghmpi.runtime.wire import (WireFormat, Work, coalesce, packed_qkv, rows_from_header,
-                                rows_header, split_qkv)
+from ghmpi.runtime.wire import (Copies, Shipment, WireFormat, Work, coalesce, packed_qkv,
+                                rows_from_header, rows_header, split_qkv)
 from ghmpi.comm import transport as tp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +132,27 @@ def test_work_with_prompt_chunks_round_trips() -> None:
                                kc=[kc[1]], vc=[vc[1]]).encode(wire), H, KV, D)
     assert len(w.dec_slots) == len(w.fill_slots) == 0 and w.n_reply == 2
     assert torch.equal(w.qc, qc[1]) and torch.equal(w.vc, vc[1])
+
+
+def test_staged_frames_hold_the_same_bytes() -> None:
+    """The prefill lane's messages are framed without waiting (`wait=False`) and sent once
+    `Copies` says the copies are done: the bytes are those of a waited framing, the layer word
+    patched per call, and off a GPU the copies are done at once."""
+    wire = WireFormat(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    H, KV, D = 4, 2, 3
+    q, k, v = (torch.randn(5, h, D, generator=g) for h in (H, KV, KV))
+    works = [Work(0, 0, [1], [7], [2], [4], q[:1], k[:1], v[:1], [k[1:5]], [v[1:5]]),
+             Work(0, 0, [3], [9], [], [], q[1:2], k[1:2], v[1:2], [], [])]
+    payloads = [w.parts() for w in works]
+    waited = Shipment(works).frames(wire, 6, payloads, [wire.alloc] * 2)
+    staged = Shipment(works).frames(wire, 6, payloads, [wire.alloc] * 2, wait=False)
+    assert Copies(torch.device("cpu")).done()
+    for a, b, w in zip(waited, staged, works):
+        assert np.array_equal(a, b)
+        got = Work.decode(wire, b, H, KV, D)
+        assert got.layer == 6 and torch.equal(got.q, w.q) and torch.equal(got.k, w.k)
+    assert torch.equal(Work.decode(wire, staged[0], H, KV, D).kf, k[1:5])
 
 
 def test_plan_sends_later_chunks_to_their_owner() -> None:
