@@ -7,7 +7,9 @@ decode rows first thin out (the tail: the sequences admitted first finish first;
 `ghmpi/bench/phases.py`), and prints, for the prefill phase, the full decode phase and the tail:
 the tokens sampled (the last slice's passes; set against `bench pipeline`'s capacities, the
 decode phase's rate says what the ring does once every sequence decodes), tier 1's time per
-layer visit (`ship` -> `shipped`: staging and sending), the round trip (`shipped` -> `replied`)
+layer visit (`ship` -> `shipped`: staging and sending; for the prefill lane `ship` -> `staged`,
+and apart from it `staged` -> `shipped`: its GPU work and copies, which the host does not wait
+on), the round trip (`shipped` -> `replied`)
 and the turnaround (`replied` -> that micro-batch's next `ship`); each micro-batch's pace (and a
 GPU micro-batch's step and the host's gap before its next launch); each tier-2 rank's receive
 time and bytes (`got`), serve time (`recv` -> `served`, its spread) and busy fraction (receiving
@@ -38,20 +40,28 @@ def gc_pauses(events: list) -> str:
 
 
 def tier1(events: list) -> None:
-    ship, waiting, last_reply = {}, {}, {}
-    own, trip, turn = [], [], []
+    ship, staged, waiting, last_reply = {}, {}, {}, {}
+    own, lane, trip, turn = [], [], [], []
     for t, ev, mb, layer, rows, tok in events:
         if ev == "ship":
             ship[mb] = t
             if mb in last_reply:
                 turn.append(t - last_reply.pop(mb))
-        elif ev == "shipped" and mb in ship:
+        elif ev == "staged" and mb in ship:
             own.append(t - ship.pop(mb))
+            staged[mb] = t
+        elif ev == "shipped" and (mb in ship or mb in staged):
+            if mb in staged:
+                lane.append(t - staged.pop(mb))
+            else:
+                own.append(t - ship.pop(mb))
             waiting[mb] = t
         elif ev == "replied" and mb in waiting:
             trip.append(t - waiting.pop(mb))
             last_reply[mb] = t
     print(f"  tier 1: stage+send {ms(own)}")
+    if lane:
+        print(f"  tier 1: prefill lane staged->shipped (GPU work and copies) {ms(lane)}")
     print(f"  tier 1: round trip shipped->replied {ms(trip)}")
     print(f"  tier 1: turnaround replied->next ship {ms(turn)}{gc_pauses(events)}")
 

@@ -227,7 +227,9 @@ class Tier1:
                                  [lambda n, key=key: self.outbox.buffer(key, n) for key in keys],
                                  wait=not lane)
         p.staged = (msgs, keys, Copies(self.device) if lane else None)
-        if not lane:
+        if lane:
+            trace.mark("staged", p.mb, p.layer, p.plan.n_rows, p.plan.n)
+        else:
             self._post(p)
 
     def _post(self, p: Pass) -> None:
