@@ -21,6 +21,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ class _Route:
 
     shipment: Shipment  # the messages' headers
     owners: list[int]  # their destinations
+    keys: tuple[list[tuple], list[tuple]]  # their send buffers' keys, for even and odd layers
+    buffers: tuple[list[Callable[[int], np.ndarray]], ...]  # those send buffers
     replies: list[tuple[int, int, int]]  # (owner, start, end) bytes of the reply buffer
     reply_bytes: int
     waiting_on: list[int]  # the owners that reply
@@ -184,7 +187,16 @@ class Tier1:
                               dtype=q.dtype, device=q.device)
             self._ship(p, q, k, v)
             attend_local(self.cache, p.plan, p.layer, q, k, v, p.o)
-        if not p.waits and p.staged is None:
+        self._park(p)
+
+    def _park(self, p: Pass) -> None:
+        """After a layer's shipping: wait for its staged copies (the lane), or for its replies,
+        or, with neither, finish the layer now."""
+        if p.staged is not None:
+            self.staging.append(p)
+        elif p.waits:
+            self.waiting.append(p)
+        else:
             self._finish_layer(p)
 
     def _segment(self, p: Pass) -> tuple[torch.Tensor, tuple | None]:
@@ -221,12 +233,10 @@ class Tier1:
                                     [k[a:b] for a, b in sh.chunk_spans],
                                     [v[a:b] for a, b in sh.chunk_spans])
                     for sh in p.plan.remote]
-        keys = [("work", p.mb, owner, p.layer % 2) for owner in r.owners]
         lane = p.mb == self.lane
-        msgs = r.shipment.frames(self.wire, p.layer, payloads,
-                                 [lambda n, key=key: self.outbox.buffer(key, n) for key in keys],
+        msgs = r.shipment.frames(self.wire, p.layer, payloads, r.buffers[p.layer % 2],
                                  wait=not lane)
-        p.staged = (msgs, keys, Copies(self.device) if lane else None)
+        p.staged = (msgs, r.keys[p.layer % 2], Copies(self.device) if lane else None)
         if lane:
             trace.mark("staged", p.mb, p.layer, p.plan.n_rows, p.plan.n)
         else:
@@ -253,13 +263,16 @@ class Tier1:
                       chunk_slots=sh.chunk_slots, chunk_pos=sh.chunk_pos,
                       chunk_len=[b - a for a, b in sh.chunk_spans]) for sh in remote]
         shipment = Shipment(works)
+        keys = tuple([("work", p.mb, sh.owner, parity) for sh in remote] for parity in (0, 1))
         replies, at = [], 0
         for sh, n in zip(remote, shipment.n_reply):
             if n:
                 replies.append((sh.owner, at, at + n * self.row_bytes))
                 at += n * self.row_bytes
         p.route = _Route(
-            shipment, [sh.owner for sh in remote], replies, at, [o for o, _, _ in replies],
+            shipment, [sh.owner for sh in remote], keys,
+            tuple([lambda n, key=key: self.outbox.buffer(key, n) for key in ks] for ks in keys),
+            replies, at, [o for o, _, _ in replies],
             _merged([s for sh, n in zip(remote, shipment.n_reply) if n for s in sh.reply_spans]))
         return p.route
 
@@ -433,10 +446,6 @@ class Tier1:
                     self._launch_graph(p)
                 else:
                     self._start_layer(p)
-                if p.staged is not None:
-                    self.staging.append(p)
-                elif p.waits:
-                    self.waiting.append(p)
                 if self.inflight:
                     self._sample_finished_steps()
                 busy = True
@@ -472,10 +481,7 @@ class Tier1:
         for p in done:
             self.staging.remove(p)
             self._post(p)
-            if p.waits:
-                self.waiting.append(p)
-            else:
-                self._finish_layer(p)
+            self._park(p)
         return bool(done)
 
     def _next_ready(self) -> Pass:
