@@ -23,45 +23,33 @@ NL=topology.prefill_lane_tokens=0  # a and b ran before the prefill lane existed
 case ${1:-a} in
 a)
   pipeline 4096 --set topology.prefill_lane_tokens=0
-  T=280 step budgets $PY bench/ring_variants.py --new 128 "$W" \
+  T=280 variants budgets \
     "p2048;0;0;$NL topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-2048" \
     "p1024;0;0;$NL topology.prefill_tokens=1024 GHMPI_TRACE=/tmp/tr-1024" \
     "p512;0;0;$NL topology.prefill_tokens=512 GHMPI_TRACE=/tmp/tr-512"
-  cut -c1-300 "$OUT/budgets.txt" | grep -E "tokens/s|failed"
-  traces 2048 1024 512
-  ls -la "$OUT"
   ;;
 b)
   pipeline s7 --set topology.tier2_sets=7 --set topology.prefill_lane_tokens=0
-  T=330 step sets $PY bench/ring_variants.py --new 128 "$W" \
+  T=330 variants sets \
     "s1;0;0;$NL GHMPI_TRACE=/tmp/tr-s1" \
     "s2;0;0;$NL topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2" \
     "s4;0;0;$NL topology.tier2_sets=4 GHMPI_TRACE=/tmp/tr-s4" \
     "s7-p2048;0;0;$NL topology.tier2_sets=7 topology.prefill_tokens=2048 GHMPI_TRACE=/tmp/tr-s7p"
-  cut -c1-300 "$OUT/sets.txt" | grep -E "tokens/s|failed"
-  traces s1 s2 s4 s7p
-  ls -la "$OUT"
   ;;
 c)
   pipeline s1 --set topology.prefill_lane_tokens=0  # as run: no lane existed
   # as run, the lane was `topology.prefill_lane=true` with the budget of topology.prefill_tokens;
   # the same settings now read:
   L=topology.prefill_lane_tokens
-  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=330 variants variants \
     "lane;0;0;$L=4096 GHMPI_TRACE=/tmp/tr-l" \
     "lane-p2048;0;0;$L=2048 GHMPI_TRACE=/tmp/tr-l2" \
     "lane-p8192;0;0;$L=8192 GHMPI_TRACE=/tmp/tr-l8" \
     "lane-s2;0;0;$L=4096 topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-ls2"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces l l2 l8 ls2
-  ls -la "$OUT"
   ;;
 d)
   pipeline lane
-  T=200 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=200 variants variants \
     "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces n
-  ls -la "$OUT"
   ;;
 esac

@@ -28,51 +28,36 @@ a)
     cuda-n10-float32-s2 cuda-n9-float32-g8" bash bench/gpu_check.sh
   grep -E "rc=|equal" "$OUT/check.txt" | cut -c1-160
   pipeline lane
-  T=200 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=200 variants variants \
     "before;0;0;PYTHONPATH=$PWD/build/old GHMPI_TRACE=/tmp/tr-old" \
     "nolane;0;0;topology.prefill_lane_tokens=0 GHMPI_TRACE=/tmp/tr-n"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces old n
-  ls -la "$OUT"
   ;;
 b)
   pipeline lane
-  T=270 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=270 variants variants \
     "before;0;0;PYTHONPATH=$PWD/build/old GHMPI_TRACE=/tmp/tr-old" \
     "after;0;0;GHMPI_TRACE=/tmp/tr-new" \
     "lane16384;0;0;topology.prefill_lane_tokens=16384 GHMPI_TRACE=/tmp/tr-l16"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces old new l16
-  ls -la "$OUT"
   ;;
 c)
   pipeline lane
-  T=270 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=270 variants variants \
     "mbs3;0;3;GHMPI_TRACE=/tmp/tr-m3" \
     "mbs4;0;4;GHMPI_TRACE=/tmp/tr-m4" \
     "sets2;0;0;topology.tier2_sets=2 GHMPI_TRACE=/tmp/tr-s2"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces m3 m4 s2
-  ls -la "$OUT"
   ;;
 d)
   V=OMPI_MCA_btl_vader
-  T=330 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=330 variants variants \
     "default;0;0;GHMPI_TRACE=/tmp/tr-d" \
     "progress25;0;0;GHMPI_PROGRESS_US=25 GHMPI_TRACE=/tmp/tr-p25" \
     "cma;0;0;${V}_single_copy_mechanism=cma GHMPI_TRACE=/tmp/tr-cma" \
     "frag256k;0;0;${V}_fragment_size=262144 ${V}_max_send_size=262144 GHMPI_TRACE=/tmp/tr-f"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces d p25 cma f
-  ls -la "$OUT"
   ;;
 e)
-  T=300 step variants $PY bench/ring_variants.py --new 128 "$W" \
+  T=300 variants variants \
     "progress25;0;0;GHMPI_PROGRESS_US=25 GHMPI_TRACE=/tmp/tr-p25a" \
     "progress100;0;0;GHMPI_PROGRESS_US=100 GHMPI_TRACE=/tmp/tr-p100" \
     "progress25;0;0;GHMPI_PROGRESS_US=25 GHMPI_TRACE=/tmp/tr-p25b"
-  cut -c1-300 "$OUT/variants.txt" | grep -E "tokens/s|failed"
-  traces p25a p100 p25b
-  ls -la "$OUT"
   ;;
 esac

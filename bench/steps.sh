@@ -3,7 +3,9 @@
 # and prints its exit status and seconds; `traces NAME...` summarises the traces /tmp/tr-NAME into
 # $OUT/trace-NAME.txt (TRACE_LINES: the lines printed of each); `pipeline NAME [--set ...]` runs
 # `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) and its trace into
-# $OUT/trace-NAME.txt.
+# $OUT/trace-NAME.txt; `variants NAME SPEC...` runs bench/ring_variants.py on that job into
+# $OUT/NAME.txt, prints each variant's line and summarises the traces the specs name
+# (GHMPI_TRACE=/tmp/tr-X).
 set -u
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -24,4 +26,10 @@ pipeline() { local trace=$1; shift
   grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
   grep -E "$TRACE_LINES" "$OUT/trace-$trace.txt"
+}
+variants() { local name=$1; shift
+  step "$name" $PY bench/ring_variants.py --new 128 "$W" "$@"
+  cut -c1-300 "$OUT/$name.txt" | grep -E "tokens/s|failed"
+  traces $(printf '%s\n' "$@" | grep -o 'GHMPI_TRACE=/tmp/tr-[^ ;]*' | sed 's|.*/tr-||')
+  ls -la "$OUT"
 }
