@@ -94,9 +94,15 @@ def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, d
               overrides: list[str], mpirun: str | None = None,
               env: dict[str, str] | None = None) -> dict:
     """Run the job under mpirun (`env`: more variables for it); -> its figures from the output
-    file and its summary lines."""
+    file and its summary lines.
+
+    The ranks start in the output's folder, not the caller's: `python -m` puts its working
+    directory first on sys.path, so started from a checkout it would run that checkout's ghmpi
+    whatever `env` says. Here a PYTHONPATH in `env` (another version's code, for an A/B) wins, and
+    this ghmpi comes after it."""
     import shutil
 
+    model_dir, prompts, out = Path(model_dir).resolve(), Path(prompts).resolve(), Path(out).resolve()
     out.unlink(missing_ok=True)  # a complete output would make the job a no-op
     shutil.rmtree(str(out) + ".parts", ignore_errors=True)
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
@@ -111,8 +117,10 @@ def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, d
     log("ghmpi: " + " ".join(shlex.quote(c) for c in cmd))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_mpi_yield_when_idle="1", PMIX_MCA_psec="native", **(env or {}))
+    here = str(Path(__file__).resolve().parents[2])  # the folder holding this ghmpi package
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), here) if p)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -85,3 +85,25 @@ def test_job_tier2_split_follows_the_tier2_sets() -> None:
     threads, slots = job_tier2_split(9, True, 16, mbs, size, 32, sets)
     assert threads == [2] * 6 + [1] * 2 and slots == [38] * 6 + [19, 19]
     assert _layout(["2 micro-batches x 128 slots, a prefill lane; 256 prompts"]) == (2, 128, 1)
+
+
+def test_job_ranks_run_the_code_on_the_given_pythonpath(tmp_path: Path, monkeypatch) -> None:
+    """An A/B hands run_ghmpi another version's code on PYTHONPATH: its ranks must run that one,
+    even when the caller's working directory is a checkout of this one (`python -m` puts the
+    working directory first on sys.path)."""
+    from ghmpi.bench.job import run_ghmpi
+
+    other = tmp_path / "other" / "ghmpi"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    (other / "__main__.py").write_text(  # writes the output run_ghmpi reads, says who it is
+        "import sys, h5py\n"
+        "out = [a.split('=', 1)[1] for a in sys.argv if a.startswith('io.output=')][0]\n"
+        "with h5py.File(out, 'w') as f:\n"
+        "    f.attrs['generated_tokens'] = 7\n"
+        "print('ghmpi: tier 2: the other version', flush=True)\n")
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the checkout's root
+    job = run_ghmpi(tmp_path / "model", tmp_path / "prompts.h5", tmp_path / "out.h5", 1, 1,
+                    "float32", [], env={"PYTHONPATH": str(other.parent)})
+    assert job["summary"] == ["ghmpi: tier 2: the other version"]
+    assert job["generated_tokens"] == 7
