@@ -4,7 +4,11 @@
 #      the lane, 16-token lane passes, hybrid), then `bench pipeline` of the issue's job with the
 #      progress thread at its new default of 25 us (both capacities; the job traced: target 4's
 #      ratio), then target 6: 1,024 prompts x 512 -> 32 at no reply delay and at 10 ms
-# Usage (repo root): OUT=dir bash bench/gpu_session12.sh a
+#   b: the kernel's softmax rewrite on the Xeon: bench/cpu_kernel_check.py (every code path the
+#      build has against torch), then `bench attention` before (build/old: `git archive adc9cce
+#      ghmpi`, carried; run outside the checkout so that PYTHONPATH decides) and after,
+#      interleaved twice, then `bench pipeline` of the issue's job with the new kernel (target 4)
+# Usage (repo root): OUT=dir bash bench/gpu_session12.sh a|b
 . bench/steps.sh
 case ${1:-a} in
 a)
@@ -15,5 +19,18 @@ a)
   T=330 step latency $PY bench/ring_variants.py --prompts 1024 --new 32 "$W" "p1024-d0;0;0" \
     "p1024-d10;10;0"
   cut -c1-300 "$OUT/latency.txt" | grep -E "tokens/s|failed"
+  ;;
+b)
+  T=120 step kcheck $PY bench/cpu_kernel_check.py
+  grep -vc " ok$" "$OUT/kcheck.txt"; head -1 "$OUT/kcheck.txt" | cut -c1-120
+  R=$PWD
+  for i in 1 2; do for v in old new; do pp=$R; [ $v = old ] && pp=$R/build/old
+    (cd /tmp && PYTHONPATH=$pp T=70 step "att-$v-$i" $PY -m ghmpi bench attention --layouts head \
+      --contexts 512,4096 --batches 64,256 --dtypes bfloat16 --heads gqa,mha --splits none \
+      --seconds 0.3 --max-gb 4 --no-torch)
+    echo "$v $i: $(grep -E "native_kv_read_GBps=|^ghmpi bench: dram_read_GBps [0-9]|kernel \(" \
+      "$OUT/att-$v-$i.txt" | sed -E 's/.*(heads=[^ ]+).*(batch=[^ ]+ context=[^k]+).*(native_kv_read_GBps=[^ ]+).*/\1 \2 \3/; s/ghmpi bench: //' | cut -c1-110 | tr '\n' ';')"
+  done; done
+  pipeline lane
   ;;
 esac
