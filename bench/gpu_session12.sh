@@ -7,7 +7,11 @@
 #   b: the kernel's softmax rewrite on the Xeon: bench/cpu_kernel_check.py (every code path the
 #      build has against torch), then `bench attention` before (build/old: `git archive adc9cce
 #      ghmpi`, carried; run outside the checkout so that PYTHONPATH decides) and after,
-#      interleaved twice, then `bench pipeline` of the issue's job with the new kernel (target 4)
+#      interleaved twice, then `bench pipeline` of the issue's job with the new kernel (target 4),
+#      then session 11's prefill lane off the host path measured before/after for real (session
+#      11's "before" ran the code after: `python -m` in the checkout's root imported the
+#      checkout's ghmpi whatever PYTHONPATH said): build/lane = `git archive 0bd35ae ghmpi`,
+#      build/old = `adc9cce`, both carried
 # Usage (repo root): OUT=dir bash bench/gpu_session12.sh a|b
 . bench/steps.sh
 case ${1:-a} in
@@ -25,12 +29,17 @@ b)
   grep -vc " ok$" "$OUT/kcheck.txt"; head -1 "$OUT/kcheck.txt" | cut -c1-120
   R=$PWD
   for i in 1 2; do for v in old new; do pp=$R; [ $v = old ] && pp=$R/build/old
-    (cd /tmp && PYTHONPATH=$pp T=70 step "att-$v-$i" $PY -m ghmpi bench attention --layouts head \
+    (cd /tmp && PYTHONPATH=$pp OUT=/tmp T=70 step "att-$v-$i" $PY -m ghmpi bench attention --layouts head \
       --contexts 512,4096 --batches 64,256 --dtypes bfloat16 --heads gqa,mha --splits none \
       --seconds 0.3 --max-gb 4 --no-torch)
     echo "$v $i: $(grep -E "native_kv_read_GBps=|^ghmpi bench: dram_read_GBps [0-9]|kernel \(" \
-      "$OUT/att-$v-$i.txt" | sed -E 's/.*(heads=[^ ]+).*(batch=[^ ]+ context=[^k]+).*(native_kv_read_GBps=[^ ]+).*/\1 \2 \3/; s/ghmpi bench: //' | cut -c1-110 | tr '\n' ';')"
+      "/tmp/att-$v-$i.txt" | sed -E 's/.*(heads=[^ ]+).*(batch=[^ ]+ context=[^k]+).*(native_kv_read_GBps=[^ ]+).*/\1 \2 \3/; s/ghmpi bench: //' | cut -c1-110 | tr '\n' ';')"
+    { echo "=== $v $i"; cat "/tmp/att-$v-$i.txt"; } >> "$OUT/attention.txt"
   done; done
   pipeline lane
+  # the lane off the host path, before (0bd35ae) and after (adc9cce), both with the kernel before
+  # this session's and the progress thread at 25 us
+  T=200 variants lane-ab "after;0;0;PYTHONPATH=$R/build/old GHMPI_PROGRESS_US=25" \
+    "before;0;0;PYTHONPATH=$R/build/lane GHMPI_PROGRESS_US=25"
   ;;
 esac
