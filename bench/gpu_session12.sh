@@ -10,9 +10,11 @@
 #      interleaved twice, then `bench pipeline` of the issue's job with the new kernel (target 4),
 #      then session 11's prefill lane off the host path measured before/after for real (session
 #      11's "before" ran the code after: `python -m` in the checkout's root imported the
-#      checkout's ghmpi whatever PYTHONPATH said): build/lane = `git archive 0bd35ae ghmpi`,
-#      build/old = `adc9cce`, both carried
-# Usage (repo root): OUT=dir bash bench/gpu_session12.sh a|b
+#      checkout's ghmpi whatever PYTHONPATH said): build/lane = `git archive 0bd35ae ghmpi jobs`,
+#      build/old = `adc9cce`, both carried (in call b the A/B failed: the archives lacked jobs/,
+#      and a job's ranks no longer start in the checkout, so they found no jobs/default.yaml)
+#   c: that A/B again, interleaved twice: before, after, before, after
+# Usage (repo root): OUT=dir bash bench/gpu_session12.sh a|b|c
 . bench/steps.sh
 case ${1:-a} in
 a)
@@ -41,5 +43,12 @@ b)
   # this session's and the progress thread at 25 us
   T=200 variants lane-ab "after;0;0;PYTHONPATH=$R/build/old GHMPI_PROGRESS_US=25" \
     "before;0;0;PYTHONPATH=$R/build/lane GHMPI_PROGRESS_US=25"
+  ;;
+c)
+  R=$PWD
+  T=450 variants lane-ab "before;0;0;PYTHONPATH=$R/build/lane GHMPI_PROGRESS_US=25" \
+    "after;0;0;PYTHONPATH=$R/build/old GHMPI_PROGRESS_US=25" \
+    "before;0;0;PYTHONPATH=$R/build/lane GHMPI_PROGRESS_US=25" \
+    "after;0;0;PYTHONPATH=$R/build/old GHMPI_PROGRESS_US=25"
   ;;
 esac
