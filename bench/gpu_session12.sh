@@ -14,7 +14,11 @@
 #      build/old = `adc9cce`, both carried (in call b the A/B failed: the archives lacked jobs/,
 #      and a job's ranks no longer start in the checkout, so they found no jobs/default.yaml)
 #   c: that A/B again, interleaved twice: before, after, before, after
-# Usage (repo root): OUT=dir bash bench/gpu_session12.sh a|b|c
+#   d: target 6's micro-batch count: 1,024 prompts x 512 -> 32 at no delay (2 automatic), then
+#      at a 10 ms reply delay with 3, automatic (10), 2 and 4 micro-batches. With 1,024 rows a
+#      layer holds ~30 ms of tier-2 work a rank, so 2-3 micro-batches in flight should hide 10 ms;
+#      each extra one adds a message's fixed cost per rank per layer
+# Usage (repo root): OUT=dir bash bench/gpu_session12.sh a|b|c|d
 . bench/steps.sh
 case ${1:-a} in
 a)
@@ -50,5 +54,10 @@ c)
     "after;0;0;PYTHONPATH=$R/build/old GHMPI_PROGRESS_US=25" \
     "before;0;0;PYTHONPATH=$R/build/lane GHMPI_PROGRESS_US=25" \
     "after;0;0;PYTHONPATH=$R/build/old GHMPI_PROGRESS_US=25"
+  ;;
+d)
+  T=470 step latency $PY bench/ring_variants.py --prompts 1024 --new 32 "$W" "p1024-d0;0;0" \
+    "p1024-d10-m3;10;3" "p1024-d10-auto;10;0" "p1024-d10-m2;10;2" "p1024-d10-m4;10;4"
+  cut -c1-300 "$OUT/latency.txt" | grep -E "tokens/s|failed"
   ;;
 esac
