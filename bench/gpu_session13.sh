@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Session 13 on the GPU machine.
+#   a: the MPI progress thread's cost to tier 2's kernel on the Xeon (bench/progress_cost.py: a
+#      rank's 2 threads pinned to 2 CPUs, and 16 threads on 16), then the issue's job (256 x 512
+#      -> 128, -n 9) with tier 2's progress thread probing all the time (GHMPI_PROGRESS_ALWAYS=1,
+#      as before this session) and on demand (the new default), and on demand with 4x longer
+#      windows, interleaved, traced (each job's decode phase)
+# Usage (repo root): OUT=dir bash bench/gpu_session13.sh a
+. bench/steps.sh
+TRACE_LINES="phase:|round trip|busy"
+case ${1:-a} in
+a)
+  T=60 step cost2 $PY bench/progress_cost.py --threads 2 --rounds 5
+  T=60 step cost16 $PY bench/progress_cost.py --threads 16 --rows 144 --rounds 3
+  cat "$OUT/cost2.txt" "$OUT/cost16.txt" | cut -c1-200
+  T=500 variants prog-ab "always;0;0;GHMPI_PROGRESS_ALWAYS=1 GHMPI_TRACE=/tmp/tr-al1" \
+    "demand;0;0;GHMPI_TRACE=/tmp/tr-de1" \
+    "wide;0;0;GHMPI_PROGRESS_BASE_US=400 GHMPI_PROGRESS_GBPS=0.25 GHMPI_TRACE=/tmp/tr-wi1" \
+    "always;0;0;GHMPI_PROGRESS_ALWAYS=1 GHMPI_TRACE=/tmp/tr-al2" \
+    "demand;0;0;GHMPI_TRACE=/tmp/tr-de2"
+  ;;
+esac
