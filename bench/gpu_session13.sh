@@ -4,7 +4,8 @@
 #      rank's 2 threads pinned to 2 CPUs, and 16 threads on 16), then the issue's job (256 x 512
 #      -> 128, -n 9) with tier 2's progress thread probing all the time (GHMPI_PROGRESS_ALWAYS=1,
 #      as before this session) and on demand (the new default), and on demand with 4x longer
-#      windows, interleaved, traced (each job's decode phase)
+#      windows, interleaved, traced (each job's decode phase). Ran the code of 83a12e0; the
+#      on-demand thread lost and was reverted, so `demand` and `wide` now run as `always` does
 # Usage (repo root): OUT=dir bash bench/gpu_session13.sh a
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"

@@ -5,11 +5,14 @@ Usage: python bench/progress_cost.py [--threads 2] [--rows 18] [--context 576] [
 
 Pins itself to `threads` CPUs (as the job's placement pins a tier-2 rank) and times the native
 kernel (a decode message's worth: `rows` rows of `context` positions, Llama-3-8B heads, bf16,
-four slot sets in turn so the KV comes from memory as in the job) with no progress thread, with
-one probing all the time every 25 and 100 us, and with an on-demand one (`ProgressThread(...,
-on_demand=True)`) told of a decode message's traffic before each call (a message in, a reply
-out), as tier 2 tells it. Rounds interleave the variants. Prints ms a call and the ratio to no
-thread, per variant (median over rounds).
+four slot sets in turn so the KV comes from memory as in the job) with no progress thread and
+with one probing every 25 and 100 us. Rounds interleave the variants. Prints ms a call and the
+ratio to no thread, per variant (median over rounds).
+
+Session 13 measured it on the H200 host's Xeon: 1.10x at 25 us and 1.06x at 100 us on 2 threads
+pinned to 2 CPUs, level on 16 (bench/results/h200-2026-12-07-session13/a/). A thread that probed
+only while this rank's own sends and receives could be moving cost 1.06x there, and the job ran
+slower with it (715 and 744 tokens/s against 767 and 758), so the thread probes all the time.
 """
 
 from __future__ import annotations
@@ -42,29 +45,19 @@ def main() -> None:
     q = torch.randn(B, H, D).bfloat16()
     lengths = torch.full((B,), a.context)
     sets = [torch.arange(B) + B * i for i in range(4)]
-    message = B * (H + 2 * KV) * D * 2  # bytes in (q, k, v) and out (the outputs)
-    reply = B * H * D * 2
-
-    def calls(progress: tp.ProgressThread | None) -> float:
+    def calls() -> float:
         kernels.decode_attention_cpu(q, kc, vc, sets[0], lengths)
         t = time.perf_counter()
         for i in range(a.calls):
-            if progress is not None and progress.on_demand:
-                tp.traffic(message)
-                tp.traffic(reply)
             kernels.decode_attention_cpu(q, kc, vc, sets[i % 4], lengths)
         return (time.perf_counter() - t) / a.calls
 
-    variants = {"none": None, "always-25us": (25e-6, False), "always-100us": (100e-6, False),
-                "on-demand-25us": (25e-6, True)}
+    variants = {"none": 0.0, "25us": 25e-6, "100us": 100e-6}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(a.rounds):
-        for name, spec in variants.items():
-            if spec is None:
-                times[name].append(calls(None))
-                continue
-            with tp.ProgressThread(*spec) as p:
-                times[name].append(calls(p))
+        for name, interval in variants.items():
+            with tp.ProgressThread(interval):
+                times[name].append(calls())
     base = statistics.median(times["none"])
     print(f"progress_cost: {kernels.describe()}; {a.threads} threads on CPUs {cpus}, {B} rows x "
           f"{a.context} positions, median of {a.rounds} rounds:")

@@ -89,7 +89,6 @@ class Outbox:
 
     def send(self, buf: np.ndarray, dest: int, tag: int, key: Hashable | None = None) -> None:
         req = self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag)
-        traffic(buf.nbytes)
         if key is None:
             self._pending.append((req, buf))
         else:
@@ -154,7 +153,6 @@ class Inbox:
             base = np.empty(n + n // 4, dtype=np.uint8)
         buf = base[:n]
         self._ahead = (buf, status.Get_source(), status.Get_tag(), msg.Irecv([buf, MPI.BYTE]))
-        traffic(n)
         return True
 
     def get(self) -> tuple[np.ndarray, int, int] | None:
@@ -204,77 +202,30 @@ class ProgressThread:
     seconds (GHMPI_PROGRESS_US microseconds, default 25; 0: no thread): a probe turns the
     progress engine and touches no request of the main thread. It runs only where MPI was
     initialised with MPI_THREAD_MULTIPLE (mpi4py's default), and mostly while the main thread has
-    released the GIL (kernels, syncs, sleeps).
+    released the GIL (kernels, syncs, sleeps)."""
 
-    Each wake-up costs the rank's compute threads when they fill its cores: a kernel on 2 threads
-    pinned to 2 cores ran 25 % slower beside a thread waking every 25 us, 20 % at 100 us
-    (`bench/progress_cost.py`). `on_demand` threads therefore probe only while traffic this
-    rank started may still be moving: `traffic(nbytes)` (called by `Outbox.send` and `Inbox` as
-    they post a send or a receive) keeps the thread probing for TRAFFIC_BASE_S plus the bytes at
-    TRAFFIC_RATE (GHMPI_PROGRESS_BASE_US, GHMPI_PROGRESS_GBPS), and it sleeps otherwise (GHMPI_PROGRESS_ALWAYS=1: probe all the time). Tier 2
-    runs one: its traffic is what it sends and the receives it posts. Tier 1's replies arrive
-    whenever tier 2 sends them, so its thread probes all the time."""
-
-    TRAFFIC_BASE_S = 1e-4  # GHMPI_PROGRESS_BASE_US
-    TRAFFIC_RATE = 1e9  # bytes/s (GHMPI_PROGRESS_GBPS): ~1 GB/s a rank through shared-memory
-    # fragments (session 11)
-
-    def __init__(self, interval: float | None = None, on_demand: bool = False):
-        env = os.environ.get
+    def __init__(self, interval: float | None = None):
         if interval is None:
-            interval = float(env("GHMPI_PROGRESS_US", "25")) / 1e6
+            interval = float(os.environ.get("GHMPI_PROGRESS_US", "25")) / 1e6
         self.interval = interval
-        self.base = float(env("GHMPI_PROGRESS_BASE_US", "0") or 0) / 1e6 or self.TRAFFIC_BASE_S
-        self.rate = float(env("GHMPI_PROGRESS_GBPS", "0") or 0) * 1e9 or self.TRAFFIC_RATE
-        self.on_demand = on_demand and os.environ.get("GHMPI_PROGRESS_ALWAYS", "") != "1"
         self._stop = threading.Event()
-        self._wake = threading.Event()  # on demand: traffic started, or stop
-        self._until = 0.0  # on demand: probe until this time.monotonic()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "ProgressThread":
-        global _progress
         if self.interval > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
             self._thread = threading.Thread(target=self._run, name="ghmpi-mpi-progress",
                                             daemon=True)
             self._thread.start()
-            if self.on_demand:
-                _progress = self
         return self
 
     def __exit__(self, *exc) -> None:
-        global _progress
-        if _progress is self:
-            _progress = None
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join()
 
-    def traffic(self, nbytes: int) -> None:
-        """Traffic of `nbytes` started: probe until it has had time to move."""
-        until = time.monotonic() + self.base + nbytes / self.rate
-        if until > self._until:
-            self._until = until
-        self._wake.set()
-
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.on_demand and time.monotonic() >= self._until:
-                self._wake.wait()  # asleep until traffic starts (or stop)
-                self._wake.clear()  # `traffic` sets _until before it sets the event
-                continue
+        while not self._stop.wait(self.interval):
             MPI.COMM_SELF.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
-            self._stop.wait(self.interval)
-
-
-_progress: ProgressThread | None = None  # this process's on-demand progress thread, if running
-
-
-def traffic(nbytes: int) -> None:
-    """A send or receive of `nbytes` was posted: wake the on-demand progress thread, if any."""
-    if _progress is not None:
-        _progress.traffic(nbytes)
 
 
 class BusyClock:

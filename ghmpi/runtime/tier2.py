@@ -173,13 +173,13 @@ class Tier2:
 
     def run(self) -> int:
         """Serve until every slice we serve has sent STOP; return the job's exit status. Replies
-        move while the attention kernel runs (`tp.ProgressThread`, probing while they may move)."""
+        move while the attention kernel runs (`tp.ProgressThread`)."""
         n, threads = self.worker_threads, torch.get_num_threads()
         if n:  # the worker's torch ops use n threads, ours one
             self.worker = worker_pool(n)
             torch.set_num_threads(1)
         try:
-            with tp.ProgressThread(on_demand=True):
+            with tp.ProgressThread():
                 return self._loop()
         finally:
             if self.worker is not None:
