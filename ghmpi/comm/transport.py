@@ -8,6 +8,7 @@ request completes, so no rank ever blocks in a send while its peer is blocked to
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -111,6 +112,43 @@ class Outbox:
             backoff.idle()
 
 
+class DelayLine:
+    """Sends held back `delay` seconds (an emulated network hop), each sent once it is due by
+    whichever thread pumps first: the progress thread at every probe (`ProgressThread(tick=...)`),
+    so a send leaves on time while its owner computes, and the owner's loop otherwise. Locked:
+    both threads pump."""
+
+    def __init__(self, comm: MPI.Comm, delay: float):
+        self.comm, self.delay = comm, delay
+        self._lock = threading.Lock()
+        self._held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
+        self._sent: list[tuple[MPI.Request, np.ndarray]] = []
+
+    def hold(self, buf: np.ndarray, dest: int, tag: int) -> None:
+        with self._lock:
+            self._held.append((time.monotonic() + self.delay, buf, dest, tag))
+
+    def pump(self) -> None:
+        """Send what is due (in order: one delay for all); forget the sends that completed."""
+        if not self._held and not self._sent:
+            return
+        with self._lock:
+            now = time.monotonic()
+            while self._held and self._held[0][0] <= now:
+                _, buf, dest, tag = self._held.popleft()
+                self._sent.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf))
+            self._sent = [(r, b) for r, b in self._sent if not r.Test()]
+
+    def pending(self) -> bool:
+        """Something is held or still being sent."""
+        return bool(self._held or self._sent)
+
+    def next_due(self) -> float | None:
+        """Seconds until the next held send is due (None: nothing held)."""
+        held = self._held
+        return max(0.0, held[0][0] - time.monotonic()) if held else None
+
+
 def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG
              ) -> tuple[np.ndarray, int, int] | None:
     """Receive one waiting message of any size into a new buffer, or None if nothing is there
@@ -202,12 +240,13 @@ class ProgressThread:
     seconds (GHMPI_PROGRESS_US microseconds, default 25; 0: no thread): a probe turns the
     progress engine and touches no request of the main thread. It runs only where MPI was
     initialised with MPI_THREAD_MULTIPLE (mpi4py's default), and mostly while the main thread has
-    released the GIL (kernels, syncs, sleeps)."""
+    released the GIL (kernels, syncs, sleeps). `tick`, if given, runs after every probe."""
 
-    def __init__(self, interval: float | None = None):
+    def __init__(self, interval: float | None = None, tick: Callable[[], None] | None = None):
         if interval is None:
             interval = float(os.environ.get("GHMPI_PROGRESS_US", "25")) / 1e6
         self.interval = interval
+        self.tick = tick  # called after every probe (a DelayLine's pump)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -226,6 +265,8 @@ class ProgressThread:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             MPI.COMM_SELF.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+            if self.tick is not None:
+                self.tick()
 
 
 class BusyClock:

@@ -85,8 +85,9 @@ class Tier2:
                   f"{time.perf_counter() - t:.1f} s{' (huge pages)' if self.cache.huge_pages else ''}",
                   flush=True)
         self.outbox = tp.Outbox(world)
-        self.delay = reply_delay_s  # emulated network hop: replies wait this long
-        self.held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
+        # an emulated network hop: replies leave this long after they are ready, on time even
+        # while the rank computes (the progress thread sends them)
+        self.delayed = tp.DelayLine(world, reply_delay_s) if reply_delay_s else None
         self.busy = tp.BusyClock()
         self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
         self.worker_threads = n  # the worker's, started by `run`
@@ -159,16 +160,9 @@ class Tier2:
         return outs
 
     def _reply(self, reply: np.ndarray, dest: int, tag: int) -> None:
-        if self.delay:
-            self.held.append((time.monotonic() + self.delay, reply, dest, tag))
+        if self.delayed is not None:
+            self.delayed.hold(reply, dest, tag)
         else:
-            self.outbox.send(reply, dest, tag)
-
-    def _release_held(self) -> None:
-        """Send the held replies whose delay has passed (in order: one delay for all)."""
-        now = time.monotonic()
-        while self.held and self.held[0][0] <= now:
-            _, reply, dest, tag = self.held.popleft()
             self.outbox.send(reply, dest, tag)
 
     def run(self) -> int:
@@ -179,7 +173,7 @@ class Tier2:
             self.worker = worker_pool(n)
             torch.set_num_threads(1)
         try:
-            with tp.ProgressThread():
+            with tp.ProgressThread(tick=self.delayed.pump if self.delayed else None):
                 return self._loop()
         finally:
             if self.worker is not None:
@@ -190,9 +184,10 @@ class Tier2:
     def _loop(self) -> int:
         stops, status = 0, 0
         backoff = tp.Backoff()
-        while stops < len(self.served) or self.held or self.pending:
-            if self.held:
-                self._release_held()
+        delayed = self.delayed
+        while stops < len(self.served) or self.pending or (delayed and delayed.pending()):
+            if delayed is not None:
+                delayed.pump()
             t = time.perf_counter()
             msg = self.inbox.get()
             if msg is not None:
@@ -204,7 +199,7 @@ class Tier2:
                     self._answer_served(WORKER_POLL_S)
                     continue
                 with self.busy.idle():  # never past a held reply's time
-                    backoff.idle(self.held[0][0] - time.monotonic() if self.held else None)
+                    backoff.idle(delayed.next_due() if delayed else None)
                 continue
             backoff.reset()
             buf, source, tag = msg

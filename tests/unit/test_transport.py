@@ -54,3 +54,43 @@ def test_attention_worker_only_for_ranks_of_many_threads():
     assert worker_threads(WORKER_THREADS - 1, "") == 0
     assert worker_threads(2, "1") == 1 and worker_threads(1, "1") == 0
     assert worker_threads(14, "0") == 0
+
+
+def test_delay_line_sends_on_time_while_its_owner_computes():
+    """`transport.DelayLine` (an emulated network hop, tier 2's `runtime.reply_delay_ms`): a held
+    send is not sent before its delay; once due it is sent by the progress thread's tick while
+    the owner does not pump (it computes, the GIL released), and without a thread by `pump`."""
+    import time
+
+    import numpy as np
+    from mpi4py import MPI
+
+    from ghmpi.comm.transport import DelayLine, ProgressThread
+
+    comm = MPI.COMM_SELF
+
+    def arrived() -> bool:
+        return comm.Iprobe(source=0, tag=5)
+
+    def take() -> np.ndarray:
+        buf = np.empty(16, dtype=np.uint8)
+        comm.Recv([buf, MPI.BYTE], source=0, tag=5)
+        return buf
+
+    line = DelayLine(comm, 0.05)
+    if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+        with ProgressThread(1e-4, tick=line.pump):
+            line.hold(np.full(16, 1, dtype=np.uint8), 0, 5)
+            assert not arrived() and line.pending() and 0 < line.next_due() <= 0.05
+            time.sleep(0.2)  # the owner computes: it does not pump
+            assert arrived()
+        assert (take() == 1).all()
+    line.hold(np.full(16, 2, dtype=np.uint8), 0, 5)
+    line.pump()
+    assert not arrived()  # not due yet
+    time.sleep(0.06)
+    line.pump()
+    assert arrived() and (take() == 2).all()
+    while line.pending():
+        line.pump()
+    assert line.next_due() is None
