@@ -12,6 +12,7 @@
 #      thread (before, a reply due while the rank was in its kernel left only after that
 #      message): 1,024 prompts x 512 -> 32 at no delay and at 10 ms (automatic count)
 #   c: target 4: `bench pipeline` of the issue's job (both capacities, the job traced)
+#   d: b's before/after alone (the device time left after failed starts)
 # Usage (repo root): OUT=dir bash bench/gpu_session13.sh a|b|c
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
@@ -38,5 +39,11 @@ b)
   ;;
 c)
   pipeline ring
+  ;;
+d)
+  R=$PWD
+  T=400 variants pull-ab "before;0;0;PYTHONPATH=$R/build/old GHMPI_TRACE=/tmp/tr-b1" \
+    "after;0;0;GHMPI_TRACE=/tmp/tr-a1" "before;0;0;PYTHONPATH=$R/build/old GHMPI_TRACE=/tmp/tr-b2" \
+    "after;0;0;GHMPI_TRACE=/tmp/tr-a2"
   ;;
 esac
