@@ -140,8 +140,19 @@ class DelayLine:
             self._sent = [(r, b) for r, b in self._sent if not r.Test()]
 
     def pending(self) -> bool:
-        """Something is held or still being sent."""
-        return bool(self._held or self._sent)
+        """Something is held, not yet sent."""
+        return bool(self._held)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Send everything held when due and wait until every send has completed."""
+        deadline = time.monotonic() + timeout + self.delay
+        backoff = Backoff()
+        while self._held or self._sent:
+            self.pump()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._held) + len(self._sent)} held send(s) not "
+                                   f"received within {timeout:.0f} s")
+            backoff.idle(self.next_due())
 
     def next_due(self) -> float | None:
         """Seconds until the next held send is due (None: nothing held)."""

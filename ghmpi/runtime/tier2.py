@@ -219,4 +219,6 @@ class Tier2:
             else:
                 raise RuntimeError(f"unexpected message tag {tag} from rank {source}")
         self.outbox.drain()
+        if delayed is not None:
+            delayed.drain()
         return status

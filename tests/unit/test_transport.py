@@ -91,9 +91,11 @@ def test_delay_line_sends_on_time_while_its_owner_computes():
     time.sleep(0.06)
     line.pump()
     assert arrived() and (take() == 2).all()
-    while line.pending():
-        line.pump()
-    assert line.next_due() is None
+    line.hold(np.full(16, 3, dtype=np.uint8), 0, 5)
+    assert line.pending()
+    line.drain()  # sends it once due
+    assert not line.pending() and line.next_due() is None
+    assert arrived() and (take() == 3).all()
 
 
 def test_inbox_pull_starts_a_receive_from_the_progress_thread():
