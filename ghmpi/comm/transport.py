@@ -178,22 +178,16 @@ class Inbox:
     `get` hands out the next message and at once starts receiving the one after it, if its
     envelope is in (a matched probe, then a nonblocking receive into a free buffer): its bytes
     move while the caller works on this one (by the transport's own copy, or by the progress
-    thread), so a message that waited in the queue is there when the caller comes back. `pull`
-    starts that receive too, for a message that arrives later: the progress thread calls it at
-    every probe (`ProgressThread(tick=...)`), so the bytes of a message that arrives while the
-    caller computes move then, not when the caller next asks. Locked: both threads start
-    receives. A buffer handed out is the caller's until it gives it back with `done` (a caller
-    that serves one message at a time gives each back before its next `get`: two buffers take
-    turns)."""
+    thread), so a message that waited in the queue is there when the caller comes back. A buffer
+    handed out is the caller's until it gives it back with `done` (a caller that serves one
+    message at a time gives each back before its next `get`: two buffers take turns)."""
 
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
-        self._lock = threading.Lock()
         self._free: list[np.ndarray] = []  # buffers given back, to receive into again
         self._ahead: tuple[np.ndarray, int, int, MPI.Request] | None = None
 
     def _start(self) -> bool:
-        """Start receiving the next message, if its envelope is in (the lock held)."""
         status = MPI.Status()
         msg = self.comm.Improbe(status=status)
         if msg is None:
@@ -210,28 +204,19 @@ class Inbox:
         self._ahead = (buf, status.Get_source(), status.Get_tag(), msg.Irecv([buf, MPI.BYTE]))
         return True
 
-    def pull(self) -> None:
-        """Start receiving the next message if it has arrived and none is being received."""
-        if self._ahead is None:
-            with self._lock:
-                if self._ahead is None:
-                    self._start()
-
     def get(self) -> tuple[np.ndarray, int, int] | None:
         """(buffer, source, tag) of the next message, or None if none has arrived yet."""
-        with self._lock:
-            if self._ahead is None and not self._start():
-                return None
-            buf, source, tag, req = self._ahead
-            self._ahead = None
+        if self._ahead is None and not self._start():
+            return None
+        buf, source, tag, req = self._ahead
+        self._ahead = None
         req.Wait()
-        self.pull()
+        self._start()
         return buf, source, tag
 
     def done(self, buf: np.ndarray) -> None:
         """The caller has finished with a buffer `get` handed out: it may be received into again."""
-        with self._lock:
-            self._free.append(buf if buf.base is None else buf.base)
+        self._free.append(buf if buf.base is None else buf.base)
 
 
 class Backoff:

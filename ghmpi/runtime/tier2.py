@@ -173,20 +173,13 @@ class Tier2:
             self.worker = worker_pool(n)
             torch.set_num_threads(1)
         try:
-            with tp.ProgressThread(tick=self._tick):
+            with tp.ProgressThread(tick=self.delayed.pump if self.delayed else None):
                 return self._loop()
         finally:
             if self.worker is not None:
                 self.worker.shutdown(wait=True, cancel_futures=True)
                 self.worker = None
                 torch.set_num_threads(threads)
-
-    def _tick(self) -> None:
-        """The progress thread's, at every probe: receive a message that has just arrived, send
-        the held replies that are due."""
-        self.inbox.pull()
-        if self.delayed is not None:
-            self.delayed.pump()
 
     def _loop(self) -> int:
         stops, status = 0, 0

@@ -96,31 +96,3 @@ def test_delay_line_sends_on_time_while_its_owner_computes():
     line.drain()  # sends it once due
     assert not line.pending() and line.next_due() is None
     assert arrived() and (take() == 3).all()
-
-
-def test_inbox_pull_starts_a_receive_from_the_progress_thread():
-    """`Inbox.pull` as the progress thread's tick (tier 2): a message that arrives while the
-    owner computes is being received before the owner asks for it, and `get` then hands it out
-    whole, in order with the next."""
-    import time
-
-    import numpy as np
-    from mpi4py import MPI
-
-    from ghmpi.comm.transport import Inbox, Outbox, ProgressThread
-
-    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
-        return
-    comm, out = MPI.COMM_SELF, Outbox(MPI.COMM_SELF)
-    inbox = Inbox(comm)
-    with ProgressThread(1e-4, tick=inbox.pull):
-        assert inbox._ahead is None
-        out.send(np.full(1 << 20, 3, dtype=np.uint8), 0, 7)
-        out.send(np.full(100, 4, dtype=np.uint8), 0, 7)
-        time.sleep(0.1)  # the owner computes; the thread starts the first receive
-        assert inbox._ahead is not None and inbox._ahead[0].nbytes == 1 << 20
-        first = inbox.get()
-        second = inbox.get()
-    assert first[0].nbytes == 1 << 20 and (first[0] == 3).all()
-    assert second[0].nbytes == 100 and (second[0] == 4).all()
-    out.drain()
