@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
+import re
 import threading
 import time
 from typing import Callable, Hashable, Sequence
@@ -250,34 +252,91 @@ class ProgressThread:
     or a prompt's K/V would wait out that time. This thread probes COMM_SELF every `interval`
     seconds (GHMPI_PROGRESS_US microseconds, default 25; 0: no thread): a probe turns the
     progress engine and touches no request of the main thread. It runs only where MPI was
-    initialised with MPI_THREAD_MULTIPLE (mpi4py's default), and mostly while the main thread has
-    released the GIL (kernels, syncs, sleeps). `tick`, if given, runs after every probe."""
+    initialised with MPI_THREAD_MULTIPLE (mpi4py's default).
+
+    The thread is native where it builds (`kernels.progress_library`, `progress.cpp`: MPI_Iprobe
+    of the MPI library mpi4py loaded, called from C++): a Python thread takes the GIL at every
+    probe, and the main thread then waits for it as it comes back from each torch op or MPI call
+    that released the GIL. With a `tick` (a DelayLine's pump, run after every probe), or where the
+    native one cannot be had (GHMPI_PROGRESS_NATIVE=0 forces that), a Python thread does the
+    same. `kind` says which runs: "native", "python" or "off"."""
 
     def __init__(self, interval: float | None = None, tick: Callable[[], None] | None = None):
         if interval is None:
             interval = float(os.environ.get("GHMPI_PROGRESS_US", "25")) / 1e6
         self.interval = interval
         self.tick = tick  # called after every probe (a DelayLine's pump)
+        self.kind = "off"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._native: ctypes.CDLL | None = None
 
     def __enter__(self) -> "ProgressThread":
-        if self.interval > 0 and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-            self._thread = threading.Thread(target=self._run, name="ghmpi-mpi-progress",
-                                            daemon=True)
-            self._thread.start()
+        if self.interval <= 0 or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            return self
+        native = _native_progress() if self.tick is None else None
+        if native is not None:
+            lib, iprobe = native
+            if lib.ghmpi_progress_start(iprobe, MPI._handleof(MPI.COMM_SELF), MPI.ANY_SOURCE,
+                                        MPI.ANY_TAG, int(self.interval * 1e9)) == 0:
+                self._native, self.kind = lib, "native"
+                return self
+        self._thread = threading.Thread(target=self._run, name="ghmpi-mpi-progress", daemon=True)
+        self._thread.start()
+        self.kind = "python"
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._native is not None:
+            self._native.ghmpi_progress_stop()
+            self._native = None
+
+    def describe(self) -> str:
+        """One phrase for the job's log: which progress thread runs."""
+        if self.kind == "off":
+            return "MPI progress: no thread"
+        return f"MPI progress: {self.kind} thread every {1e6 * self.interval:g} us"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             MPI.COMM_SELF.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
             if self.tick is not None:
                 self.tick()
+
+
+def _native_progress() -> tuple[ctypes.CDLL, int] | None:
+    """(the native progress library, the address of the loaded MPI library's MPI_Iprobe), or
+    None where either cannot be had."""
+    from ghmpi import kernels
+
+    lib = kernels.progress_library()
+    if lib is None:
+        return None
+    address = _mpi_function("MPI_Iprobe")
+    return None if address is None else (lib, address)
+
+
+def _mpi_function(name: str) -> int | None:
+    """The address of an MPI function in the MPI library this process loaded (for mpi4py): from
+    the global namespace, else from the library itself (found in /proc/self/maps)."""
+    try:
+        return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        pass
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    except OSError:
+        return None
+    for path in sorted(p for p in paths if re.search(r"/libmpi[^/]*\.so", p)):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(path), name), ctypes.c_void_p).value
+        except (AttributeError, OSError):
+            continue
+    return None
 
 
 class BusyClock:

@@ -148,6 +148,42 @@ def decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
+class _Progress:
+    lib: ctypes.CDLL | None = None
+    reason = ""  # why there is none
+    tried = False
+
+
+_progress = _Progress()
+
+
+def progress_library() -> ctypes.CDLL | None:
+    """The native MPI progress thread (`progress.cpp`), built at first use like the attention
+    kernel, or None (`progress_reason()` says why; `GHMPI_PROGRESS_NATIVE=0`: never)."""
+    p = _progress
+    if p.tried:
+        return p.lib
+    p.tried = True
+    if os.environ.get("GHMPI_PROGRESS_NATIVE", "").strip() == "0":
+        p.reason = "GHMPI_PROGRESS_NATIVE=0"
+        return None
+    try:
+        lib, _, _ = build.build_or_load("ghmpi_progress", ["progress.cpp"])
+        lib.ghmpi_progress_start.restype = ctypes.c_int
+        lib.ghmpi_progress_start.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int,
+                                             ctypes.c_int, ctypes.c_int64]
+        lib.ghmpi_progress_stop.restype = None
+        lib.ghmpi_progress_stop.argtypes = []
+        p.lib = lib
+    except Exception as e:  # no compiler: the Python thread does the same, holding the GIL
+        p.reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return p.lib
+
+
+def progress_reason() -> str:
+    return _progress.reason
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, contiguous (itself when it is already: the call costs a message's worth of
     microseconds on tier 2 otherwise)."""

@@ -173,7 +173,9 @@ class Tier2:
             self.worker = worker_pool(n)
             torch.set_num_threads(1)
         try:
-            with tp.ProgressThread(tick=self.delayed.pump if self.delayed else None):
+            with tp.ProgressThread(tick=self.delayed.pump if self.delayed else None) as progress:
+                if self.world.Get_rank() == self.layout.slices:  # the first tier-2 rank
+                    print(f"ghmpi: tier 2: {progress.describe()}", flush=True)
                 return self._loop()
         finally:
             if self.worker is not None:

@@ -3,17 +3,29 @@
 
 def test_progress_thread_runs_only_when_asked():
     """The MPI progress thread (ghmpi/comm/transport.py) starts with an interval and
-    MPI_THREAD_MULTIPLE, probes until told to stop, and is not started with interval 0."""
+    MPI_THREAD_MULTIPLE, native where it builds (a Python one with a tick), probes until told
+    to stop, and is not started with interval 0."""
+    import threading
+
     from mpi4py import MPI
 
+    from ghmpi import kernels
     from ghmpi.comm.transport import ProgressThread
 
     with ProgressThread(0) as off:
-        assert off._thread is None
-    with ProgressThread(1e-4) as on:
-        if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-            assert on._thread is not None and on._thread.is_alive()
-    assert on._thread is None or not on._thread.is_alive()
+        assert off.kind == "off" and off._thread is None and off._native is None
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        return
+    ticks = threading.Event()
+    with ProgressThread(1e-4, tick=ticks.set) as python:
+        assert python.kind == "python" and python._thread.is_alive()
+        assert ticks.wait(5)  # the tick runs after the probes
+    assert not python._thread.is_alive()
+    with ProgressThread(1e-4) as native:
+        expected = "native" if kernels.progress_library() is not None else "python"
+        assert native.kind == expected, kernels.progress_reason()
+        assert native.describe() == f"MPI progress: {expected} thread every 100 us"
+    assert native._native is None and (native._thread is None or not native._thread.is_alive())
 
 
 def test_inbox_never_receives_into_a_buffer_still_out():
