@@ -10,8 +10,11 @@
 #      due while the rank was in its kernel left only after that message): 1,024 prompts x 512
 #      -> 32 at no delay and at 10 ms (automatic count), traced
 #   c: target 4: `bench pipeline` of the issue's job (both capacities, the job traced)
+#   d: the native MPI progress thread against the Python one (GHMPI_PROGRESS_NATIVE=0):
+#      bench/progress_cost.py on 2 pinned threads, then the job at 64 new tokens (to fit
+#      the device time left), interleaved twice
 # b and c did not run in session 13: no machine could be started in five tries.
-# Usage (repo root): OUT=dir bash bench/gpu_session13.sh a|b|c
+# Usage (repo root): OUT=dir bash bench/gpu_session13.sh a|b|c|d
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
 case ${1:-a} in
@@ -33,5 +36,12 @@ b)
   ;;
 c)
   pipeline ring
+  ;;
+d)
+  T=40 step cost2 $PY bench/progress_cost.py --threads 2 --rounds 3 --calls 60
+  cut -c1-200 "$OUT/cost2.txt"
+  T=200 step native-ab $PY bench/ring_variants.py --new 64 "$W" "python;0;0;GHMPI_PROGRESS_NATIVE=0" \
+    "native;0;0;" "python;0;0;GHMPI_PROGRESS_NATIVE=0" "native;0;0;"
+  cut -c1-300 "$OUT/native-ab.txt" | grep -E "tokens/s|failed"
   ;;
 esac
