@@ -13,7 +13,8 @@
 #   d: the native MPI progress thread against the Python one (GHMPI_PROGRESS_NATIVE=0):
 #      bench/progress_cost.py on 2 pinned threads, then the job at 64 new tokens (to fit
 #      the device time left), interleaved twice
-# b and c did not run in session 13: no machine could be started in five tries.
+# b, c and d did not run in session 13: no machine could be started in five tries, then too
+# little device time was left to start one.
 # Usage (repo root): OUT=dir bash bench/gpu_session13.sh a|b|c|d
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"

@@ -298,7 +298,12 @@ class ProgressThread:
         """One phrase for the job's log: which progress thread runs."""
         if self.kind == "off":
             return "MPI progress: no thread"
-        return f"MPI progress: {self.kind} thread every {1e6 * self.interval:g} us"
+        why = ""
+        if self.kind == "python" and self.tick is None:
+            from ghmpi import kernels
+
+            why = f" (native: {kernels.progress_reason() or 'MPI_Iprobe not found'})"
+        return f"MPI progress: {self.kind} thread every {1e6 * self.interval:g} us{why}"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
