@@ -115,35 +115,69 @@ class Outbox:
 
 
 class DelayLine:
-    """Sends held back `delay` seconds (an emulated network hop), each sent once it is due by
-    whichever thread pumps first: the progress thread at every probe (`ProgressThread(tick=...)`),
-    so a send leaves on time while its owner computes, and the owner's loop otherwise. Locked:
-    both threads pump."""
+    """Sends held back `delay` seconds (an emulated network hop), each sent once it is due, in
+    order. Used as a context manager, a thread of its own sends what falls due (it wakes only
+    then), so a send leaves on time while its owner computes; the owner's `pump` sends what is
+    due too, and forgets the sends that have completed."""
 
     def __init__(self, comm: MPI.Comm, delay: float):
         self.comm, self.delay = comm, delay
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
         self._sent: list[tuple[MPI.Request, np.ndarray]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def __enter__(self) -> "DelayLine":
+        if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="ghmpi-delay-line",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def hold(self, buf: np.ndarray, dest: int, tag: int) -> None:
-        with self._lock:
+        with self._cond:
             self._held.append((time.monotonic() + self.delay, buf, dest, tag))
+            self._cond.notify()
+
+    def _send_due(self) -> None:
+        now = time.monotonic()
+        while self._held and self._held[0][0] <= now:
+            _, buf, dest, tag = self._held.popleft()
+            self._sent.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf))
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                self._send_due()
+                wait = self.next_due()
+                self._cond.wait(wait)  # until the next is due, or one is held (None: forever)
 
     def pump(self) -> None:
-        """Send what is due (in order: one delay for all); forget the sends that completed."""
+        """Send what is due; forget the sends that have completed."""
         if not self._held and not self._sent:
             return
-        with self._lock:
-            now = time.monotonic()
-            while self._held and self._held[0][0] <= now:
-                _, buf, dest, tag = self._held.popleft()
-                self._sent.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf))
+        with self._cond:
+            self._send_due()
             self._sent = [(r, b) for r, b in self._sent if not r.Test()]
 
     def pending(self) -> bool:
         """Something is held, not yet sent."""
         return bool(self._held)
+
+    def next_due(self) -> float | None:
+        """Seconds until the next held send is due (None: nothing held)."""
+        held = self._held
+        return max(0.0, held[0][0] - time.monotonic()) if held else None
 
     def drain(self, timeout: float = 60.0) -> None:
         """Send everything held when due and wait until every send has completed."""
@@ -155,11 +189,6 @@ class DelayLine:
                 raise TimeoutError(f"{len(self._held) + len(self._sent)} held send(s) not "
                                    f"received within {timeout:.0f} s")
             backoff.idle(self.next_due())
-
-    def next_due(self) -> float | None:
-        """Seconds until the next held send is due (None: nothing held)."""
-        held = self._held
-        return max(0.0, held[0][0] - time.monotonic()) if held else None
 
 
 def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG
@@ -257,15 +286,15 @@ class ProgressThread:
     The thread is native where it builds (`kernels.progress_library`, `progress.cpp`: MPI_Iprobe
     of the MPI library mpi4py loaded, called from C++): a Python thread takes the GIL at every
     probe, and the main thread then waits for it as it comes back from each torch op or MPI call
-    that released the GIL. With a `tick` (a DelayLine's pump, run after every probe), or where the
-    native one cannot be had (GHMPI_PROGRESS_NATIVE=0 forces that), a Python thread does the
-    same. `kind` says which runs: "native", "python" or "off"."""
+    that released the GIL. Where the native one cannot be had (`native=False`, or
+    GHMPI_PROGRESS_NATIVE=0, force that), a Python thread does the same. `kind` says which runs:
+    "native", "python" or "off"."""
 
-    def __init__(self, interval: float | None = None, tick: Callable[[], None] | None = None):
+    def __init__(self, interval: float | None = None, native: bool = True):
         if interval is None:
             interval = float(os.environ.get("GHMPI_PROGRESS_US", "25")) / 1e6
         self.interval = interval
-        self.tick = tick  # called after every probe (a DelayLine's pump)
+        self.native = native
         self.kind = "off"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -274,7 +303,7 @@ class ProgressThread:
     def __enter__(self) -> "ProgressThread":
         if self.interval <= 0 or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
             return self
-        native = _native_progress() if self.tick is None else None
+        native = _native_progress() if self.native else None
         if native is not None:
             lib, iprobe = native
             if lib.ghmpi_progress_start(iprobe, MPI._handleof(MPI.COMM_SELF), MPI.ANY_SOURCE,
@@ -299,7 +328,7 @@ class ProgressThread:
         if self.kind == "off":
             return "MPI progress: no thread"
         why = ""
-        if self.kind == "python" and self.tick is None:
+        if self.kind == "python" and self.native:
             from ghmpi import kernels
 
             why = f" (native: {kernels.progress_reason() or 'MPI_Iprobe not found'})"
@@ -308,8 +337,6 @@ class ProgressThread:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             MPI.COMM_SELF.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
-            if self.tick is not None:
-                self.tick()
 
 
 def _native_progress() -> tuple[ctypes.CDLL, int] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import os
 import time
 
@@ -86,7 +87,7 @@ class Tier2:
                   flush=True)
         self.outbox = tp.Outbox(world)
         # an emulated network hop: replies leave this long after they are ready, on time even
-        # while the rank computes (the progress thread sends them)
+        # while the rank computes (the delay line's thread sends them)
         self.delayed = tp.DelayLine(world, reply_delay_s) if reply_delay_s else None
         self.busy = tp.BusyClock()
         self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
@@ -173,7 +174,7 @@ class Tier2:
             self.worker = worker_pool(n)
             torch.set_num_threads(1)
         try:
-            with tp.ProgressThread(tick=self.delayed.pump if self.delayed else None) as progress:
+            with tp.ProgressThread() as progress, self.delayed or contextlib.nullcontext():
                 if self.world.Get_rank() == self.layout.slices:  # the first tier-2 rank
                     print(f"ghmpi: tier 2: {progress.describe()}", flush=True)
                 return self._loop()
