@@ -305,9 +305,9 @@ class ProgressThread:
             return self
         native = _native_progress() if self.native else None
         if native is not None:
-            lib, iprobe = native
-            if lib.ghmpi_progress_start(iprobe, MPI._handleof(MPI.COMM_SELF), MPI.ANY_SOURCE,
-                                        MPI.ANY_TAG, int(self.interval * 1e9)) == 0:
+            lib, iprobe, comm = native
+            if lib.ghmpi_progress_start(iprobe, comm, MPI.ANY_SOURCE, MPI.ANY_TAG,
+                                        int(self.interval * 1e9)) == 0:
                 self._native, self.kind = lib, "native"
                 return self
         self._thread = threading.Thread(target=self._run, name="ghmpi-mpi-progress", daemon=True)
@@ -339,16 +339,20 @@ class ProgressThread:
             MPI.COMM_SELF.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
 
 
-def _native_progress() -> tuple[ctypes.CDLL, int] | None:
-    """(the native progress library, the address of the loaded MPI library's MPI_Iprobe), or
-    None where either cannot be had."""
+def _native_progress() -> tuple[ctypes.CDLL, int, int] | None:
+    """(the native progress library, the address of the loaded MPI library's MPI_Iprobe,
+    COMM_SELF's C handle), or None where any cannot be had."""
     from ghmpi import kernels
 
     lib = kernels.progress_library()
     if lib is None:
         return None
     address = _mpi_function("MPI_Iprobe")
-    return None if address is None else (lib, address)
+    try:  # mpi4py >= 4: .handle; 3.x: MPI._handleof
+        comm = getattr(MPI.COMM_SELF, "handle", None) or MPI._handleof(MPI.COMM_SELF)
+    except AttributeError:
+        return None
+    return None if address is None else (lib, address, int(comm))
 
 
 def _mpi_function(name: str) -> int | None:
