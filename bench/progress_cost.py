@@ -46,6 +46,7 @@ def main() -> None:
     q = torch.randn(B, H, D).bfloat16()
     lengths = torch.full((B,), a.context)
     sets = [torch.arange(B) + B * i for i in range(4)]
+
     def calls() -> float:
         kernels.decode_attention_cpu(q, kc, vc, sets[0], lengths)
         t = time.perf_counter()

@@ -12,7 +12,6 @@ import collections
 import contextlib
 import ctypes
 import os
-import re
 import threading
 import time
 from typing import Callable, Hashable, Sequence
@@ -347,32 +346,12 @@ def _native_progress() -> tuple[ctypes.CDLL, int, int] | None:
     lib = kernels.progress_library()
     if lib is None:
         return None
-    address = _mpi_function("MPI_Iprobe")
+    address = kernels.mpi_function("MPI_Iprobe")
     try:  # mpi4py >= 4: .handle; 3.x: MPI._handleof
         comm = getattr(MPI.COMM_SELF, "handle", None) or MPI._handleof(MPI.COMM_SELF)
     except AttributeError:
         return None
     return None if address is None else (lib, address, int(comm))
-
-
-def _mpi_function(name: str) -> int | None:
-    """The address of an MPI function in the MPI library this process loaded (for mpi4py): from
-    the global namespace, else from the library itself (found in /proc/self/maps)."""
-    try:
-        return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
-    except (AttributeError, OSError):
-        pass
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
-    except OSError:
-        return None
-    for path in sorted(p for p in paths if re.search(r"/libmpi[^/]*\.so", p)):
-        try:
-            return ctypes.cast(getattr(ctypes.CDLL(path), name), ctypes.c_void_p).value
-        except (AttributeError, OSError):
-            continue
-    return None
 
 
 class BusyClock:

@@ -184,6 +184,22 @@ def progress_reason() -> str:
     return _progress.reason
 
 
+def mpi_function(name: str) -> int | None:
+    """The address of an MPI function in the MPI library this process loaded (for mpi4py), for
+    native code that calls MPI without linking it: from the global namespace, else from the
+    library itself (`build.loaded_libraries`); None where it is not found."""
+    try:
+        return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        pass
+    for path in build.loaded_libraries(r"/libmpi[^/]*\.so"):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(path), name), ctypes.c_void_p).value
+        except (AttributeError, OSError):
+            continue
+    return None
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, contiguous (itself when it is already: the call costs a message's worth of
     microseconds on tier 2 otherwise)."""

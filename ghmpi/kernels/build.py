@@ -76,15 +76,23 @@ def _openmp_library() -> str | None:
     the process would run two thread pools that fight over the cores."""
     if "OpenMP" not in torch.__config__.parallel_info().split("parallel backend:")[-1]:
         return None
+    libs = loaded_libraries(r"/lib(gomp|iomp5|omp)[^/]*\.so")
+    return libs[0] if libs else None
+
+
+def loaded_libraries(pattern: str) -> list[str]:
+    """Paths of the files this process has mapped (its shared libraries) that match the regex
+    `pattern`, in /proc/self/maps order, each once; none where that cannot be read."""
+    found: dict[str, None] = {}
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", path):
-                    return path
+                fields = line.split()
+                if len(fields) >= 6 and re.search(pattern, fields[-1]):
+                    found[fields[-1]] = None
     except OSError:
         pass
-    return None
+    return list(found)
 
 
 def build_spec(name: str, sources: list[str], extra_cflags: list[str] = ()) -> dict:
