@@ -8,6 +8,8 @@
 #      positions), native progress thread and none
 #   b: target 6: 1,024 prompts x 512 -> 32 at no delay, then at 10 ms with the automatic count
 #      and with 2 and 4 micro-batches, traced
+#   c: target 6 with the new automatic count (one more micro-batch per 5 ms of delay, after b):
+#      the same job at 0, 10, 20, 5 and 2 ms
 # Usage (repo root): OUT=dir bash bench/gpu_session14.sh a|b
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
@@ -29,5 +31,10 @@ b)
     "p1024-d10-m4;10;4;GHMPI_TRACE=/tmp/tr-d10m4"
   cut -c1-300 "$OUT/latency.txt" | grep -E "tokens/s|failed"
   traces d10 d10m2 d10m4
+  ;;
+c)
+  T=500 step delays $PY bench/ring_variants.py --prompts 1024 --new 32 "$W" "p1024-d0;0;0" \
+    "p1024-d10;10;0" "p1024-d20;20;0" "p1024-d5;5;0" "p1024-d2;2;0"
+  cut -c1-300 "$OUT/delays.txt" | grep -E "tokens/s|failed"
   ;;
 esac

@@ -221,6 +221,14 @@ def deal(weights: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+# One more micro-batch per slice for every this many ms of reply delay. At 10 ms on the H100
+# machine (1,024 prompts x 512 -> 32; bench/results/h100-2026-12-07-session14/b/), 4
+# micro-batches ran 695 tokens/s, 2 ran 665 and 10 (the rule of 1.25 ms before, from a sweep of
+# code whose held replies left late) 532, against 711 at no delay: each micro-batch more costs
+# every tier-2 rank a message a layer (~0.36 ms beyond its kernel there).
+DELAY_MS_PER_MICRO_BATCH = 5.0
+
+
 def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: int,
                  micro_batch_size: int, on_gpu: bool, hybrid_slots: int = 0,
                  local_fit: int | None = None, remote_fit: int | None = None,
@@ -232,11 +240,10 @@ def auto_batches(world_size: int, slices: int, n_prompts: int, micro_batches: in
     `local_fit` slots fit a tier-1 rank's KV budget, `remote_fit` a tier-2 rank's (None: no
     limit); it never exceeds what the prompts can fill, and a CPU tier 1 (tests, debugging)
     stays at 64. A delay between the tiers (`reply_delay_ms`) is hidden by more micro-batches in
-    flight: one more per slice for every 1.25 ms (at 10 ms, 10 micro-batches measured best on the
-    H100 machine: bench/results/h100-2026-11-23-tune/run5-mbsweep.txt). With the tier-2 ranks cut
+    flight: one more per slice for every `DELAY_MS_PER_MICRO_BATCH` ms. With the tier-2 ranks cut
     into `tier2_sets` sets, each set gets as many."""
     has_tier2 = world_size > slices
-    extra = slices * math.ceil(reply_delay_ms / 1.25) if has_tier2 else 0
+    extra = slices * math.ceil(reply_delay_ms / DELAY_MS_PER_MICRO_BATCH) if has_tier2 else 0
     mbs = micro_batches or ((2 * slices + extra) * tier2_sets if has_tier2 else 1)
     if micro_batch_size:
         return mbs, micro_batch_size

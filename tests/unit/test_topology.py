@@ -108,6 +108,10 @@ def test_auto_batches():
     assert auto_batches(9, 1, 0, 3, 5, on_gpu=False) == (3, 5)
     assert auto_batches(9, 1, 256, 0, 0, on_gpu=True, tier2_sets=7) == (14, 19)
     assert auto_batches(1, 1, 256, 0, 0, on_gpu=True, tier2_sets=7) == (1, 256)
+    # a reply delay adds one micro-batch per slice per 5 ms: 4 at 10 ms, 3 at 0.5 ms
+    assert auto_batches(9, 1, 1024, 0, 0, on_gpu=True, reply_delay_ms=10) == (4, 256)
+    assert auto_batches(10, 2, 1024, 0, 0, on_gpu=True, reply_delay_ms=0.5) == (6, 171)
+    assert auto_batches(1, 1, 1024, 0, 0, on_gpu=True, reply_delay_ms=10) == (1, 1024)
 
 
 def test_tier2_sets_serve_their_own_micro_batches():
