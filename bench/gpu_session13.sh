@@ -14,7 +14,7 @@
 #      bench/progress_cost.py on 2 pinned threads, then the job at 64 new tokens (to fit
 #      the device time left), interleaved twice
 # b, c and d did not run in session 13: no machine could be started in five tries, then too
-# little device time was left to start one.
+# little device time was left to start one. Session 14 ran them (bench/gpu_session14.sh).
 # Usage (repo root): OUT=dir bash bench/gpu_session13.sh a|b|c|d
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
