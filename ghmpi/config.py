@@ -259,7 +259,8 @@ class TopologyConfig:
         "tier-1 ranks (pipeline slices, >= 1); world ranks 0..slices-1; every other rank is tier 2")
     micro_batches: int = _opt(
         0, _integer(lo=0),
-        "micro-batches in flight per ring (>= 0); 0 = auto")
+        "micro-batches in flight per ring (>= 0); 0 = auto: 2 per slice and tier-2 set with tier 2 "
+        "(1 without), plus one per slice and set per 5 ms of runtime.reply_delay_ms")
     micro_batch_size: int = _opt(
         0, _integer(lo=0),
         "sequence slots per micro-batch (>= 0); 0 = auto")
