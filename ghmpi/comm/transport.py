@@ -117,13 +117,14 @@ class DelayLine:
     """Sends held back `delay` seconds (an emulated network hop), each sent once it is due, in
     order. Used as a context manager, a thread of its own sends what falls due (it wakes only
     then), so a send leaves on time while its owner computes; the owner's `pump` sends what is
-    due too, and forgets the sends that have completed."""
+    due too, and forgets the sends that have completed. The sends go through an `Outbox` of the
+    line's own, touched only under the line's lock."""
 
     def __init__(self, comm: MPI.Comm, delay: float):
-        self.comm, self.delay = comm, delay
+        self.delay = delay
         self._cond = threading.Condition()
         self._held: collections.deque[tuple[float, np.ndarray, int, int]] = collections.deque()
-        self._sent: list[tuple[MPI.Request, np.ndarray]] = []
+        self._out = Outbox(comm)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -152,7 +153,7 @@ class DelayLine:
         now = time.monotonic()
         while self._held and self._held[0][0] <= now:
             _, buf, dest, tag = self._held.popleft()
-            self._sent.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf))
+            self._out.send(buf, dest, tag)
 
     def _run(self) -> None:
         with self._cond:
@@ -163,11 +164,9 @@ class DelayLine:
 
     def pump(self) -> None:
         """Send what is due; forget the sends that have completed."""
-        if not self._held and not self._sent:
-            return
         with self._cond:
             self._send_due()
-            self._sent = [(r, b) for r, b in self._sent if not r.Test()]
+            self._out.poll()
 
     def pending(self) -> bool:
         """Something is held, not yet sent."""
@@ -179,15 +178,15 @@ class DelayLine:
         return max(0.0, held[0][0] - time.monotonic()) if held else None
 
     def drain(self, timeout: float = 60.0) -> None:
-        """Send everything held when due and wait until every send has completed."""
-        deadline = time.monotonic() + timeout + self.delay
+        """Send everything held when due (within `delay`) and wait until every send has
+        completed (`Outbox.drain`). The owner holds nothing more meanwhile, so the line's thread
+        sends nothing once the held sends are out."""
         backoff = Backoff()
-        while self._held or self._sent:
+        while self._held:
             self.pump()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self._held) + len(self._sent)} held send(s) not "
-                                   f"received within {timeout:.0f} s")
             backoff.idle(self.next_due())
+        with self._cond:
+            self._out.drain(timeout)
 
 
 def try_recv(comm: MPI.Comm, source: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG
