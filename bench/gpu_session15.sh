@@ -3,10 +3,16 @@
 #   a: target 4 on this host with the code as session 14 left it (`bench pipeline` of the issue's
 #      job, traced), then target 6 with 256 prompts (256 x 512 -> 32): no delay, 10 ms with the
 #      automatic count (4 a slice since session 14), with session 13's 10 and with 2
-#   b: the lean decode message on tier 2 against the code before it (build/old: `git archive
-#      110866b ghmpi jobs`, carried, run outside the checkout so that PYTHONPATH decides),
-#      interleaved; then bench/tier2_overhead.py with each; then target 4 with the new code
-# Usage (repo root): OUT=dir bash bench/gpu_session15.sh a|b
+#   b: tier 2 receiving ahead (the native progress thread takes the next message off the wire as
+#      its envelope arrives, `transport.NativeInbox`) against the code before it (build/old:
+#      `git archive 110866b ghmpi jobs`, carried; each job's ranks start outside the checkout, so
+#      PYTHONPATH decides), the issue's job at 64 new tokens, interleaved twice; then target 4 with
+#      the new code (`bench pipeline`, traced)
+#   c: tier-2 slots dealt by each rank's measured attention rate (GHMPI_TIER2_SHARES, now the
+#      default) against by threads, and receiving ahead against not, the issue's job at 64 new
+#      tokens, traced, interleaved twice: threads without receiving ahead (the code before this
+#      session), measured, threads with receiving ahead
+# Usage (repo root): OUT=dir bash bench/gpu_session15.sh a|b|c
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
 case ${1:-a} in
@@ -18,15 +24,20 @@ a)
   ;;
 b)
   R=$PWD
-  T=420 step lean-ab $PY bench/ring_variants.py --new 64 "$W" \
-    "old;0;0;PYTHONPATH=$R/build/old" "new;0;0;PYTHONPATH=$R" \
-    "old;0;0;PYTHONPATH=$R/build/old" "new;0;0;PYTHONPATH=$R"
-  cut -c1-300 "$OUT/lean-ab.txt" | grep -E "tokens/s|failed"
-  M="mpirun --allow-run-as-root --bind-to none -n 2 $PY $R/bench/tier2_overhead.py --threads 2"
-  for v in old new; do pp=$R; [ $v = old ] && pp=$R/build/old
-    (cd /tmp && PYTHONPATH=$pp T=60 OUT=$OUT step ovh-576-$v $M --context 576)
-    (cd /tmp && PYTHONPATH=$pp T=60 OUT=$OUT step ovh-8-$v $M --context 8 --messages 2000)
-  done
-  grep -h tier2_overhead "$OUT"/ovh-*.txt | cut -c1-250
+  T=330 step ahead-ab $PY bench/ring_variants.py --new 64 "$W" \
+    "old;0;0;PYTHONPATH=$R/build/old" "ahead;0;0;PYTHONPATH=$R" \
+    "old;0;0;PYTHONPATH=$R/build/old" "ahead;0;0;PYTHONPATH=$R"
+  cut -c1-300 "$OUT/ahead-ab.txt" | grep -E "tokens/s|failed"
+  pipeline ring
+  grep -o "MPI progress: [^']*" "$OUT/pipeline.txt" | head -1
+  ;;
+c)
+  T=560 variants shares \
+    "threads-noahead;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0" \
+    "measured;0;0;GHMPI_TRACE=/tmp/tr-m" \
+    "threads;0;0;GHMPI_TIER2_SHARES=threads GHMPI_TRACE=/tmp/tr-t" \
+    "threads-noahead;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0b" \
+    "measured;0;0;GHMPI_TRACE=/tmp/tr-mb" \
+    "threads;0;0;GHMPI_TIER2_SHARES=threads GHMPI_TRACE=/tmp/tr-tb"
   ;;
 esac

@@ -36,7 +36,8 @@ def main() -> None:
             job = run_ghmpi(model_dir, prompts, work / "variant.h5", args.ranks, args.new,
                             "bfloat16", sets, env=env)
             print(f"{name}: {job['generate_tokens_per_s']:.0f} tokens/s |",
-                  " | ".join(l for l in job["summary"] if "busy" in l or "micro-batches x" in l),
+                  " | ".join(l for l in job["summary"]
+                             if "busy" in l or "micro-batches x" in l or "measured at" in l),
                   flush=True)
         except (Exception, SystemExit) as e:  # a setting the launcher refuses: say so, go on
             print(f"{name}: failed: {str(e)[-400:]}", flush=True)

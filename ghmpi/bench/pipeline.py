@@ -4,7 +4,8 @@
   micro-batch with attention on a one-token context, the micro-batches run one after another;
 - tier-2 capacity: tokens/s the tier-2 ranks' decode attention allows: the native kernel run by
   one process per tier-2 rank, each with the threads the job's placement gives that rank and the
-  slots the job deals it, all at once, on the job's mean context (aggregate KV GB/s, paced by the
+  slots the job deals it (by threads, or as its log says it dealt them by measured rates), all at
+  once, on the job's mean context (aggregate KV GB/s, paced by the
   slowest process, over the KV bytes one token-step reads);
 - the job (`mpirun -n N`) at each reply delay (a network hop emulated by `runtime.reply_delay_ms`),
   as generated tokens/s, over min(tier-1, tier-2 capacity) and over the zero-delay run; traced
@@ -69,6 +70,16 @@ def _layout(summary: list[str]) -> tuple[int, int, int]:
         if m:
             return int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
     raise RuntimeError(f"no layout line in {summary}")
+
+
+def _measured_slots(summary: list[str]) -> list[int] | None:
+    """Each tier-2 rank's slots where the job dealt them by measured attention rates (its
+    "attention measured at" line), else None (dealt by threads, as `job_tier2_split` does)."""
+    for line in summary:
+        m = re.search(r"attention measured at [\d. ]+ GB/s a rank; slots ([\d ]+)", line)
+        if m:
+            return [int(x) for x in m.group(1).split()]
+    return None
 
 
 def _hybrid_split(summary: list[str]) -> tuple[int, int]:
@@ -185,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
     context = L + new // 2
     threads, slots = job_tier2_split(ranks, gpu, len(os.sched_getaffinity(0)), mbs, size,
                                      hf_config(shape, args.layers)["num_hidden_layers"], sets)
+    slots = _measured_slots((jobs[0] if jobs else hyb)["summary"]) or slots
     cap2, gbps = tier2_capacity(shape, args.layers, args.dtype, threads, slots, context)
     cap1 = tier1_capacity(shape, args.layers, DT[args.dtype], size)
     bound = min(cap1, cap2)

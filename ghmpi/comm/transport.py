@@ -247,6 +247,86 @@ class Inbox:
         """The caller has finished with a buffer `get` handed out: it may be received into again."""
         self._free.append(buf if buf.base is None else buf.base)
 
+    def close(self) -> None:
+        """Nothing to stop (as `NativeInbox.close`): a receive started ahead is the next `get`'s."""
+
+
+class NativeInbox:
+    """`Inbox`'s service from the native progress thread (`progress.cpp`, `ghmpi_inbox_*`): the
+    thread takes each message off the wire as soon as its envelope arrives, up to `AHEAD` ahead,
+    into buffers lent to it, and its probes move the bytes while this rank computes. `Inbox`
+    starts the next receive only when its caller comes back for a message, and a message that
+    arrived meanwhile then moves while the caller waits (without single copy, a message larger
+    than the eager limit moves only once its receive is posted). Same calls as `Inbox`, plus
+    `close`: every receive on the communicator goes through it until then. Made by
+    `ProgressThread.inbox`, while the native thread runs."""
+
+    AHEAD = 2  # messages received ahead at most
+    FIRST_BYTES = 1 << 20  # the buffers lent at the start (more, larger, as messages need)
+
+    def __init__(self, comm: MPI.Comm, lib: ctypes.CDLL, functions: Sequence[int]):
+        self.comm, self._lib = comm, lib
+        src_off, tag_off = _status_offsets()
+        if lib.ghmpi_inbox_open(*functions, _handle(comm), _handle(MPI.BYTE), MPI.ANY_SOURCE,
+                                MPI.ANY_TAG, src_off, tag_off, self.AHEAD) != 0:
+            raise RuntimeError("the native inbox is open already")
+        self._bufs: dict[int, np.ndarray] = {}  # id -> a buffer lent to the thread
+        self._ids: dict[int, int] = {}  # a buffer's address -> its id
+        self._out = np.zeros(4, dtype=np.int64)
+        self._ids_out = np.zeros(64, dtype=np.int64)
+        for _ in range(self.AHEAD + 1):
+            self._lend(self.FIRST_BYTES)
+
+    def _lend(self, nbytes: int) -> None:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        i = int(self._lib.ghmpi_inbox_lend(buf.ctypes.data, nbytes))
+        self._bufs[i], self._ids[buf.ctypes.data] = buf, i
+
+    def get(self) -> tuple[np.ndarray, int, int] | None:
+        """(buffer, source, tag) of the next message, or None if none has arrived yet."""
+        out = self._out
+        while True:
+            rc = self._lib.ghmpi_inbox_take(out.ctypes.data, 1)
+            if rc == 1:
+                i, n, source, tag = (int(x) for x in out)
+                return self._bufs[i][:n], source, tag
+            if rc == 0:
+                return None
+            if rc != 2:
+                raise RuntimeError(f"MPI error {-rc} receiving ahead")
+            n = int(out[1])  # the next message needs a buffer this large: lend one
+            self._lend(n + n // 4)
+            for i in self._ids_out[:self._lib.ghmpi_inbox_retire_below(
+                    n, self._ids_out.ctypes.data, self._ids_out.size)]:
+                buf = self._bufs.pop(int(i))
+                del self._ids[buf.ctypes.data]
+
+    def done(self, buf: np.ndarray) -> None:
+        """The caller has finished with a buffer `get` handed out: it may be received into again."""
+        self._lib.ghmpi_inbox_release(self._ids[(buf if buf.base is None else buf.base).ctypes.data])
+
+    def close(self) -> None:
+        """Stop receiving; an error if messages were taken off the wire and not handed out."""
+        left = int(self._lib.ghmpi_inbox_close())
+        if left:
+            raise RuntimeError(f"{left} messages received ahead were never taken")
+
+
+def _handle(obj) -> int:
+    """An mpi4py object's C handle (mpi4py >= 4: .handle; 3.x: MPI._handleof)."""
+    h = getattr(obj, "handle", None)
+    return int(h if h is not None else MPI._handleof(obj))
+
+
+def _status_offsets() -> tuple[int, int]:
+    """Byte offsets of MPI_SOURCE and MPI_TAG in this MPI's MPI_Status."""
+    status = MPI.Status()
+    status.Set_source(123457)
+    status.Set_tag(765431)
+    words = np.ctypeslib.as_array((ctypes.c_int * (MPI._sizeof(MPI.Status) // 4))
+                                  .from_address(MPI._addressof(status))).tolist()
+    return 4 * words.index(123457), 4 * words.index(765431)
+
 
 class Backoff:
     """Idle waiting that stays responsive without busy-spinning an oversubscribed core.
@@ -297,6 +377,7 @@ class ProgressThread:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._native: ctypes.CDLL | None = None
+        self.receiving_ahead = False  # an inbox of this thread's (`inbox`) receives ahead
 
     def __enter__(self) -> "ProgressThread":
         if self.interval <= 0 or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
@@ -321,6 +402,20 @@ class ProgressThread:
             self._native.ghmpi_progress_stop()
             self._native = None
 
+    def inbox(self, comm: MPI.Comm) -> "Inbox | NativeInbox":
+        """The inbox for `comm`: received ahead by the native thread where it runs and the MPI
+        library has what that needs (`NativeInbox`; GHMPI_RECEIVE_AHEAD=0: never), else `Inbox`.
+        A `NativeInbox` must be closed before the thread stops."""
+        if self._native is not None and os.environ.get("GHMPI_RECEIVE_AHEAD", "").strip() != "0":
+            from ghmpi import kernels
+
+            functions = [kernels.mpi_function(f) for f in
+                         ("MPI_Improbe", "MPI_Imrecv", "MPI_Test", "MPI_Get_count")]
+            if None not in functions:
+                self.receiving_ahead = True
+                return NativeInbox(comm, self._native, functions)
+        return Inbox(comm)
+
     def describe(self) -> str:
         """One phrase for the job's log: which progress thread runs."""
         if self.kind == "off":
@@ -330,7 +425,8 @@ class ProgressThread:
             from ghmpi import kernels
 
             why = f" (native: {kernels.progress_reason() or 'MPI_Iprobe not found'})"
-        return f"MPI progress: {self.kind} thread every {1e6 * self.interval:g} us{why}"
+        ahead = ", receiving ahead" if self.receiving_ahead else ""
+        return f"MPI progress: {self.kind} thread every {1e6 * self.interval:g} us{ahead}{why}"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -174,6 +174,16 @@ def progress_library() -> ctypes.CDLL | None:
                                              ctypes.c_int, ctypes.c_int64]
         lib.ghmpi_progress_stop.restype = None
         lib.ghmpi_progress_stop.argtypes = []
+        vp, i64, ip, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_ssize_t, ctypes.c_int
+        for name, res, args in (  # receiving ahead (transport.NativeInbox)
+                ("ghmpi_inbox_open", c_int, [vp] * 4 + [ip] * 2 + [c_int] * 5),
+                ("ghmpi_inbox_close", i64, []),
+                ("ghmpi_inbox_lend", i64, [vp, i64]),
+                ("ghmpi_inbox_retire_below", i64, [i64, vp, i64]),
+                ("ghmpi_inbox_take", c_int, [vp, c_int]),
+                ("ghmpi_inbox_release", None, [i64])):
+            f = getattr(lib, name)
+            f.restype, f.argtypes = res, args
         p.lib = lib
     except Exception as e:  # no compiler: the Python thread does the same, holding the GIL
         p.reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"

@@ -251,7 +251,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
                                     torch_threads=cfg.runtime.torch_threads)[node.Get_rank()]
         placement.apply(place)
         torch.set_num_threads(place.threads)
-        plan = _weigh_tier2(cfg, plan, world, node, place.threads)
+        plan = _weigh_tier2(cfg, plan, world, node, place, is_tier1)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
@@ -276,40 +276,76 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     return status
 
 
+# How tier-2 ranks share the slots (GHMPI_TIER2_SHARES): "measured" (default): in proportion to
+# the KV bytes a second each one's attention reads, measured on its own cores with every tier-2
+# rank of the node measuring at once (`tier2.attention_rate`), where the ranks are pinned; else,
+# and with "threads", in proportion to their threads. A micro-batch waits for its slowest rank,
+# and cores that the placement counts as equal are not always: on the GPU machines one 2-thread
+# rank served a message in 4.8 ms against 3.6-4.2 for its peers, and 1-thread ranks served half
+# the slots faster than 2-thread ranks served the whole (bench/results/h100-2026-12-07-session15).
+SHARES_ENV = "GHMPI_TIER2_SHARES"
+SHARE_STEPS = 16  # a measured share is rounded to 1/SHARE_STEPS of the fastest rank's
+
+
 def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
-                 threads: int) -> JobPlan:
-    """The plan with its tier-2 slots dealt by the ranks' threads where that fits
-    (`dealt_by_threads`). Rank 0 decides; every rank gets the plan."""
+                 place: placement.Placement, is_tier1: bool) -> JobPlan:
+    """The plan with its tier-2 slots dealt by the ranks' measured attention rates, or threads
+    (SHARES_ENV), where that fits (`dealt_by_weights`). Rank 0 decides; every rank gets the plan."""
     leader = node.bcast(world.Get_rank(), root=0)
-    seen = world.gather((leader, threads), root=0)
+    how = world.bcast(os.environ.get(SHARES_ENV, "").strip(), root=0)  # rank 0's, on every rank
+    pinned = world.allreduce(int(is_tier1 or place.cpus is not None), MPI.MIN) == 1
+    # "measured" measures even where the ranks share cores (tests); by default only where every
+    # tier-2 rank has cores of its own, else the figures say nothing about the ranks
+    measure = (how == "measured" or (how != "threads" and pinned)) \
+        and plan.layout.n_tier2 > 1 and plan.budgets is not None
+    rate = 0.0
+    if measure:
+        from ghmpi.runtime.tier2 import attention_rate
+
+        world.Barrier()  # the node's tier-2 ranks measure together, sharing DRAM as they will
+        if not is_tier1:
+            rate = attention_rate(plan.args, DTYPES[cfg.kv_dtype])
+    seen = world.gather((leader, place.threads, rate), root=0)
     if world.Get_rank() == 0 and plan.budgets is not None:
-        plan = replace(plan, layout=dealt_by_threads(
-            plan.layout, seen, lambda lay, scale: _check_memory(
+        tier2 = seen[plan.layout.slices:]
+        if measure:
+            fastest = max(r for _, _, r in tier2)
+            weights = [max(1, round(SHARE_STEPS * r / fastest)) for _, _, r in tier2]
+        else:
+            weights = [t for _, t, _ in tier2]
+        plan = replace(plan, layout=dealt_by_weights(
+            plan.layout, [l for l, _, _ in seen], weights, lambda lay, scale: _check_memory(
                 cfg, plan.args, lay, plan.max_len, plan.budgets, scale)))
+        if measure:
+            lay = plan.layout
+            print("ghmpi: tier 2: attention measured at "
+                  + " ".join(f"{r / 1e9:.1f}" for _, _, r in tier2) + " GB/s a rank; slots "
+                  + " ".join(str(len(lay.owned_slots(r)))
+                             for r in range(lay.slices, lay.world_size)), flush=True)
     return world.bcast(plan, root=0)
 
 
-def dealt_by_threads(layout: Layout, seen: list[tuple[int, int]],
+def dealt_by_weights(layout: Layout, leaders: list[int], weights: list[int],
                      check: Callable[[Layout, Callable[[int], float]], None]) -> Layout:
-    """`layout` with each tier-2 rank's share of the slots in proportion to its threads, where
-    they differ: the placement gives the ranks of a node 1 or 2 cores when they do not divide
-    evenly, and a micro-batch waits for its slowest rank. seen[r] = (the lowest world rank on
-    rank r's node, r's threads). A rank may then hold its node's tier-2 memory in proportion to
-    its weight among the node's tier-2 ranks: `check(layout, scale)` raises ConfigError if a rank's
-    KV cache exceeds its budget x scale(rank); then the shares stay equal."""
-    weights = tuple(t for _, t in seen[layout.slices:])
+    """`layout` with each tier-2 rank's share of the slots in proportion to its weight (its
+    measured attention rate or its threads), where they differ: a micro-batch waits for its
+    slowest rank. leaders[r]: the lowest world rank on rank r's node; weights: one per tier-2
+    rank. A rank may then hold its node's tier-2 memory in proportion to its weight among the
+    node's tier-2 ranks: `check(layout, scale)` raises ConfigError if a rank's KV cache exceeds its
+    budget x scale(rank); then the shares stay equal."""
+    weights = tuple(weights)
     if len(set(weights)) <= 1:
         return layout
     weighted = replace(layout, tier2_weights=weights)
 
     def scale(r: int) -> float:
         mates = [weighted.tier2_weight(s) for s in range(layout.slices, layout.world_size)
-                 if seen[s][0] == seen[r][0]]
+                 if leaders[s] == leaders[r]]
         return weighted.tier2_weight(r) * len(mates) / sum(mates)
     try:
         check(weighted, scale)
     except ConfigError:
-        print("ghmpi: tier 2: equal slot shares (shares by threads would not fit the KV budgets)",
+        print("ghmpi: tier 2: equal slot shares (unequal shares would not fit the KV budgets)",
               flush=True)
         return layout
     return weighted

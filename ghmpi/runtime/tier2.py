@@ -58,6 +58,28 @@ def worker_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
         1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(threads))
 
 
+def attention_rate(args: ModelArgs, kv_dtype: torch.dtype, seconds: float = 0.25,
+                   rows: int = 16, context: int = 512) -> float:
+    """KV bytes a second this rank's attention reads, on its threads and cores as they are: the
+    decode kernel (`KVCache.decode`'s path) run for `seconds` over `rows` rows of `context`
+    positions of a cache of the model's heads (head-major, as tier 2 keeps it). Every tier-2 rank
+    of a node runs it at once (the job's `_weigh_tier2`), so each shares the memory bandwidth as
+    it will when it serves."""
+    cache = KVCache([0], rows, context, args.n_kv_heads, args.head_dim, kv_dtype, "cpu")
+    g = torch.Generator().manual_seed(0)
+    for t in (cache.k[0], cache.v[0]):
+        t.copy_(torch.randn(t.shape, generator=g).to(kv_dtype))
+    q = torch.randn(rows, args.n_heads, args.head_dim, generator=g).to(kv_dtype)
+    slots, lengths = torch.arange(rows), torch.full((rows,), context)
+    per_call = 2 * rows * context * args.n_kv_heads * args.head_dim * cache.k[0].element_size()
+    kernels.decode_attention_cpu(q, cache.k[0], cache.v[0], slots, lengths)  # warm: pages, pool
+    calls, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds or calls < 3:
+        kernels.decode_attention_cpu(q, cache.k[0], cache.v[0], slots, lengths)
+        calls += 1
+    return calls * per_call / elapsed
+
+
 class Tier2:
     def __init__(self, world: MPI.Comm, layout: Layout, args: ModelArgs, wire: WireFormat,
                  kv_dtype: torch.dtype, max_len: int, faults: FaultInjector,
@@ -90,7 +112,9 @@ class Tier2:
         # while the rank computes (the delay line's thread sends them)
         self.delayed = tp.DelayLine(world, reply_delay_s) if reply_delay_s else None
         self.busy = tp.BusyClock()
-        self.inbox = tp.Inbox(world)  # the next message arrives while this one is served
+        # the next messages arrive while this one is served (made by `run`, with the progress
+        # thread that receives them ahead where it can)
+        self.inbox: tp.Inbox | tp.NativeInbox | None = None
         self.worker_threads = n  # the worker's, started by `run`
         self.worker: concurrent.futures.ThreadPoolExecutor | None = None
         # messages queued for the worker, in order: (Work, its future, source, buffer)
@@ -175,9 +199,17 @@ class Tier2:
             torch.set_num_threads(1)
         try:
             with tp.ProgressThread() as progress, self.delayed or contextlib.nullcontext():
+                self.inbox = progress.inbox(self.world)
                 if self.world.Get_rank() == self.layout.slices:  # the first tier-2 rank
                     print(f"ghmpi: tier 2: {progress.describe()}", flush=True)
-                return self._loop()
+                try:
+                    status = self._loop()
+                except BaseException:
+                    with contextlib.suppress(RuntimeError):
+                        self.inbox.close()
+                    raise
+                self.inbox.close()  # before the thread stops; nothing was left in it
+                return status
         finally:
             if self.worker is not None:
                 self.worker.shutdown(wait=True, cancel_futures=True)

@@ -48,6 +48,25 @@ def test_tier2_worker_is_exact(tmp_path, prompts_file, reference, topology, dela
     assert read_output(out) == reference
 
 
+def test_tier2_shares_by_measured_rates_are_exact(tmp_path, prompts_file, reference,
+                                                  monkeypatch):
+    """Tier-2 slots dealt by each rank's attention rate, measured at the start
+    (GHMPI_TIER2_SHARES=measured measures even on shared cores): the log gives the rates and the
+    slots, the slots add up, and the tokens are the same."""
+    monkeypatch.setenv("GHMPI_TIER2_SHARES", "measured")
+    out = tmp_path / "completions.h5"
+    job = write_job(tmp_path / "job.yaml", prompts_file, out)
+    r = ghmpi(4, "-c", str(job))
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"attention measured at ([\d. ]+) GB/s a rank; slots ([\d ]+)", r.stdout)
+    assert m, r.stdout
+    rates, slots = m.group(1).split(), [int(x) for x in m.group(2).split()]
+    assert len(rates) == len(slots) == 3 and all(float(x) > 0 for x in rates)
+    micro = re.search(r"(\d+) micro-batches x (\d+) slots", r.stdout)
+    assert sum(slots) == int(micro.group(1)) * int(micro.group(2))
+    assert read_output(out) == reference
+
+
 SETS = [(4, {"tier2_sets": 3}), (6, {"slices": 2, "tier2_sets": 2, "prefill_lane_tokens": 7})]
 
 

@@ -95,33 +95,37 @@ def test_only_gpu_ranks_share_everything():
     assert [p.threads for p in plan_node(node([GPU, GPU], range(32)))] == [16, 16]
 
 
-def test_tier2_slots_dealt_by_threads_where_the_memory_allows(capsys):
-    """The job deals tier-2 slots by the placement's threads (ghmpi/runtime/job.py); a rank's
-    memory budget then scales with its weight among its node's tier-2 ranks, and where that does
-    not fit the shares stay equal."""
+def test_tier2_slots_dealt_by_weights_where_the_memory_allows(capsys):
+    """The job deals tier-2 slots by weights, the ranks' measured attention rates or the
+    placement's threads (ghmpi/runtime/job.py); a rank's memory budget then scales with its
+    weight among its node's tier-2 ranks, and where that does not fit the shares stay equal."""
     from ghmpi.comm.topology import Layout
     from ghmpi.errors import ConfigError
-    from ghmpi.runtime.job import dealt_by_threads
+    from ghmpi.runtime.job import dealt_by_weights
 
     lay = Layout(9, 1, 8, 2, 128, 0)
-    threads = [2] + shares([TIER2] * 8, 14)  # rank 0 drives the GPU; one node
-    seen = [(0, t) for t in threads]
+    threads = shares([TIER2] * 8, 14)  # rank 0 drives the GPU; one node
+    leaders = [0] * 9
     scales = {}
 
     def fits(layout, scale):
         scales.update({r: scale(r) for r in range(1, 9)})
 
-    got = dealt_by_threads(lay, seen, fits)
+    got = dealt_by_weights(lay, leaders, threads, fits)
     assert got.tier2_weights == (2, 2, 2, 2, 2, 2, 1, 1)
     assert scales[1] == pytest.approx(2 * 8 / 14) and scales[8] == pytest.approx(8 / 14)
+    assert [len(got.owned_slots(r)) for r in range(1, 9)] == [37, 37, 37, 37, 36, 36, 18, 18]
+    # measured rates, rounded to sixteenths of the fastest: a slow rank gets fewer slots
+    measured = dealt_by_weights(lay, leaders, [16, 16, 13, 16, 16, 16, 9, 9], fits)
+    slots = [len(measured.owned_slots(r)) for r in range(1, 9)]
+    assert sum(slots) == 256 and slots[2] < slots[0] and slots[6] < slots[2]
     # two nodes: the scale is relative to the rank's own node
-    seen2 = [(0, 2)] + [(0, 2)] * 4 + [(5, 1)] * 4
-    dealt_by_threads(lay, seen2, fits)
+    dealt_by_weights(lay, [0] * 5 + [5] * 4, [2] * 4 + [1] * 4, fits)
     assert all(scales[r] == pytest.approx(1.0) for r in range(1, 9))
 
     def too_big(layout, scale):
         raise ConfigError("over budget")
-    assert dealt_by_threads(lay, seen, too_big) is lay
+    assert dealt_by_weights(lay, leaders, threads, too_big) is lay
     assert "equal slot shares" in capsys.readouterr().out
-    assert dealt_by_threads(lay, [(0, 2)] * 9, too_big) is lay  # equal threads: nothing to do
+    assert dealt_by_weights(lay, leaders, [2] * 8, too_big) is lay  # equal weights: nothing to do
 

@@ -53,6 +53,58 @@ def test_inbox_never_receives_into_a_buffer_still_out():
     out.drain()
 
 
+def test_native_inbox_receives_ahead_in_order():
+    """`transport.NativeInbox` (the native progress thread receiving ahead; self-sends on
+    COMM_SELF): messages come out in the order sent, with their sizes and tags, each in a buffer
+    nobody receives into while the caller holds it; a message larger than every buffer lent gets
+    a new one; closing with a message taken off the wire and not handed out is an error."""
+    import time
+
+    import numpy as np
+    import pytest
+    from mpi4py import MPI
+
+    from ghmpi.comm.transport import NativeInbox, Outbox, ProgressThread
+
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        pytest.skip("no MPI_THREAD_MULTIPLE")
+    comm, out = MPI.COMM_SELF, Outbox(MPI.COMM_SELF)
+    sizes = [1000, 3 << 20, 70, 2 << 20, 5, 4 << 20]  # two larger than the first buffers
+    with ProgressThread(1e-5) as progress:
+        inbox = progress.inbox(comm)
+        if progress.kind != "native":
+            assert not isinstance(inbox, NativeInbox)
+            pytest.skip("no native progress thread here")
+        assert isinstance(inbox, NativeInbox) and "receiving ahead" in progress.describe()
+        for i, n in enumerate(sizes):
+            out.send(np.full(n, i, dtype=np.uint8), 0, 10 + i, key=i)
+        held = []
+        deadline = time.monotonic() + 20
+        while len(held) < len(sizes) and time.monotonic() < deadline:
+            msg = inbox.get()
+            if msg is None:
+                continue
+            buf, source, tag = msg
+            i = len(held)
+            assert (source, tag, buf.nbytes) == (0, 10 + i, sizes[i])
+            held.append(buf)
+            if i % 2:  # give some back at once: they are received into again
+                assert (buf == i).all()
+                inbox.done(buf)
+        assert len(held) == len(sizes)
+        for i, buf in enumerate(held):
+            if not i % 2:  # those still held were never written over
+                assert (buf == i).all()
+        out.drain()
+        inbox.close()
+        inbox = progress.inbox(comm)  # a message left in it when it closes
+        out.send(np.zeros(10, dtype=np.uint8), 0, 99)
+        out.drain()
+        time.sleep(0.05)  # the thread receives it ahead
+        with pytest.raises(RuntimeError, match="never taken"):
+            inbox.close()
+
+
 def test_attention_worker_only_for_ranks_of_many_threads():
     """A tier-2 rank attends on a worker thread with all its threads but one when it has
     WORKER_THREADS or more (or GHMPI_TIER2_WORKER=1 and at least 2), never with the setting 0."""
