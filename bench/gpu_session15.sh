@@ -8,10 +8,10 @@
 #      `git archive 110866b ghmpi jobs`, carried; each job's ranks start outside the checkout, so
 #      PYTHONPATH decides), the issue's job at 64 new tokens, interleaved twice; then target 4 with
 #      the new code (`bench pipeline`, traced)
-#   c: tier-2 slots dealt by each rank's measured attention rate (GHMPI_TIER2_SHARES, now the
-#      default) against by threads, and receiving ahead against not, the issue's job at 64 new
-#      tokens, traced, interleaved twice: threads without receiving ahead (the code before this
-#      session), measured, threads with receiving ahead
+#   c: this session's two changes together (tier-2 slots dealt by each rank's measured attention
+#      rate, GHMPI_TIER2_SHARES, and receiving ahead; both now the default) against the code's
+#      behaviour before them (GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0), the issue's job
+#      at 64 new tokens, traced, interleaved twice; then target 4 with the new defaults
 # Usage (repo root): OUT=dir bash bench/gpu_session15.sh a|b|c
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
@@ -32,12 +32,15 @@ b)
   grep -o "MPI progress: [^']*" "$OUT/pipeline.txt" | head -1
   ;;
 c)
-  T=560 variants shares \
-    "threads-noahead;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0" \
-    "measured;0;0;GHMPI_TRACE=/tmp/tr-m" \
-    "threads;0;0;GHMPI_TIER2_SHARES=threads GHMPI_TRACE=/tmp/tr-t" \
-    "threads-noahead;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0b" \
-    "measured;0;0;GHMPI_TRACE=/tmp/tr-mb" \
-    "threads;0;0;GHMPI_TIER2_SHARES=threads GHMPI_TRACE=/tmp/tr-tb"
+  T=300 step shares $PY bench/ring_variants.py --new 64 "$W" \
+    "before;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0" \
+    "after;0;0;GHMPI_TRACE=/tmp/tr-m" \
+    "before;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0b" \
+    "after;0;0;GHMPI_TRACE=/tmp/tr-mb"
+  cut -c1-400 "$OUT/shares.txt" | grep -E "tokens/s|failed"
+  grep -o "measured at [^|]*" "$OUT/shares.txt"
+  TRACE_LINES="^(prefill|decode) phase" traces t0 m t0b mb
+  pipeline ring
+  grep -o "measured at [^']*" "$OUT/pipeline.txt" | head -1
   ;;
 esac
