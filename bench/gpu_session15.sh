@@ -11,7 +11,7 @@
 #   c: this session's two changes together (tier-2 slots dealt by each rank's measured attention
 #      rate, GHMPI_TIER2_SHARES, and receiving ahead; both now the default) against the code's
 #      behaviour before them (GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0), the issue's job
-#      at 64 new tokens, traced, interleaved twice; then target 4 with the new defaults
+#      at 64 new tokens, traced, interleaved twice
 # Usage (repo root): OUT=dir bash bench/gpu_session15.sh a|b|c
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
@@ -40,7 +40,5 @@ c)
   cut -c1-400 "$OUT/shares.txt" | grep -E "tokens/s|failed"
   grep -o "measured at [^|]*" "$OUT/shares.txt"
   TRACE_LINES="^(prefill|decode) phase" traces t0 m t0b mb
-  pipeline ring
-  grep -o "measured at [^']*" "$OUT/pipeline.txt" | head -1
   ;;
 esac
