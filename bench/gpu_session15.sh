@@ -32,13 +32,15 @@ b)
   grep -o "MPI progress: [^']*" "$OUT/pipeline.txt" | head -1
   ;;
 c)
-  T=300 step shares $PY bench/ring_variants.py --new 64 "$W" \
-    "before;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0" \
-    "after;0;0;GHMPI_TRACE=/tmp/tr-m" \
-    "before;0;0;GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0 GHMPI_TRACE=/tmp/tr-t0b" \
-    "after;0;0;GHMPI_TRACE=/tmp/tr-mb"
-  cut -c1-400 "$OUT/shares.txt" | grep -E "tokens/s|failed"
-  grep -o "measured at [^|]*" "$OUT/shares.txt"
-  TRACE_LINES="^(prefill|decode) phase" traces t0 m t0b mb
+  # one job a step, each traced and summarised at once, so that a call cut short keeps its jobs
+  for v in "before:t0:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" "after:m:" \
+           "before:t0b:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" "after:mb:"; do
+    IFS=: read -r name tr env <<<"$v"
+    T=150 step "shares-$tr" $PY bench/ring_variants.py --new 64 "$W" \
+      "$name;0;0;$env GHMPI_TRACE=/tmp/tr-$tr"
+    grep -E "tokens/s|failed" "$OUT/shares-$tr.txt" | cut -c1-200
+    grep -o "measured at [^|]*" "$OUT/shares-$tr.txt"
+    TRACE_LINES="^(prefill|decode) phase" traces $tr
+  done
   ;;
 esac
