@@ -9,9 +9,10 @@
 #      PYTHONPATH decides), the issue's job at 64 new tokens, interleaved twice; then target 4 with
 #      the new code (`bench pipeline`, traced)
 #   c: this session's two changes together (tier-2 slots dealt by each rank's measured attention
-#      rate, GHMPI_TIER2_SHARES, and receiving ahead; both now the default) against the code's
+#      rate, GHMPI_TIER2_SHARES=measured, opt-in; receiving ahead, the default) against the code's
 #      behaviour before them (GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0), the issue's job
-#      at 64 new tokens, traced, interleaved twice
+#      at 64 new tokens, traced, interleaved twice. Not run in session 15 (no machine started);
+#      the next session's first call
 # Usage (repo root): OUT=dir bash bench/gpu_session15.sh a|b|c
 . bench/steps.sh
 TRACE_LINES="phase:|round trip|busy"
@@ -33,8 +34,9 @@ b)
   ;;
 c)
   # one job a step, each traced and summarised at once, so that a call cut short keeps its jobs
-  for v in "before:t0:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" "after:m:" \
-           "before:t0b:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" "after:mb:"; do
+  for v in "before:t0:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" "after:m:GHMPI_TIER2_SHARES=measured" \
+           "before:t0b:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" \
+           "after:mb:GHMPI_TIER2_SHARES=measured"; do
     IFS=: read -r name tr env <<<"$v"
     T=150 step "shares-$tr" $PY bench/ring_variants.py --new 64 "$W" \
       "$name;0;0;$env GHMPI_TRACE=/tmp/tr-$tr"

@@ -276,28 +276,26 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     return status
 
 
-# How tier-2 ranks share the slots (GHMPI_TIER2_SHARES): "measured" (default): in proportion to
-# the KV bytes a second each one's attention reads, measured on its own cores with every tier-2
-# rank of the node measuring at once (`tier2.attention_rate`), where the ranks are pinned; else,
-# and with "threads", in proportion to their threads. A micro-batch waits for its slowest rank,
-# and cores that the placement counts as equal are not always: on the GPU machines one 2-thread
-# rank served a message in 4.8 ms against 3.6-4.2 for its peers, and 1-thread ranks served half
-# the slots faster than 2-thread ranks served the whole (bench/results/h100-2026-12-07-session15).
+# How tier-2 ranks share the slots (GHMPI_TIER2_SHARES): by default in proportion to their
+# threads; with "measured", in proportion to the KV bytes a second each one's attention reads,
+# measured on its own cores at the start with every tier-2 rank measuring at once
+# (`tier2.attention_rate`). A micro-batch waits for its slowest rank, and cores that the placement
+# counts as equal are not always: on the GPU machines one 2-thread rank served a message in 4.8 ms
+# against 3.6-4.2 for its peers (session 14), and 1-thread ranks served their half share in
+# 2.8-3.0 ms against 3.1-3.7 for 2-thread ranks (bench/results/h100-2026-12-07-session15/b/).
+# Opt-in until measured on a GPU host (`bench/gpu_session15.sh c`).
 SHARES_ENV = "GHMPI_TIER2_SHARES"
 SHARE_STEPS = 16  # a measured share is rounded to 1/SHARE_STEPS of the fastest rank's
 
 
 def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
                  place: placement.Placement, is_tier1: bool) -> JobPlan:
-    """The plan with its tier-2 slots dealt by the ranks' measured attention rates, or threads
-    (SHARES_ENV), where that fits (`dealt_by_weights`). Rank 0 decides; every rank gets the plan."""
+    """The plan with its tier-2 slots dealt by the ranks' threads, or their measured attention
+    rates (SHARES_ENV), where that fits (`dealt_by_weights`). Rank 0 decides; every rank gets the
+    plan."""
     leader = node.bcast(world.Get_rank(), root=0)
     how = world.bcast(os.environ.get(SHARES_ENV, "").strip(), root=0)  # rank 0's, on every rank
-    pinned = world.allreduce(int(is_tier1 or place.cpus is not None), MPI.MIN) == 1
-    # "measured" measures even where the ranks share cores (tests); by default only where every
-    # tier-2 rank has cores of its own, else the figures say nothing about the ranks
-    measure = (how == "measured" or (how != "threads" and pinned)) \
-        and plan.layout.n_tier2 > 1 and plan.budgets is not None
+    measure = how == "measured" and plan.layout.n_tier2 > 1 and plan.budgets is not None
     rate = 0.0
     if measure:
         from ghmpi.runtime.tier2 import attention_rate
