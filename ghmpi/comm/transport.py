@@ -442,11 +442,11 @@ def _native_progress() -> tuple[ctypes.CDLL, int, int] | None:
     if lib is None:
         return None
     address = kernels.mpi_function("MPI_Iprobe")
-    try:  # mpi4py >= 4: .handle; 3.x: MPI._handleof
-        comm = getattr(MPI.COMM_SELF, "handle", None) or MPI._handleof(MPI.COMM_SELF)
-    except AttributeError:
+    try:
+        comm = _handle(MPI.COMM_SELF)
+    except AttributeError:  # an mpi4py without either way to get a handle
         return None
-    return None if address is None else (lib, address, int(comm))
+    return None if address is None else (lib, address, comm)
 
 
 class BusyClock:

@@ -251,7 +251,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
                                     torch_threads=cfg.runtime.torch_threads)[node.Get_rank()]
         placement.apply(place)
         torch.set_num_threads(place.threads)
-        plan = _weigh_tier2(cfg, plan, world, node, place, is_tier1)
+        plan = _weigh_tier2(cfg, plan, world, node, place.threads)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
@@ -289,7 +289,7 @@ SHARE_STEPS = 16  # a measured share is rounded to 1/SHARE_STEPS of the fastest 
 
 
 def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
-                 place: placement.Placement, is_tier1: bool) -> JobPlan:
+                 threads: int) -> JobPlan:
     """The plan with its tier-2 slots dealt by the ranks' threads, or their measured attention
     rates (SHARES_ENV), where that fits (`dealt_by_weights`). Rank 0 decides; every rank gets the
     plan."""
@@ -301,9 +301,9 @@ def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
         from ghmpi.runtime.tier2 import attention_rate
 
         world.Barrier()  # the node's tier-2 ranks measure together, sharing DRAM as they will
-        if not is_tier1:
+        if not plan.layout.is_tier1(world.Get_rank()):
             rate = attention_rate(plan.args, DTYPES[cfg.kv_dtype])
-    seen = world.gather((leader, place.threads, rate), root=0)
+    seen = world.gather((leader, threads, rate), root=0)
     if world.Get_rank() == 0 and plan.budgets is not None:
         tier2 = seen[plan.layout.slices:]
         if measure:
