@@ -18,7 +18,9 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import statistics
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,26 +60,33 @@ def worker_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
         1, "ghmpi-attention", initializer=lambda: torch.set_num_threads(threads))
 
 
-def attention_rate(args: ModelArgs, kv_dtype: torch.dtype, seconds: float = 0.25,
-                   rows: int = 64, context: int = 512) -> float:
+def attention_rate(args: ModelArgs, kv_dtype: torch.dtype,
+                   together: Callable[[], None] = lambda: None, rounds: int = 3,
+                   seconds: float = 0.2, rows: int = 64, context: int = 512) -> float:
     """KV bytes a second this rank's attention reads, on its threads and cores as they are: the
-    decode kernel (`KVCache.decode`'s path) run for `seconds` over `rows` rows of `context`
-    positions of a cache of the model's heads (head-major, as tier 2 keeps it; 134 MB for
-    Llama-3-8B's, so that a node's ranks together read more than a last-level cache holds).
-    Every tier-2 rank of a node runs it at once (the job's `_weigh_tier2`), so each shares the
-    memory bandwidth as it will when it serves."""
+    median of `rounds` runs of the decode kernel (`KVCache.decode`'s path), `seconds` each, over
+    `rows` rows of `context` positions of a cache of the model's heads (head-major, as tier 2 keeps
+    it; 134 MB for Llama-3-8B's, so that a node's ranks together read more than a last-level cache
+    holds). Every tier-2 rank of a node runs it at once (the job's `_weigh_tier2`), so each shares
+    the memory bandwidth as it will when it serves: `together()` (a barrier of those ranks) starts
+    each round, after every rank has warmed up (its pages, its thread pool, the kernel's library),
+    so that no rank measures while another is still warming."""
     cache = KVCache([0], rows, context, args.n_kv_heads, args.head_dim, kv_dtype, "cpu")
     for t in (cache.k[0], cache.v[0]):
         t.fill_(0.01)  # the kernel's speed does not depend on the values
     q = torch.full((rows, args.n_heads, args.head_dim), 0.01).to(kv_dtype)
     slots, lengths = torch.arange(rows), torch.full((rows,), context)
     per_call = 2 * rows * context * args.n_kv_heads * args.head_dim * cache.k[0].element_size()
-    kernels.decode_attention_cpu(q, cache.k[0], cache.v[0], slots, lengths)  # warm: pages, pool
-    calls, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds or calls < 3:
-        kernels.decode_attention_cpu(q, cache.k[0], cache.v[0], slots, lengths)
-        calls += 1
-    return calls * per_call / elapsed
+    kernels.decode_attention_cpu(q, cache.k[0], cache.v[0], slots, lengths)  # warm
+    rates = []
+    for _ in range(rounds):
+        together()
+        calls, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds or calls < 3:
+            kernels.decode_attention_cpu(q, cache.k[0], cache.v[0], slots, lengths)
+            calls += 1
+        rates.append(calls * per_call / elapsed)
+    return statistics.median(rates)
 
 
 class Tier2:
