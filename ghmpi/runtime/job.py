@@ -251,7 +251,7 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
                                     torch_threads=cfg.runtime.torch_threads)[node.Get_rank()]
         placement.apply(place)
         torch.set_num_threads(place.threads)
-        plan = _weigh_tier2(cfg, plan, world, node, place)
+        plan = _weigh_tier2(cfg, plan, world, node, place.threads)
         if rank == 0:
             _announce(cfg, plan, world.Get_size(), device)
             print(f"ghmpi: {place.summary}", flush=True)
@@ -276,31 +276,29 @@ def run(cfg: Config | Callable[[], Config], config_path: str | os.PathLike | Non
     return status
 
 
-# How tier-2 ranks share the slots (GHMPI_TIER2_SHARES): by default, where every tier-2 rank's
-# CPUs are its own (pinned, or bound by the launcher), in proportion to the KV bytes a second each
-# one's attention reads, measured on its own cores at the start with every tier-2 rank measuring at
-# once (`tier2.attention_rate`); else, or with "threads", in proportion to their threads;
-# "measured" measures even on shared CPUs. A micro-batch waits for its slowest rank, and cores
-# that the placement counts as equal are not always: on the GPU machines one 2-thread rank served
-# a message in 4.8 ms against 3.6-4.2 for its peers (session 14), and 1-thread ranks served their
-# half share in 2.8-3.0 ms against 3.1-3.7 for 2-thread ranks (bench/results/
-# h100-2026-12-07-session15/b/). Dealt by measured rates, the issue's job ran 17 % faster
+# How tier-2 ranks share the slots (GHMPI_TIER2_SHARES): by default in proportion to their
+# threads; with "measured", in proportion to the KV bytes a second each one's attention reads,
+# measured on its own cores at the start with every tier-2 rank measuring at once
+# (`tier2.attention_rate`). A micro-batch waits for its slowest rank, and cores that the placement
+# counts as equal are not always (2-thread ranks serving a message in 3.1-3.7 ms, 1-thread ranks
+# their half share in 2.8-3.0: bench/results/h100-2026-12-07-session15/b/). But the start's
+# measurement misjudges ranks by 20-40 % against the rates they then serve at (a rank measured
+# fastest paced the job), and over four interleaved pairs on two H100 hosts measured shares ran
+# the issue's job 5-30 % faster three times and 4 % slower once: opt-in
 # (bench/results/h100-2026-12-07-session16/).
 SHARES_ENV = "GHMPI_TIER2_SHARES"
 SHARE_STEPS = 16  # a measured share is rounded to 1/SHARE_STEPS of the fastest rank's
 
 
 def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
-                 place: placement.Placement) -> JobPlan:
-    """The plan with its tier-2 slots dealt by the ranks' measured attention rates or their
-    threads (SHARES_ENV), where that fits (`dealt_by_weights`). Rank 0 decides; every rank gets
-    the plan."""
+                 threads: int) -> JobPlan:
+    """The plan with its tier-2 slots dealt by the ranks' threads, or their measured attention
+    rates (SHARES_ENV), where that fits (`dealt_by_weights`). Rank 0 decides; every rank gets the
+    plan."""
     leader = node.bcast(world.Get_rank(), root=0)
     how = world.bcast(os.environ.get(SHARES_ENV, "").strip(), root=0)  # rank 0's, on every rank
     tier1 = plan.layout.is_tier1(world.Get_rank())
-    own = world.allreduce(place.own or tier1, op=MPI.LAND)
-    measure = ((how == "measured" or (how != "threads" and own))
-               and plan.layout.n_tier2 > 1 and plan.budgets is not None)
+    measure = how == "measured" and plan.layout.n_tier2 > 1 and plan.budgets is not None
     rate = 0.0
     if measure:
         from ghmpi.runtime.tier2 import attention_rate
@@ -311,7 +309,7 @@ def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
                 rate = attention_rate(plan.args, DTYPES[cfg.kv_dtype], together=group.Barrier)
         finally:
             group.Free()
-    seen = world.gather((leader, place.threads, rate), root=0)
+    seen = world.gather((leader, threads, rate), root=0)
     if world.Get_rank() == 0 and plan.budgets is not None:
         tier2 = seen[plan.layout.slices:]
         if measure:

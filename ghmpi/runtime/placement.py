@@ -37,7 +37,6 @@ class Placement:
     threads: int  # torch threads for this rank
     cpus: tuple[int, ...] | None  # pin to these CPUs, or None: leave the affinity alone
     summary: str  # one line about the whole node, the same on every rank of it
-    own: bool = False  # the rank's CPUs are its alone (pinned, or bound by the launcher)
 
 
 def here(kind: str) -> RankInfo:
@@ -119,14 +118,12 @@ def plan_node(ranks: Sequence[RankInfo], env: Mapping[str, str] = {},
                           f"placement: {len(ranks)} ranks on this node, runtime.torch_threads="
                           f"{torch_threads} each, affinity left to the launcher")] * len(ranks)
     plan: list[tuple[int, tuple[int, ...] | None]] = [(1, None)] * len(ranks)
-    own = [False] * len(ranks)
     notes = []
     for cpus, members in groups.items():
         if len(members) == 1:  # bound by the launcher (or alone on the node): its CPUs are its own
             budget = _slurm_budget(env, 1) if len(groups) == 1 else None
             n = min(len(cpus), budget) if budget else len(cpus)
             plan[members[0]] = (n, None)
-            own[members[0]] = True
             continue
         kinds = [ranks[i].kind for i in members]
         budget = _slurm_budget(env, len(members))
@@ -143,7 +140,6 @@ def plan_node(ranks: Sequence[RankInfo], env: Mapping[str, str] = {},
             at = 0
             for i, s in zip(members, shares(kinds, len(cpus))):
                 plan[i] = (s, tuple(sorted(order[at:at + s])))
-                own[i] = True
                 at += s
             notes.append(f"{len(members)} ranks shared {len(cpus)} CPUs: pinned to disjoint "
                          f"blocks ({_describe(ranks, members, plan)})")
@@ -153,7 +149,7 @@ def plan_node(ranks: Sequence[RankInfo], env: Mapping[str, str] = {},
     if len(ranks) == 1:
         notes = [f"1 rank on this node, {plan[0][0]} threads"]
     summary = "placement: " + "; ".join(notes)
-    return [Placement(t, c, summary, o) for (t, c), o in zip(plan, own)]
+    return [Placement(t, c, summary) for t, c in plan]
 
 
 def _describe(ranks: Sequence[RankInfo], members: list[int],
