@@ -33,16 +33,8 @@ b)
   grep -o "MPI progress: [^']*" "$OUT/pipeline.txt" | head -1
   ;;
 c)
-  # one job a step, each traced and summarised at once, so that a call cut short keeps its jobs
-  for v in "before:t0:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" "after:m:GHMPI_TIER2_SHARES=measured" \
-           "before:t0b:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" \
-           "after:mb:GHMPI_TIER2_SHARES=measured"; do
-    IFS=: read -r name tr env <<<"$v"
-    T=150 step "shares-$tr" $PY bench/ring_variants.py --new 64 "$W" \
-      "$name;0;0;$env GHMPI_TRACE=/tmp/tr-$tr"
-    grep -E "tokens/s|failed" "$OUT/shares-$tr.txt" | cut -c1-200
-    grep -o "measured at [^|]*" "$OUT/shares-$tr.txt"
-    TRACE_LINES="^(prefill|decode) phase" traces $tr
-  done
+  traced_jobs shares "before:t0:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" \
+    "after:m:GHMPI_TIER2_SHARES=measured" "before:t0b:GHMPI_TIER2_SHARES=threads GHMPI_RECEIVE_AHEAD=0" \
+    "after:mb:GHMPI_TIER2_SHARES=measured"
   ;;
 esac

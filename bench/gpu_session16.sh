@@ -13,16 +13,8 @@
 TRACE_LINES="phase:|round trip|busy"
 case ${1:-a} in
 a)
-  # one job a step, each traced and summarised at once, so that a call cut short keeps its jobs
-  for v in "threads:t:GHMPI_TIER2_SHARES=threads" "measured:m:" "threads:tb:GHMPI_TIER2_SHARES=threads" \
-           "measured:mb:"; do
-    IFS=: read -r name tr env <<<"$v"
-    T=150 step "shares-$tr" $PY bench/ring_variants.py --new 64 "$W" \
-      "$name;0;0;$env GHMPI_TRACE=/tmp/tr-$tr"
-    grep -E "tokens/s|failed" "$OUT/shares-$tr.txt" | cut -c1-200
-    grep -o "measured at [^|]*" "$OUT/shares-$tr.txt"
-    TRACE_LINES="^(prefill|decode) phase" traces $tr
-  done
+  traced_jobs shares "threads:t:GHMPI_TIER2_SHARES=threads" "measured:m:" \
+    "threads:tb:GHMPI_TIER2_SHARES=threads" "measured:mb:"
   pipeline ring
   grep -o "measured at [^|']*" "$OUT/pipeline.txt" | head -1
   ;;

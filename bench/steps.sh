@@ -5,7 +5,9 @@
 # `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) and its trace into
 # $OUT/trace-NAME.txt; `variants NAME SPEC...` runs bench/ring_variants.py on that job into
 # $OUT/NAME.txt, prints each variant's line and summarises the traces the specs name
-# (GHMPI_TRACE=/tmp/tr-X).
+# (GHMPI_TRACE=/tmp/tr-X); `traced_jobs PREFIX 'NAME:TRACE:ENV'...` runs the issue's job at 64 new
+# tokens once a step under each ENV, traced to /tmp/tr-TRACE and summarised at once into
+# $OUT/PREFIX-TRACE.txt and $OUT/trace-TRACE.txt, so that a call cut short keeps its jobs.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -33,3 +35,12 @@ variants() { local name=$1; shift
   traces $(printf '%s\n' "$@" | grep -o 'GHMPI_TRACE=/tmp/tr-[^ ;]*' | sed 's|.*/tr-||')
   ls -la "$OUT"
 }
+traced_jobs() { local prefix=$1 v name tr env; shift
+  for v in "$@"; do
+    IFS=: read -r name tr env <<<"$v"
+    T=150 step "$prefix-$tr" $PY bench/ring_variants.py --new 64 "$W" \
+      "$name;0;0;$env GHMPI_TRACE=/tmp/tr-$tr"
+    grep -E "tokens/s|failed" "$OUT/$prefix-$tr.txt" | cut -c1-200
+    grep -o "measured at [^|]*" "$OUT/$prefix-$tr.txt"
+    TRACE_LINES="^(prefill|decode) phase" traces $tr
+  done; }
