@@ -19,7 +19,7 @@ a)
   grep -o "measured at [^|']*" "$OUT/pipeline.txt" | head -1
   ;;
 b)
-  T=200 step attention $PY -m ghmpi bench attention --contexts 512,8192 --batches 1,64,256 \
+  T=150 step attention $PY -m ghmpi bench attention --contexts 512,8192 --batches 64,256 \
     --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 --no-torch -o "$OUT/attention.json"
   grep -E "native_kv_read_GBps=|dram_read" "$OUT/attention.txt" | sed 's/ghmpi bench: //' | cut -c1-160
   pipeline ring
