@@ -286,7 +286,7 @@ class NativeInbox:
         """(buffer, source, tag) of the next message, or None if none has arrived yet."""
         out = self._out
         while True:
-            rc = self._lib.ghmpi_inbox_take(out.ctypes.data, 1)
+            rc = self._lib.ghmpi_inbox_take(out.ctypes.data)
             if rc == 1:
                 i, n, source, tag = (int(x) for x in out)
                 return self._bufs[i][:n], source, tag

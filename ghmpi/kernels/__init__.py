@@ -180,7 +180,7 @@ def progress_library() -> ctypes.CDLL | None:
                 ("ghmpi_inbox_close", i64, []),
                 ("ghmpi_inbox_lend", i64, [vp, i64]),
                 ("ghmpi_inbox_retire_below", i64, [i64, vp, i64]),
-                ("ghmpi_inbox_take", c_int, [vp, c_int]),
+                ("ghmpi_inbox_take", c_int, [vp]),
                 ("ghmpi_inbox_release", None, [i64])):
             f = getattr(lib, name)
             f.restype, f.argtypes = res, args

@@ -214,14 +214,14 @@ int64_t ghmpi_inbox_retire_below(int64_t cap, int64_t* ids, int64_t room) {
 }
 
 // The next message in arrival order: 1 with out = (buffer id, bytes, source, tag) once it has
-// arrived (`wait`: waits for its bytes once its envelope is in); 0 when none is in yet; 2 when
-// the next one waits for a buffer of out[1] bytes (lend one, take again); a negative MPI error
-// code when a call failed. The buffer stays the caller's until ghmpi_inbox_release.
-int ghmpi_inbox_take(int64_t* out, int wait) {
+// arrived (once its envelope is in, this waits for its bytes); 0 when none is in yet; 2 when the
+// next one waits for a buffer of out[1] bytes (lend one, take again); a negative MPI error code
+// when a call failed. The buffer stays the caller's until ghmpi_inbox_release.
+int ghmpi_inbox_take(int64_t* out) {
   std::lock_guard<std::mutex> g(inbox.mu);
   if (!inbox.open) return 0;
   inbox.pump();
-  while (!inbox.error && !inbox.ahead.empty() && !inbox.ahead.front().done && wait) {
+  while (!inbox.error && !inbox.ahead.empty() && !inbox.ahead.front().done) {
     alignas(16) char status[256];
     int flag = 0;
     if (int rc = inbox.test(inbox.ahead.front().req.bytes, &flag, status)) inbox.error = rc;

@@ -297,12 +297,12 @@ def _weigh_tier2(cfg: Config, plan: JobPlan, world: MPI.Comm, node: MPI.Comm,
     plan."""
     leader = node.bcast(world.Get_rank(), root=0)
     how = world.bcast(os.environ.get(SHARES_ENV, "").strip(), root=0)  # rank 0's, on every rank
-    tier1 = plan.layout.is_tier1(world.Get_rank())
     measure = how == "measured" and plan.layout.n_tier2 > 1 and plan.budgets is not None
     rate = 0.0
     if measure:
         from ghmpi.runtime.tier2 import attention_rate
 
+        tier1 = plan.layout.is_tier1(world.Get_rank())
         group = world.Split(int(not tier1), world.Get_rank())  # measuring together, sharing DRAM
         try:
             if not tier1:
