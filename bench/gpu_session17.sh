@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Session 17 on the GPU machine.
+#   a: target 1 on this host (`bench attention`: the kernel's KV read against the DRAM read the same
+#      command measures, GQA and MHA), then target 4 (`bench pipeline`, traced) with the defaults
+# Usage (repo root): OUT=dir bash bench/gpu_session17.sh a
+. bench/steps.sh
+TRACE_LINES="phase:|round trip|busy"
+case ${1:-a} in
+a)
+  T=150 step attention $PY -m ghmpi bench attention --contexts 512,8192 --batches 64,256 \
+    --dtypes bfloat16 --heads gqa,mha --seconds 0.2 --max-gb 8 --no-torch -o "$OUT/attention.json"
+  grep -E "native_kv_read_GBps=|dram_read" "$OUT/attention.txt" | sed 's/ghmpi bench: //' | cut -c1-160
+  pipeline ring
+  grep -o "measured at [^|']*" "$OUT/pipeline.txt" | head -1
+  ;;
+esac
