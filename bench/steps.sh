@@ -30,7 +30,7 @@ pipeline() { local trace=$1; shift
   grep -E "$TRACE_LINES" "$OUT/trace-$trace.txt"
 }
 variants() { local name=$1; shift
-  step "$name" $PY bench/ring_variants.py --new 128 "$W" "$@"
+  step "$name" $PY bench/ring_variants.py --new ${NEW:-128} "$W" "$@"
   cut -c1-300 "$OUT/$name.txt" | grep -E "tokens/s|failed"
   traces $(printf '%s\n' "$@" | grep -o 'GHMPI_TRACE=/tmp/tr-[^ ;]*' | sed 's|.*/tr-||')
   ls -la "$OUT"
