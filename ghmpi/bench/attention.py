@@ -62,13 +62,17 @@ def llc_bytes() -> int:
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        for entry in os.listdir(base):
+        entries = [e for e in os.listdir(base) if e.startswith("index")]  # not uevent, power
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
             with open(f"{base}/{entry}/size") as f:
                 text = f.read().strip()
             mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
             best = max(best, int(text.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError, IndexError):
+            continue
     return best or 32 << 20
 
 

@@ -211,6 +211,8 @@ class Tier2:
                 self.inbox = progress.inbox(self.world)
                 if self.world.Get_rank() == self.layout.slices:  # the first tier-2 rank
                     print(f"ghmpi: tier 2: {progress.describe()}", flush=True)
+                    if note := tp.single_copy_note():
+                        print(f"ghmpi: note: {note}", flush=True)
                 try:
                     status = self._loop()
                 except BaseException:

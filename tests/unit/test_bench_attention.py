@@ -55,3 +55,21 @@ def test_bench_attention_torch_only(tmp_path):
     for r in res["rows"]:
         assert "native_kv_read_GBps" not in r
         _check_ratios(r, ["torch"], res["dram_read_GBps"])
+
+
+def test_llc_bytes_reads_the_largest_cache_whatever_the_directory_order():
+    """`llc_bytes` takes the largest of cpu0's caches from sysfs, past entries that are not
+    caches (`uevent`, which a directory listing may give first: it once made the bench take a
+    480 MB L3 for the 32 MiB default)."""
+    import os
+
+    from ghmpi.bench.attention import llc_bytes
+
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    sizes = []
+    for entry in (os.listdir(base) if os.path.isdir(base) else []):
+        path = os.path.join(base, entry, "size")
+        if entry.startswith("index") and os.path.exists(path):
+            text = open(path).read().strip()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+    assert llc_bytes() == (max(sizes) if sizes else 32 << 20)
