@@ -486,10 +486,15 @@ def cma_permitted() -> bool:
     return n == 8 and dst.value == src.value
 
 
-def single_copy_note(environ=os.environ, permitted: Callable[[], bool] = cma_permitted) -> str:
-    """A hint for the job's log where the environment turns Open MPI's single copy off although
+def single_copy_note(environ=os.environ, permitted: Callable[[], bool] = cma_permitted,
+                     library: str | None = None) -> str:
+    """A hint for the job's log where the environment turns Open MPI 4's single copy off although
     this node permits CMA; "" otherwise (a setting left to Open MPI, or one that asks for a
-    mechanism, is the launcher's choice and is not second-guessed)."""
+    mechanism, is the launcher's choice and is not second-guessed). `library`: the MPI library's
+    version string (MPI_Get_library_version's, read when None)."""
+    library = MPI.Get_library_version() if library is None else library
+    if "Open MPI v4" not in library:  # the variable means nothing to other libraries
+        return ""
     for var in SINGLE_COPY_VARS:
         if environ.get(var, "").strip().lower() == "none" and permitted():
             return (f"{var}=none in the environment: big messages within a node cross in 32 KiB "

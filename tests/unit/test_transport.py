@@ -162,7 +162,7 @@ def test_delay_line_sends_on_time_while_its_owner_computes():
 def test_single_copy_note_only_where_the_environment_turns_cma_off_and_the_node_permits_it():
     """The tier-2 log's hint (transport.single_copy_note): said where Open MPI 4's single copy is
     set to none in the environment and this node permits CMA; not where the setting is left to
-    Open MPI, asks for a mechanism, or CMA is not permitted. Where `cma_permitted` says yes, a
+    Open MPI, asks for a mechanism, CMA is not permitted, or the library is not Open MPI 4. Where `cma_permitted` says yes, a
     real cross-memory read of another process works (a child, which Yama lets its parent read)."""
     import ctypes
     import subprocess
@@ -170,12 +170,14 @@ def test_single_copy_note_only_where_the_environment_turns_cma_off_and_the_node_
 
     from ghmpi.comm.transport import SINGLE_COPY_VARS, cma_permitted, single_copy_note
 
-    var = SINGLE_COPY_VARS[0]
-    assert var in single_copy_note({var: "none"}, lambda: True)
-    assert "=cma" in single_copy_note({var: " None "}, lambda: True)
-    assert single_copy_note({var: "none"}, lambda: False) == ""
-    assert single_copy_note({var: "cma"}, lambda: True) == ""
-    assert single_copy_note({}, lambda: True) == ""
+    var, v4 = SINGLE_COPY_VARS[0], "Open MPI v4.1.6, package: Open MPI"
+    assert var in single_copy_note({var: "none"}, lambda: True, v4)
+    assert "=cma" in single_copy_note({var: " None "}, lambda: True, v4)
+    assert single_copy_note({var: "none"}, lambda: False, v4) == ""
+    assert single_copy_note({var: "cma"}, lambda: True, v4) == ""
+    assert single_copy_note({}, lambda: True, v4) == ""
+    assert single_copy_note({var: "none"}, lambda: True, "Open MPI v5.0.11") == ""
+    assert single_copy_note({var: "none"}, lambda: True, "MPICH Version: 4.2.0") == ""
 
     child = subprocess.Popen(
         [sys.executable, "-c", "import ctypes, sys, time; x = ctypes.c_uint64(0x1234567887654321); "
