@@ -9,8 +9,12 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_mpi_yield_when_idle=1 PMIX_MCA_psec=native
 status=0
 log=$(mktemp)
+# mpirun's session files in a folder of this run (as tests/e2e/e2e_jobs.py does): a killed
+# mpirun's leftovers in /tmp make a later one given the same pid fail to start
+mpitmp=$(mktemp -d /tmp/ghmpi-mpi-XXXXXX)
+trap 'rm -rf "$mpitmp"' EXIT
 for n in 1 2 3 5; do
-  if timeout 300 "$MPIRUN" --oversubscribe -n "$n" "$PY" -m pytest -q -p no:cacheprovider --color=no \
+  if TMPDIR=$mpitmp timeout 300 "$MPIRUN" --oversubscribe -n "$n" "$PY" -m pytest -q -p no:cacheprovider --color=no \
        --with-mpi tests/mpi >"$log" 2>&1; then
     echo "tests/mpi at $n rank(s): $(grep -a -m1 -E '[0-9]+ passed' "$log")"
   else

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -23,8 +25,23 @@ def mpirun() -> str:
     return exe if os.path.exists(exe) else shutil.which("mpirun")
 
 
+_MPI_TMP: list[str] = []
+
+
+def mpi_tmpdir() -> str:
+    """A fresh folder of this test run for mpirun's session files (TMPDIR). An mpirun that a test
+    kills leaves its folder (`ompi.<pid>`, with PMIx's rendezvous files) behind, and a later
+    mpirun given the same pid then fails to start ("The PMIx server's listener thread failed to
+    start"): in a shared /tmp such leftovers pile up over many runs, here they go with the run."""
+    if not _MPI_TMP:
+        _MPI_TMP.append(tempfile.mkdtemp(prefix="ghmpi-mpi-", dir="/tmp"))
+        atexit.register(shutil.rmtree, _MPI_TMP[0], True)
+    return _MPI_TMP[0]
+
+
 def mpi_env() -> dict[str, str]:
     env = dict(os.environ)
+    env["TMPDIR"] = mpi_tmpdir()
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_mpi_yield_when_idle="1", PMIX_MCA_psec="native", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
