@@ -133,7 +133,8 @@ def run_ghmpi(model_dir: Path, prompts: Path, out: Path, ranks: int, new: int, d
     job["process_wall_s"] = wall
     job["ranks"] = ranks
     job["summary"] = [l for l in proc.stdout.splitlines()
-                      if l.startswith(("ghmpi: done", "ghmpi: tier", "ghmpi: placement", "ghmpi: hybrid"))
+                      if l.startswith(("ghmpi: done", "ghmpi: tier", "ghmpi: placement", "ghmpi: hybrid",
+                                       "ghmpi: note"))
                       or " micro-batches x " in l]
     return job
 

@@ -56,6 +56,9 @@ def test_pipeline_suite(tmp_path: Path) -> None:
         assert j["decode_s"] > 0 and j["decode_phase_tps"] > 0 and j["prefill_s"] >= 0
         assert j["decode_of_bound"] == j["decode_phase_tps"] / r["bound_tps"]
     assert r["single_tier_tps"] > 0 and r["hybrid_tps"] > 0 and "hybrid_target_tps" in r
+    # the jobs' single-copy setting labels the figures (Open MPI 4's variable, else "default")
+    assert r["single_copy"] == (os.environ.get("OMPI_MCA_btl_vader_single_copy_mechanism", "")
+                                .strip() or "default")
 
 
 def test_unknown_suite_is_a_usage_error(tmp_path: Path) -> None:
