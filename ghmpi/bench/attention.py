@@ -57,10 +57,10 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
-def llc_bytes() -> int:
-    """The largest CPU cache's size (sysfs), or 32 MiB where it cannot be read."""
+def llc_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest CPU cache's size (sysfs's `index*/size` under `base`), or 32 MiB where it
+    cannot be read."""
     best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         entries = [e for e in os.listdir(base) if e.startswith("index")]  # not uevent, power
     except OSError:

@@ -33,7 +33,7 @@ from ghmpi.bench.decode import DT
 from ghmpi.bench.checkpoint import hf_config
 from ghmpi.bench.job import job_size, make_inputs, run_ghmpi
 from ghmpi.comm.topology import Layout
-from ghmpi.comm.transport import SINGLE_COPY_VARS
+from ghmpi.comm.transport import SINGLE_COPY_VAR
 from ghmpi.model.kvcache import KVCache
 from ghmpi.runtime import placement
 from ghmpi.runtime.passplan import build_plan, run_local_pass
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> dict:
                     "prompt_len": L, "new": new,
                     "device": torch.cuda.get_device_name() if gpu else "cpu",
                     # the jobs' intra-node transport for big messages (their environment's)
-                    "single_copy": os.environ.get(SINGLE_COPY_VARS[0], "").strip() or "default"}
-    log(f"{SINGLE_COPY_VARS[0]}: {result['single_copy']}")
+                    "single_copy": os.environ.get(SINGLE_COPY_VAR, "").strip() or "default"}
+    log(f"{SINGLE_COPY_VAR}: {result['single_copy']}")
     jobs = []
     for d in [] if args.delays == "none" else [float(x) for x in args.delays.split(",")]:
         out = work / f"pipe-{shape}-n{ranks}-d{d:g}.h5"

@@ -455,7 +455,26 @@ def _native_progress() -> tuple[ctypes.CDLL, int, int] | None:
 # 1 GB/s. CMA ran the issue's job 14 % faster on the H100 host: 949 against 829 tokens/s, the
 # means of 3 and 4 interleaved runs (bench/results/h100-2026-12-07-session17/).
 # (Open MPI 5 moved single copy into its smsc framework, which has no such switch.)
-SINGLE_COPY_VARS = ("OMPI_MCA_btl_vader_single_copy_mechanism",)  # Open MPI 4
+SINGLE_COPY_VAR = "OMPI_MCA_btl_vader_single_copy_mechanism"  # Open MPI 4
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def read_process_memory(pid: int, address: int, nbytes: int) -> bytes | None:
+    """`nbytes` at `address` of process `pid`, read by cross-memory attach (process_vm_readv, the
+    call Open MPI's CMA makes); None where the call fails or is not there."""
+    try:
+        read = ctypes.CDLL(None, use_errno=True).process_vm_readv
+    except (OSError, AttributeError):
+        return None
+    read.restype = ctypes.c_ssize_t
+    into = ctypes.create_string_buffer(nbytes)
+    local, remote = _IoVec(ctypes.addressof(into), nbytes), _IoVec(address, nbytes)
+    n = read(pid, ctypes.byref(local), ctypes.c_ulong(1), ctypes.byref(remote), ctypes.c_ulong(1),
+             ctypes.c_ulong(0))
+    return into.raw if n == nbytes else None
 
 
 def cma_permitted() -> bool:
@@ -468,22 +487,8 @@ def cma_permitted() -> bool:
                 return False
     except (OSError, ValueError):
         pass  # no Yama: plain ptrace rules, a rank may read its own user's processes
-
-    class IoVec(ctypes.Structure):
-        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        read = libc.process_vm_readv
-    except (OSError, AttributeError):
-        return False
-    read.restype = ctypes.c_ssize_t
-    src, dst = ctypes.c_uint64(0x6768_6D70_6900), ctypes.c_uint64(0)
-    local = IoVec(ctypes.cast(ctypes.byref(dst), ctypes.c_void_p), 8)
-    remote = IoVec(ctypes.cast(ctypes.byref(src), ctypes.c_void_p), 8)
-    n = read(os.getpid(), ctypes.byref(local), ctypes.c_ulong(1), ctypes.byref(remote),
-             ctypes.c_ulong(1), ctypes.c_ulong(0))
-    return n == 8 and dst.value == src.value
+    probe = ctypes.c_uint64(0x6768_6D70_6900)
+    return read_process_memory(os.getpid(), ctypes.addressof(probe), 8) == bytes(probe)
 
 
 def single_copy_note(environ=os.environ, permitted: Callable[[], bool] = cma_permitted,
@@ -495,12 +500,11 @@ def single_copy_note(environ=os.environ, permitted: Callable[[], bool] = cma_per
     library = MPI.Get_library_version() if library is None else library
     if "Open MPI v4" not in library:  # the variable means nothing to other libraries
         return ""
-    for var in SINGLE_COPY_VARS:
-        if environ.get(var, "").strip().lower() == "none" and permitted():
-            return (f"{var}=none in the environment: big messages within a node cross in 32 KiB "
-                    f"copies; this node permits CMA, and {var}=cma ran the ring 14 % faster on "
-                    f"the H100 host (README, Performance)")
-    return ""
+    if environ.get(SINGLE_COPY_VAR, "").strip().lower() != "none" or not permitted():
+        return ""
+    return (f"{SINGLE_COPY_VAR}=none in the environment: big messages within a node cross in "
+            f"32 KiB copies; this node permits CMA, and {SINGLE_COPY_VAR}=cma ran the ring 14 % "
+            f"faster on the H100 host (README, Performance)")
 
 
 class BusyClock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import subprocess
@@ -25,18 +26,15 @@ def mpirun() -> str:
     return exe if os.path.exists(exe) else shutil.which("mpirun")
 
 
-_MPI_TMP: list[str] = []
-
-
+@functools.cache
 def mpi_tmpdir() -> str:
     """A fresh folder of this test run for mpirun's session files (TMPDIR). An mpirun that a test
     kills leaves its folder (`ompi.<pid>`, with PMIx's rendezvous files) behind, and a later
     mpirun given the same pid then fails to start ("The PMIx server's listener thread failed to
     start"): in a shared /tmp such leftovers pile up over many runs, here they go with the run."""
-    if not _MPI_TMP:
-        _MPI_TMP.append(tempfile.mkdtemp(prefix="ghmpi-mpi-", dir="/tmp"))
-        atexit.register(shutil.rmtree, _MPI_TMP[0], True)
-    return _MPI_TMP[0]
+    path = tempfile.mkdtemp(prefix="ghmpi-mpi-", dir="/tmp")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def mpi_env() -> dict[str, str]:

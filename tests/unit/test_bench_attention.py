@@ -57,19 +57,16 @@ def test_bench_attention_torch_only(tmp_path):
         _check_ratios(r, ["torch"], res["dram_read_GBps"])
 
 
-def test_llc_bytes_reads_the_largest_cache_whatever_the_directory_order():
-    """`llc_bytes` takes the largest of cpu0's caches from sysfs, past entries that are not
-    caches (`uevent`, which a directory listing may give first: it once made the bench take a
-    480 MB L3 for the 32 MiB default)."""
-    import os
-
+def test_llc_bytes_reads_the_largest_cache_past_entries_that_are_not_caches(tmp_path):
+    """`llc_bytes` takes the largest of a sysfs cache folder's `index*/size`, past entries that
+    are not caches (`uevent`, which a directory listing may give first: it once made the bench
+    take a 480 MB L3 for the 32 MiB default), and falls back to 32 MiB where there is none."""
     from ghmpi.bench.attention import llc_bytes
 
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    sizes = []
-    for entry in (os.listdir(base) if os.path.isdir(base) else []):
-        path = os.path.join(base, entry, "size")
-        if entry.startswith("index") and os.path.exists(path):
-            text = open(path).read().strip()
-            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
-    assert llc_bytes() == (max(sizes) if sizes else 32 << 20)
+    (tmp_path / "uevent").write_text("")
+    (tmp_path / "power").mkdir()
+    for entry, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / entry).mkdir()
+        (tmp_path / entry / "size").write_text(size + "\n")
+    assert llc_bytes(str(tmp_path)) == 491520 << 10
+    assert llc_bytes(str(tmp_path / "missing")) == 32 << 20
