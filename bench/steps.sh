@@ -2,8 +2,8 @@
 # environment, and `step NAME CMD...`, which runs CMD under `timeout ${T:-300}` into $OUT/NAME.txt
 # and prints its exit status and seconds; `traces NAME...` summarises the traces /tmp/tr-NAME into
 # $OUT/trace-NAME.txt (TRACE_LINES: the lines printed of each); `pipeline NAME [--set ...]` runs
-# `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) and its trace into
-# $OUT/trace-NAME.txt; `variants NAME SPEC...` runs bench/ring_variants.py on that job into
+# `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) into $OUT/${PIPE:-pipeline}.txt
+# and .json, and its trace into $OUT/trace-NAME.txt; `variants NAME SPEC...` runs bench/ring_variants.py on that job into
 # $OUT/NAME.txt, prints each variant's line and summarises the traces the specs name
 # (GHMPI_TRACE=/tmp/tr-X); `traced_jobs PREFIX 'NAME:TRACE:ENV'...` runs the issue's job at 64 new
 # tokens once a step under each ENV, traced to /tmp/tr-TRACE and summarised at once into
@@ -21,11 +21,11 @@ traces() { for d in "$@"; do
   $PY bench/trace_summary.py /tmp/tr-$d > "$OUT/trace-$d.txt" 2>&1
   echo "-- $d"; grep -E "$TRACE_LINES" "$OUT/trace-$d.txt" | cut -c1-220
 done; }
-pipeline() { local trace=$1; shift
-  T=200 step pipeline $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
-    "$@" -o "$OUT/pipeline.json"
-  grep -E "ghmpi bench: delay|capacity_tps|bound_tps" "$OUT/pipeline.txt" | cut -c1-250
-  grep -A2 "^| delay_ms" "$OUT/pipeline.txt"
+pipeline() { local trace=$1 p=${PIPE:-pipeline}; shift
+  T=${T:-200} step $p $PY -m ghmpi bench pipeline --workdir "$W" --prompts 256 --new 128 --delays 0 \
+    "$@" -o "$OUT/$p.json"
+  grep -E "ghmpi bench: delay|capacity_tps|bound_tps|single_copy:" "$OUT/$p.txt" | cut -c1-250
+  grep -A2 "^| delay_ms" "$OUT/$p.txt"
   $PY bench/trace_summary.py $W/trace-*-n9-d0 > "$OUT/trace-$trace.txt" 2>&1
   grep -E "$TRACE_LINES" "$OUT/trace-$trace.txt"
 }
