@@ -6,6 +6,8 @@ setup(
     description="Offline LLM batch inference over MPI with attention offloaded from GPUs to CPU ranks",
     python_requires=">=3.11",
     packages=find_packages(include=["ghmpi", "ghmpi.*"]),
+    # the native kernels are compiled from these at first use, on the machine that runs them
+    package_data={"ghmpi.kernels": ["*.cpp", "*.h"]},
     install_requires=[
         "mpi4py>=3.1",
         "torch>=2.1",

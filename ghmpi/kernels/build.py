@@ -105,7 +105,7 @@ def build_spec(name: str, sources: list[str], extra_cflags: list[str] = ()) -> d
         cflags.append("-fopenmp")
         ldflags.append(omp)  # by path: the soname torch loaded, not the system's libgomp
     h = hashlib.sha256()
-    for src in sources:
+    for src in [*sources, *sorted(p.name for p in SOURCE_DIR.glob("*.h"))]:  # and the headers
         h.update((SOURCE_DIR / src).read_bytes())
     for part in (cxx, cxx_version, " ".join(cflags), os.path.basename(omp or ""), _cpu_flags(),
                  torch.__version__, sys.version, platform.machine()):

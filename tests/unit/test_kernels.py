@@ -5,6 +5,7 @@ tests use private cache directories and subprocesses, since a process loads the 
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from ghmpi import kernels
-from ghmpi.kernels import _decode_attention_torch, decode_attention_cpu
+from ghmpi.kernels import _decode_attention_torch, build, decode_attention_cpu
 from ghmpi.model.kvcache import KVCache, head_major
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,3 +257,37 @@ def test_builds_without_ninja(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "native kernel (avx512" in r.stdout or "native kernel (portable" in r.stdout
     assert "ok" in r.stdout
+
+
+@native
+def test_an_installed_copy_builds_the_kernel(tmp_path):
+    """`pip install .` (not editable, as a cluster's shared environment may be) ships the kernels'
+    sources, so an installed ghmpi builds its native kernel at first use as a checkout does."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(ROOT / "setup.py", src)
+    shutil.copytree(ROOT / "ghmpi", src / "ghmpi", ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-build-isolation", "--target", str(site), str(src)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    code = "from ghmpi import kernels; print(kernels.__file__)\n" + textwrap.dedent(CHECK)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site),
+                                          "GHMPI_KERNEL_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(str(site)), r.stdout  # the installed copy, not this checkout
+    assert "native kernel (" in r.stdout and "ok" in r.stdout, r.stdout
+
+
+def test_the_build_key_covers_the_headers(tmp_path, monkeypatch):
+    """The kernels' headers (exp512.h) are part of the cache key: a changed header is a new
+    library, not a stale one loaded from the cache."""
+    for f in [*build.SOURCE_DIR.glob("*.cpp"), *build.SOURCE_DIR.glob("*.h")]:
+        shutil.copy(f, tmp_path)
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    before = build.build_spec("ghmpi_attention", ["decode_attention.cpp"])["key"]
+    with open(tmp_path / "exp512.h", "a") as f:
+        f.write("\n// changed\n")
+    assert build.build_spec("ghmpi_attention", ["decode_attention.cpp"])["key"] != before
