@@ -271,7 +271,8 @@ class TopologyConfig:
         1, _integer(lo=1),
         "disjoint sets the tier-2 ranks of each slice form (>= 1, at most the ranks a slice "
         "has): each tier-2-served micro-batch is served by one set alone, so its layers wait on "
-        "that set's ranks only; sets balance the ranks' threads; topology.micro_batches must be a "
+        "that set's ranks only; sets balance the ranks' threads (where they cannot split them "
+        "evenly, the log says so and names the counts that do); topology.micro_batches must be a "
         "multiple (auto: 2 per slice and set)")
     prefill_lane_tokens: int = _opt(
         8192, _integer(lo=0),

@@ -176,17 +176,25 @@ class Layout:
 
     def tier2_set(self, j: int, which: int) -> list[int]:
         """Set `which` of slice j's tier-2 ranks: the group cut into tier2_sets sets of about
-        equal weight (heaviest rank first, each to the lightest set so far)."""
+        equal weight (`split_sets`)."""
         group = self.tier2_group(j)
         if self.tier2_sets == 1:
             return group
-        load = [0] * self.tier2_sets
-        members: list[list[int]] = [[] for _ in load]
-        for r in sorted(group, key=lambda r: -self.tier2_weight(r)):
-            i = load.index(min(load))
-            load[i] += self.tier2_weight(r)
-            members[i].append(r)
-        return sorted(members[which])
+        members = split_sets(tuple(self.tier2_weight(r) for r in group), self.tier2_sets)[which]
+        return [group[i] for i in members]
+
+    def tier2_set_weights(self, j: int = 0) -> list[int]:
+        """Each of slice j's tier-2 sets' weight (its ranks' threads, where they differ; else
+        its number of ranks). Every set serves micro-batches of micro_batch_size slots, so
+        unequal weights make the lighter sets' micro-batches slower."""
+        return [sum(self.tier2_weight(r) for r in self.tier2_set(j, w))
+                for w in range(self.tier2_sets)]
+
+    def even_set_counts(self, j: int = 0) -> list[int]:
+        """The tier2_sets values that split slice j's tier-2 ranks into sets of equal weight."""
+        weights = tuple(self.tier2_weight(r) for r in self.tier2_group(j))
+        return [n for n in range(1, len(weights) + 1)
+                if len({sum(weights[i] for i in m) for m in split_sets(weights, n)}) == 1]
 
     def tier2_weight(self, rank: int) -> int:
         return self.tier2_weights[rank - self.slices] if self.tier2_weights else 1
@@ -202,6 +210,19 @@ class Layout:
 
     def local_slots(self) -> list[int]:
         return [s for s in range(self.n_slots) if self.is_local(s)]
+
+
+@functools.cache
+def split_sets(weights: tuple[int, ...], n: int) -> tuple[tuple[int, ...], ...]:
+    """Indices of `weights` cut into n sets of about equal total weight: heaviest first, each to
+    the lightest set so far (ties: the lower index); each set's indices in increasing order."""
+    load = [0] * n
+    members: list[list[int]] = [[] for _ in load]
+    for i in sorted(range(len(weights)), key=lambda i: -weights[i]):
+        k = load.index(min(load))
+        load[k] += weights[i]
+        members[k].append(i)
+    return tuple(tuple(sorted(m)) for m in members)
 
 
 @functools.cache

@@ -383,6 +383,19 @@ def _announce(cfg: Config, plan: JobPlan, world_size: int, device: torch.device)
           f"{plan.n_prompts} prompts"
           f"{f' ({plan.n_rows} completions)' if plan.n_rows != plan.n_prompts else ''}, "
           f"{plan.n_done} already done", flush=True)
+    weights = l.tier2_set_weights() if l.n_tier2 and l.tier2_sets > 1 else []
+    if len(set(weights)) > 1:
+        print(f"ghmpi: note: the {l.tier2_sets} tier-2 sets are of unequal weight "
+              f"({', '.join(map(str, weights))} {'threads' if l.tier2_weights else 'ranks'}) but "
+              f"serve micro-batches of equal slots: the lightest set's micro-batches take up to "
+              f"{max(weights) / min(weights):.1f}x as long and finish last; topology.tier2_sets "
+              f"{_or(l.even_set_counts())} splits these ranks evenly", flush=True)
+
+
+def _or(values: list[int]) -> str:
+    """1, 2 or 7"""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _profiled(fn: Callable, rank: int) -> Callable:

@@ -67,18 +67,25 @@ def test_tier2_shares_by_measured_rates_are_exact(tmp_path, prompts_file, refere
     assert read_output(out) == reference
 
 
-SETS = [(4, {"tier2_sets": 3}), (6, {"slices": 2, "tier2_sets": 2, "prefill_lane_tokens": 7})]
+SETS = [(4, {"tier2_sets": 3}), (6, {"slices": 2, "tier2_sets": 2, "prefill_lane_tokens": 7}),
+        (5, {"tier2_sets": 3})]
 
 
-@pytest.mark.parametrize("world,topology", SETS, ids=["n4-3sets", "n6-s2-2sets-chunked"])
+@pytest.mark.parametrize("world,topology", SETS,
+                         ids=["n4-3sets", "n6-s2-2sets-chunked", "n5-3sets-uneven"])
 def test_tier2_sets_are_exact(tmp_path, prompts_file, reference, world, topology):
     """Each micro-batch served by one set of the tier-2 ranks (3 sets of one rank; two slices
-    whose groups of 2 ranks are each cut in two, with chunked prompts): the same tokens."""
+    whose groups of 2 ranks are each cut in two, with chunked prompts; 4 ranks in sets of 2, 1
+    and 1, which the log notes with the counts that split them evenly): the same tokens."""
     out = tmp_path / "completions.h5"
     job = write_job(tmp_path / "job.yaml", prompts_file, out, topology=topology)
     r = ghmpi(world, "-c", str(job))
     assert r.returncode == 0, r.stderr
     assert f"{topology['tier2_sets']} tier-2 sets" in r.stdout
+    uneven = "ghmpi: note: the 3 tier-2 sets are of unequal weight (2, 1, 1 ranks)"
+    assert (uneven in r.stdout) == (world == 5), r.stdout
+    if world == 5:
+        assert "topology.tier2_sets 1, 2 or 4 splits these ranks evenly" in r.stdout
     assert read_output(out) == reference
 
 

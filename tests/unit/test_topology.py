@@ -2,7 +2,7 @@
 
 import pytest
 
-from ghmpi.comm.topology import LOCAL, Layout, auto_batches, deal, split_evenly
+from ghmpi.comm.topology import LOCAL, Layout, auto_batches, deal, split_evenly, split_sets
 from ghmpi.errors import ConfigError
 
 
@@ -135,6 +135,19 @@ def test_tier2_sets_serve_their_own_micro_batches():
     assert [lay.owner(s, 1) for s in range(16)] == [LOCAL, 5, 5, 5, LOCAL, 6, 6, 6] * 2
     assert Layout(4, 1, 8, 3, 4, 0, tier2_weights=(1, 1, 10), tier2_sets=3).tier2_set(0, 2) == [2]
     assert Layout(9, 1, 8, 2, 4, 0).tier2_set(0, 0) == list(range(1, 9))
+
+
+def test_tier2_set_weights_and_the_counts_that_split_evenly():
+    """Session 18's host: 4 sets over 2 x 6 + 1 x 2 threads are 4, 4, 3, 3 threads, and the
+    3-thread sets' micro-batches ran 31 % slower; 1, 2 and 7 sets split those threads evenly."""
+    w = (2, 2, 2, 2, 2, 2, 1, 1)
+    lay = Layout(9, 1, 8, 8, 32, 0, tier2_weights=w, tier2_sets=4)
+    assert lay.tier2_set_weights() == [4, 4, 3, 3]
+    assert lay.even_set_counts() == [1, 2, 7]
+    assert Layout(9, 1, 8, 4, 64, 0, tier2_weights=w, tier2_sets=2).tier2_set_weights() == [7, 7]
+    eq = Layout(9, 1, 8, 6, 4, 0, tier2_sets=3)  # 8 equal ranks: 3, 3, 2
+    assert eq.tier2_set_weights() == [3, 3, 2] and eq.even_set_counts() == [1, 2, 4, 8]
+    assert split_sets(w, 4) == ((0, 4), (1, 5), (2, 6), (3, 7))
 
 
 def test_bad_tier2_sets_are_config_errors():
