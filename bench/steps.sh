@@ -2,10 +2,10 @@
 # environment, and `step NAME CMD...`, which runs CMD under `timeout ${T:-300}` into $OUT/NAME.txt
 # and prints its exit status and seconds; `traces NAME...` summarises the traces /tmp/tr-NAME into
 # $OUT/trace-NAME.txt (TRACE_LINES: the lines printed of each); `pipeline NAME [--set ...]` runs
-# `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) into $OUT/${PIPE:-pipeline}.txt
-# and .json, and its trace into $OUT/trace-NAME.txt; `variants NAME SPEC...` runs bench/ring_variants.py on that job into
-# $OUT/NAME.txt, prints each variant's line and summarises the traces the specs name
-# (GHMPI_TRACE=/tmp/tr-X); `traced_jobs PREFIX 'NAME:TRACE:ENV'...` runs the issue's job at 64 new
+# `bench pipeline` of the issue's job (256 x 512 -> 128, no delay) into
+# $OUT/${PIPE:-pipeline}.txt and .json, and its trace into $OUT/trace-NAME.txt; `variants NAME
+# SPEC...` runs bench/ring_variants.py on that job into $OUT/NAME.txt, prints each variant's line
+# and summarises the traces the specs name (GHMPI_TRACE=/tmp/tr-X); `traced_jobs PREFIX 'NAME:TRACE:ENV'...` runs the issue's job at 64 new
 # tokens once a step under each ENV, traced to /tmp/tr-TRACE and summarised at once into
 # $OUT/PREFIX-TRACE.txt and $OUT/trace-TRACE.txt, so that a call cut short keeps its jobs.
 set -u

@@ -180,21 +180,21 @@ class Layout:
         group = self.tier2_group(j)
         if self.tier2_sets == 1:
             return group
-        members = split_sets(tuple(self.tier2_weight(r) for r in group), self.tier2_sets)[which]
-        return [group[i] for i in members]
+        return [group[i] for i in split_sets(self._group_weights(j), self.tier2_sets)[which]]
 
     def tier2_set_weights(self, j: int = 0) -> list[int]:
         """Each of slice j's tier-2 sets' weight (its ranks' threads, where they differ; else
         its number of ranks). Every set serves micro-batches of micro_batch_size slots, so
         unequal weights make the lighter sets' micro-batches slower."""
-        return [sum(self.tier2_weight(r) for r in self.tier2_set(j, w))
-                for w in range(self.tier2_sets)]
+        return set_weights(self._group_weights(j), self.tier2_sets)
 
     def even_set_counts(self, j: int = 0) -> list[int]:
         """The tier2_sets values that split slice j's tier-2 ranks into sets of equal weight."""
-        weights = tuple(self.tier2_weight(r) for r in self.tier2_group(j))
-        return [n for n in range(1, len(weights) + 1)
-                if len({sum(weights[i] for i in m) for m in split_sets(weights, n)}) == 1]
+        weights = self._group_weights(j)
+        return [n for n in range(1, len(weights) + 1) if len(set(set_weights(weights, n))) == 1]
+
+    def _group_weights(self, j: int) -> tuple[int, ...]:
+        return tuple(self.tier2_weight(r) for r in self.tier2_group(j))
 
     def tier2_weight(self, rank: int) -> int:
         return self.tier2_weights[rank - self.slices] if self.tier2_weights else 1
@@ -223,6 +223,11 @@ def split_sets(weights: tuple[int, ...], n: int) -> tuple[tuple[int, ...], ...]:
         load[k] += weights[i]
         members[k].append(i)
     return tuple(tuple(sorted(m)) for m in members)
+
+
+def set_weights(weights: tuple[int, ...], n: int) -> list[int]:
+    """The total weight of each of `split_sets(weights, n)`."""
+    return [sum(weights[i] for i in m) for m in split_sets(weights, n)]
 
 
 @functools.cache

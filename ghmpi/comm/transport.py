@@ -452,8 +452,10 @@ def _native_progress() -> tuple[ctypes.CDLL, int, int] | None:
 # Open MPI's shared-memory transport copies a big message through 32 KiB fragments unless a
 # single-copy mechanism is on (CMA, XPMEM). Containers often turn it off in their environment
 # (the GPU machine's image does), and then each tier-2 rank takes the prompts' K/V in at about
-# 1 GB/s. CMA ran the issue's job 14 % faster on the H100 host: 949 against 829 tokens/s, the
-# means of 3 and 4 interleaved runs (bench/results/h100-2026-12-07-session17/).
+# 1 GB/s. CMA ran the issue's job 14 % faster on one H100 host (949 against 829 tokens/s, the
+# means of 3 and 4 interleaved runs: bench/results/h100-2026-12-07-session17/) and 2 % faster on
+# another, where it still took the prompts' K/V in 2.6-4.3 times faster
+# (bench/results/h100-2026-12-07-session18/).
 # (Open MPI 5 moved single copy into its smsc framework, which has no such switch.)
 SINGLE_COPY_VAR = "OMPI_MCA_btl_vader_single_copy_mechanism"  # Open MPI 4
 
@@ -503,8 +505,8 @@ def single_copy_note(environ=os.environ, permitted: Callable[[], bool] = cma_per
     if environ.get(SINGLE_COPY_VAR, "").strip().lower() != "none" or not permitted():
         return ""
     return (f"{SINGLE_COPY_VAR}=none in the environment: big messages within a node cross in "
-            f"32 KiB copies; this node permits CMA, and {SINGLE_COPY_VAR}=cma ran the ring 14 % "
-            f"faster on the H100 host (README, Performance)")
+            f"32 KiB copies; this node permits CMA, and {SINGLE_COPY_VAR}=cma ran the ring 2-14 % "
+            f"faster on H100 hosts (README, Performance)")
 
 
 class BusyClock:
